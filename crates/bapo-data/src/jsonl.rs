@@ -1,0 +1,143 @@
+//! JSONL readers. Every malformed line is an error naming `file:line` and the field.
+
+use std::path::{Path, PathBuf};
+
+/// A data error with its location.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {what}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
+}
+
+/// One line of a `bapo score` input: `{"prompt", "chosen", "rejected", "base"?}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreExample {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    pub base: Option<String>,
+    /// 1-based line number in the file.
+    pub line: usize,
+}
+
+fn string_field(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    path: &Path,
+    line: usize,
+    required: bool,
+) -> Result<Option<String>, DataError> {
+    let err = |what: String| DataError::Line {
+        path: path.into(),
+        line,
+        what,
+    };
+    match obj.get(field) {
+        None | Some(serde_json::Value::Null) if !required => Ok(None),
+        None => Err(err(format!("field `{field}` is missing"))),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(err(format!(
+            "field `{field}` must be a string, found {}",
+            kind(other)
+        ))),
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Reads a scoring file. Blank lines are skipped; anything else must be a JSON object with
+/// string `prompt`, `chosen`, `rejected` and optional `base`.
+pub fn read_score_file(path: &Path) -> Result<Vec<ScoreExample>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| DataError::Line {
+            path: path.into(),
+            line,
+            what: format!("invalid JSON at column {}: {e}", e.column()),
+        })?;
+        let serde_json::Value::Object(obj) = value else {
+            return Err(DataError::Line {
+                path: path.into(),
+                line,
+                what: format!("expected a JSON object, found {}", kind(&value)),
+            });
+        };
+        let get = |f, req| string_field(&obj, f, path, line, req);
+        out.push(ScoreExample {
+            prompt: get("prompt", true)?.expect("required"),
+            chosen: get("chosen", true)?.expect("required"),
+            rejected: get("rejected", true)?.expect("required"),
+            base: get("base", false)?,
+            line,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bapo-data-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("in.jsonl");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_valid_lines_and_skips_blank() {
+        let p = write("ok", "{\"prompt\":\"p\",\"chosen\":\"c\",\"rejected\":\"r\"}\n\n{\"prompt\":\"p2\",\"chosen\":\"c2\",\"rejected\":\"r2\",\"base\":\"b\"}\n");
+        let ex = read_score_file(&p).unwrap();
+        assert_eq!(ex.len(), 2);
+        assert_eq!(ex[1].base.as_deref(), Some("b"));
+        assert_eq!(ex[1].line, 3);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let p = write("bad", "{\"prompt\":\"p\",\"chosen\":\"c\",\"rejected\":\"r\"}\n{\"prompt\":\"p\",\"chosen\":3,\"rejected\":\"r\"}\n");
+        let e = read_score_file(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(":2:") && e.contains("`chosen`") && e.contains("a number"),
+            "{e}"
+        );
+        let p = write("json", "{\"prompt\":\n");
+        let e = read_score_file(&p).unwrap_err().to_string();
+        assert!(e.contains(":1:") && e.contains("invalid JSON"), "{e}");
+        let p = write("missing", "{\"prompt\":\"p\",\"chosen\":\"c\"}\n");
+        let e = read_score_file(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(":1:") && e.contains("`rejected` is missing"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! # bapo-data
+//!
+//! Preference data and prompt formatting: chat templates rendered with a real Jinja engine, and
+//! JSONL readers whose every error names the file, line and field.
+
+pub mod chat;
+pub mod jsonl;
+
+pub use chat::{ChatTemplate, Message};
+pub use jsonl::{read_score_file, DataError, ScoreExample};

@@ -1,0 +1,26 @@
+//! # bapo-model
+//!
+//! A Llama-family decoder written against Burn's generic `Backend` (CPU, wgpu, CUDA), with
+//! loaders for HF safetensors checkpoint directories and GGUF files, tokenizer construction
+//! (from `tokenizer.json` or GGUF metadata) and batched KV-cache generation.
+//!
+//! ```no_run
+//! use burn::backend::NdArray;
+//! let device = Default::default();
+//! let loaded = bapo_model::load_pretrained::<NdArray>("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), &device).unwrap();
+//! let ids = loaded.tokenizer.encode("Hello").unwrap();
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod load;
+pub mod model;
+pub mod tokenizer;
+
+pub use config::{HfConfig, LlamaConfig};
+pub use error::{ModelError, Result};
+pub use generate::{generate, Generated, GenerationConfig};
+pub use load::{load_pretrained, LoadedModel};
+pub use model::{KvCache, Llama};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,653 @@
+//! GGUF (v2/v3) reader: header, metadata, tensor infos, alignment; dequantisation of F32, F16,
+//! BF16, Q8_0, Q4_0 and Q4_1 to f32; llama.cpp names mapped to HF names, and the Q/K row
+//! permutation that llama.cpp's converter applies to `llama` checkpoints undone, so the model's
+//! rotate-half RoPE applies unchanged.
+//!
+//! Layout (little-endian): magic `GGUF`, `u32` version, `u64` tensor count, `u64` metadata
+//! count, metadata key/values, tensor infos (name, `u32` n_dims, `u64` dims fastest-first,
+//! `u32` type, `u64` offset), padding to `general.alignment` (default 32), tensor data.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::{HostTensor, HostTensors};
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) => Some(v),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F64(v) => Some(v),
+            Value::U64(v) => Some(v as f64),
+            Value::I64(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Row-major shape (GGUF stores dims fastest-first; this is reversed).
+    pub shape: Vec<usize>,
+    pub ggml_type: u32,
+    /// Offset relative to the start of the data section.
+    pub offset: u64,
+}
+
+/// An opened, validated GGUF file (memory-mapped).
+pub struct GgufFile {
+    pub path: PathBuf,
+    map: memmap2::Mmap,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: u64,
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if n > self.bytes.len() - self.pos {
+            return Err(ModelError::format(
+                self.path,
+                Some(self.pos as u64),
+                format!(
+                    "file ends inside {what} (needs {n} bytes, {} left)",
+                    self.bytes.len() - self.pos
+                ),
+            ));
+        }
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
+    }
+    fn string(&mut self, what: &str) -> Result<String> {
+        let at = self.pos as u64;
+        let n = self.u64(what)?;
+        if n > (self.bytes.len() - self.pos) as u64 {
+            return Err(ModelError::format(
+                self.path,
+                Some(at),
+                format!("{what}: string length {n} runs past the end of the file"),
+            ));
+        }
+        let b = self.take(n as usize, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| {
+            ModelError::format(self.path, Some(at), format!("{what}: string is not UTF-8"))
+        })
+    }
+    fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<Value> {
+        let at = self.pos as u64;
+        Ok(match ty {
+            0 => Value::U64(self.take(1, what)?[0] as u64),
+            1 => Value::I64(self.take(1, what)?[0] as i8 as i64),
+            2 => Value::U64(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")) as u64),
+            3 => Value::I64(i16::from_le_bytes(self.take(2, what)?.try_into().expect("2")) as i64),
+            4 => Value::U64(self.u32(what)? as u64),
+            5 => Value::I64(self.u32(what)? as i32 as i64),
+            6 => Value::F64(f32::from_bits(self.u32(what)?) as f64),
+            7 => Value::Bool(self.take(1, what)?[0] != 0),
+            8 => Value::Str(self.string(what)?),
+            9 if depth == 0 => {
+                let inner = self.u32(what)?;
+                let n = self.u64(what)?;
+                // Every element takes at least one byte: a count beyond the file is hostile.
+                if n > (self.bytes.len() - self.pos) as u64 {
+                    return Err(ModelError::format(
+                        self.path,
+                        Some(at),
+                        format!("{what}: array length {n} runs past the end of the file"),
+                    ));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(inner, what, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(self.u64(what)? as i64),
+            12 => Value::F64(f64::from_bits(self.u64(what)?)),
+            other => {
+                return Err(ModelError::format(
+                    self.path,
+                    Some(at),
+                    format!("{what}: unknown metadata value type {other}"),
+                ))
+            }
+        })
+    }
+}
+
+/// Bytes per block and elements per block of a ggml type, for the types this reader knows.
+fn block_layout(ty: u32) -> Option<(usize, usize, &'static str)> {
+    Some(match ty {
+        0 => (4, 1, "F32"),
+        1 => (2, 1, "F16"),
+        2 => (18, 32, "Q4_0"),
+        3 => (20, 32, "Q4_1"),
+        8 => (34, 32, "Q8_0"),
+        30 => (2, 1, "BF16"),
+        _ => return None,
+    })
+}
+
+fn ggml_type_name(ty: u32) -> String {
+    let names = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+    ];
+    names
+        .get(ty as usize)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| format!("type {ty}"))
+}
+
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Dequantises `numel` values of type `ty` from `raw`.
+fn dequantise(ty: u32, raw: &[u8], numel: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(numel);
+    match ty {
+        0 => out.extend(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4"))),
+        ),
+        1 => out.extend(raw.chunks_exact(2).map(f16)),
+        30 => out.extend(
+            raw.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        8 => {
+            for blk in raw.chunks_exact(34) {
+                let d = f16(&blk[..2]);
+                out.extend(blk[2..].iter().map(|&q| d * (q as i8) as f32));
+            }
+        }
+        2 | 3 => {
+            let size = if ty == 2 { 18 } else { 20 };
+            for blk in raw.chunks_exact(size) {
+                let d = f16(&blk[..2]);
+                let (m, qs) = if ty == 2 {
+                    (-8.0 * d, &blk[2..])
+                } else {
+                    (f16(&blk[2..4]), &blk[4..])
+                };
+                // Low nibbles are elements 0..16, high nibbles 16..32.
+                out.extend(qs.iter().map(|&q| d * (q & 0x0F) as f32 + m));
+                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+        }
+        _ => unreachable!("checked by block_layout"),
+    }
+    debug_assert_eq!(out.len(), numel);
+    out
+}
+
+/// Undoes llama.cpp's Q/K permutation: GGUF row `h·d + 2j + i` is HF row `h·d + i·d/2 + j`.
+fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let half = d / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = h * d + 2 * j + i;
+                let dst = h * d + i * half + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+impl GgufFile {
+    /// Opens and validates the header, metadata and tensor table of a GGUF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: read-only mapping of a file we do not modify; every access is bounds-checked.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        let mut c = Cursor {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
+        if c.take(4, "the magic")? != b"GGUF" {
+            return Err(ModelError::format(
+                path,
+                Some(0),
+                "not a GGUF file (magic is not `GGUF`)",
+            ));
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(ModelError::Unsupported {
+                path: path.into(),
+                what: format!("GGUF version {version} (only 2 and 3)"),
+            });
+        }
+        let n_tensors = c.u64("the tensor count")?;
+        let n_kv = c.u64("the metadata count")?;
+        if n_tensors > 1 << 20 || n_kv > 1 << 20 {
+            return Err(ModelError::format(
+                path,
+                Some(8),
+                format!("absurd counts: {n_tensors} tensors, {n_kv} metadata entries"),
+            ));
+        }
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = c.string(&format!("metadata key #{i}"))?;
+            let ty = c.u32(&format!("type of metadata `{key}`"))?;
+            let v = c.value(ty, &format!("metadata `{key}`"), 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for i in 0..n_tensors {
+            let at = c.pos as u64;
+            let name = c.string(&format!("tensor info #{i}"))?;
+            let n_dims = c.u32(&format!("tensor `{name}` n_dims"))?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(ModelError::format(
+                    path,
+                    Some(at),
+                    format!("tensor `{name}`: {n_dims} dimensions (1 to 4 allowed)"),
+                ));
+            }
+            let mut dims = Vec::new();
+            for _ in 0..n_dims {
+                dims.push(c.u64(&format!("tensor `{name}` dims"))?);
+            }
+            if dims.iter().any(|&d| d == 0 || d > 1 << 32)
+                || dims
+                    .iter()
+                    .try_fold(1u64, |a, &d| a.checked_mul(d))
+                    .is_none_or(|n| n > 1 << 40)
+            {
+                return Err(ModelError::format(
+                    path,
+                    Some(at),
+                    format!("tensor `{name}`: absurd dimensions {dims:?}"),
+                ));
+            }
+            let ggml_type = c.u32(&format!("tensor `{name}` type"))?;
+            let offset = c.u64(&format!("tensor `{name}` offset"))?;
+            let shape = dims.iter().rev().map(|&d| d as usize).collect();
+            tensors.push(TensorInfo {
+                name,
+                shape,
+                ggml_type,
+                offset,
+            });
+        }
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32);
+        if align == 0 || !align.is_power_of_two() || align > 1 << 16 {
+            return Err(ModelError::format(
+                path,
+                None,
+                format!("general.alignment {align} is not a power of two"),
+            ));
+        }
+        let data_start = (c.pos as u64).div_ceil(align) * align;
+        let file = Self {
+            path: path.into(),
+            map,
+            version,
+            metadata,
+            tensors,
+            data_start,
+        };
+        for t in &file.tensors {
+            file.tensor_bytes(t)?;
+        }
+        Ok(file)
+    }
+
+    /// The raw bytes of a tensor, checked against its type, shape and the file size.
+    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+        let (bytes_per_block, per_block, _) =
+            block_layout(t.ggml_type).ok_or_else(|| ModelError::Unsupported {
+                path: self.path.clone(),
+                what: format!(
+                    "tensor `{}` is quantised as {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)",
+                    t.name,
+                    ggml_type_name(t.ggml_type)
+                ),
+            })?;
+        let numel: usize = t.shape.iter().product();
+        let row = *t.shape.last().expect("n_dims >= 1");
+        if row % per_block != 0 {
+            return Err(ModelError::format(
+                &self.path,
+                None,
+                format!(
+                    "tensor `{}`: row length {row} is not a multiple of the block size {per_block}",
+                    t.name
+                ),
+            ));
+        }
+        let len = (numel / per_block * bytes_per_block) as u64;
+        let begin = self.data_start.checked_add(t.offset);
+        match begin.and_then(|b| b.checked_add(len)) {
+            Some(end) if end <= self.map.len() as u64 => {
+                Ok(&self.map[begin.expect("checked") as usize..end as usize])
+            }
+            _ => Err(ModelError::format(
+                &self.path,
+                Some(self.data_start.saturating_add(t.offset)),
+                format!(
+                    "tensor `{}`: {len} bytes at offset {} run past the end of the file ({} bytes)",
+                    t.name,
+                    t.offset,
+                    self.map.len()
+                ),
+            )),
+        }
+    }
+
+    /// A metadata value, or an error naming the missing key.
+    pub fn get(&self, key: &str) -> Result<&Value> {
+        self.metadata
+            .get(key)
+            .ok_or_else(|| ModelError::config(&self.path, key, "missing from GGUF metadata"))
+    }
+
+    fn get_u64(&self, key: &str) -> Result<u64> {
+        self.get(key)?
+            .as_u64()
+            .ok_or_else(|| ModelError::config(&self.path, key, "not an unsigned integer"))
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<&str> {
+        self.get("general.architecture")?
+            .as_str()
+            .ok_or_else(|| ModelError::config(&self.path, "general.architecture", "not a string"))
+    }
+
+    /// Dequantises one tensor to f32 (row-major shape, GGUF names, no permutation undone).
+    pub fn dequantise(&self, t: &TensorInfo) -> Result<HostTensor> {
+        let raw = self.tensor_bytes(t)?;
+        Ok(HostTensor {
+            shape: t.shape.clone(),
+            data: dequantise(t.ggml_type, raw, t.shape.iter().product()),
+        })
+    }
+
+    /// Architecture numbers from the metadata, as an internal config.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?.to_string();
+        if arch != "llama" && arch != "qwen2" {
+            return Err(ModelError::Unsupported {
+                path: self.path.clone(),
+                what: format!("general.architecture `{arch}` (only llama and qwen2)"),
+            });
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = self.get_u64(&k("embedding_length"))? as usize;
+        let heads = self.get_u64(&k("attention.head_count"))? as usize;
+        let kv_heads = match self.metadata.get(&k("attention.head_count_kv")) {
+            Some(v) => v.as_u64().ok_or_else(|| {
+                ModelError::config(
+                    &self.path,
+                    &k("attention.head_count_kv"),
+                    "not an unsigned integer",
+                )
+            })? as usize,
+            None => heads,
+        };
+        let vocab = match self.metadata.get(&k("vocab_size")).and_then(Value::as_u64) {
+            Some(v) => v as usize,
+            None => self
+                .get("tokenizer.ggml.tokens")?
+                .as_array()
+                .map(|a| a.len())
+                .ok_or_else(|| {
+                    ModelError::config(&self.path, "tokenizer.ggml.tokens", "not an array")
+                })?,
+        };
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hidden % heads != 0 {
+            return Err(ModelError::config(
+                &self.path,
+                &k("attention.head_count"),
+                format!("{heads} heads / {kv_heads} kv heads do not fit hidden size {hidden}"),
+            ));
+        }
+        let head_dim = match self
+            .metadata
+            .get(&k("rope.dimension_count"))
+            .and_then(Value::as_u64)
+        {
+            Some(d) => d as usize,
+            None => hidden / heads,
+        };
+        let eps = self
+            .get(&k("attention.layer_norm_rms_epsilon"))?
+            .as_f64()
+            .ok_or_else(|| {
+                ModelError::config(
+                    &self.path,
+                    &k("attention.layer_norm_rms_epsilon"),
+                    "not a number",
+                )
+            })?;
+        let theta = self
+            .metadata
+            .get(&k("rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let ctx = self
+            .metadata
+            .get(&k("context_length"))
+            .and_then(Value::as_u64)
+            .unwrap_or(2048) as usize;
+        let tied = !self.tensors.iter().any(|t| t.name == "output.weight");
+        let eos = self
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(Value::as_u64)
+            .map(|v| vec![v as u32])
+            .unwrap_or_default();
+        let bos = self
+            .metadata
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|v| v as u32);
+        Ok(LlamaConfig::new(
+            vocab,
+            hidden,
+            self.get_u64(&k("feed_forward_length"))? as usize,
+            self.get_u64(&k("block_count"))? as usize,
+            heads,
+            kv_heads,
+            head_dim,
+        )
+        .with_rms_norm_eps(eps)
+        .with_rope_theta(theta)
+        .with_max_position_embeddings(ctx)
+        .with_tie_word_embeddings(tied)
+        .with_qkv_bias(arch == "qwen2")
+        .with_eos_token_ids(eos)
+        .with_bos_token_id(bos))
+    }
+
+    /// Every tensor dequantised, renamed to HF names, Q/K permutation undone (`llama` only).
+    pub fn read_llama_tensors(&self, config: &LlamaConfig) -> Result<HostTensors> {
+        let permuted = self.architecture()? == "llama";
+        let mut tensors = BTreeMap::new();
+        for t in &self.tensors {
+            let name = hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors {
+                path: self.path.clone(),
+                names: vec![t.name.clone()],
+            })?;
+            let mut host = self.dequantise(t)?;
+            if permuted && host.shape.len() == 2 {
+                let heads = if name.ends_with("q_proj.weight") {
+                    Some(config.num_heads)
+                } else if name.ends_with("k_proj.weight") {
+                    Some(config.num_kv_heads)
+                } else {
+                    None
+                };
+                if let Some(heads) = heads {
+                    let (rows, cols) = (host.shape[0], host.shape[1]);
+                    if rows % (2 * heads) != 0 {
+                        return Err(ModelError::ShapeMismatch {
+                            path: self.path.clone(),
+                            name: t.name.clone(),
+                            expected: vec![heads * config.head_dim, config.hidden_size],
+                            got: host.shape,
+                        });
+                    }
+                    host.data = unpermute_rows(&host.data, rows, cols, heads);
+                }
+            }
+            tensors.insert(name, host);
+        }
+        Ok(HostTensors {
+            path: self.path.clone(),
+            tensors,
+        })
+    }
+}
+
+/// Maps a llama.cpp tensor name to its HF name.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(heads, 2, d/2, cols).swapaxes(1, 2): row h·d + i·d/2 + j -> h·d + 2j + i.
+        let (heads, d, cols) = (3, 8, 2);
+        let hf: Vec<f32> = (0..heads * d * cols).map(|x| x as f32).collect();
+        let mut gguf = vec![0.0; hf.len()];
+        for h in 0..heads {
+            for i in 0..2 {
+                for j in 0..d / 2 {
+                    let (src, dst) = (h * d + i * d / 2 + j, h * d + 2 * j + i);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_ne!(gguf, hf);
+        assert_eq!(unpermute_rows(&gguf, heads * d, cols, heads), hf);
+    }
+
+    #[test]
+    fn q4_1_and_q8_0_blocks_dequantise_by_hand() {
+        // Q4_1: d = 0.5, m = -1.0; byte 0x21 gives low nibble 1 (element j), high nibble 2 (element j+16).
+        let mut blk = Vec::new();
+        blk.extend(half::f16::from_f32(0.5).to_le_bytes());
+        blk.extend(half::f16::from_f32(-1.0).to_le_bytes());
+        blk.extend([0x21u8; 16]);
+        let x = dequantise(3, &blk, 32);
+        assert_eq!(x[0], -0.5);
+        assert_eq!(x[16], 0.0);
+        // Q8_0: d = 0.25, q = -4 .. 27.
+        let mut blk = Vec::new();
+        blk.extend(half::f16::from_f32(0.25).to_le_bytes());
+        blk.extend((0..32).map(|i| (i as i8 - 4) as u8));
+        let x = dequantise(8, &blk, 32);
+        assert_eq!(x[0], -1.0);
+        assert_eq!(x[31], 6.75);
+    }
+
+    #[test]
+    fn names_map_to_hf() {
+        assert_eq!(
+            hf_name("blk.12.attn_k.weight").as_deref(),
+            Some("model.layers.12.self_attn.k_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("blk.x.attn_k.weight"), None);
+    }
+}

@@ -1,0 +1,238 @@
+//! Checkpoint loaders. Both formats are read into a [`HostTensors`] map in HF naming and
+//! layout (f32, row-major, `[out, in]` for projections), then [`build_llama`] checks every
+//! tensor against the config and assembles the Burn model. One assembly path means the two
+//! loaders cannot disagree about layout.
+
+pub mod gguf;
+pub mod safetensors;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::model::{linear, rms_norm, Attention, Block, Llama, Mlp};
+
+/// A dense f32 tensor in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Tensors by HF name, plus the file they came from (for error messages).
+#[derive(Debug, Default)]
+pub struct HostTensors {
+    pub path: PathBuf,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+impl HostTensors {
+    fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+            })?;
+        if t.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got: t.shape,
+            });
+        }
+        Ok(t)
+    }
+}
+
+fn tensor<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(t.data, t.shape), device)
+}
+
+/// Takes an HF `[out, in]` projection and returns a Burn `[in, out]` linear layer.
+fn take_linear<B: Backend>(
+    w: &mut HostTensors,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<burn::nn::Linear<B>> {
+    let weight = w.take(&format!("{prefix}.weight"), &[out, inp])?;
+    let bias = if bias {
+        Some(tensor::<B, 1>(
+            w.take(&format!("{prefix}.bias"), &[out])?,
+            device,
+        ))
+    } else {
+        None
+    };
+    Ok(linear(tensor::<B, 2>(weight, device).transpose(), bias))
+}
+
+/// Assembles a [`Llama`] from HF-named tensors; fails on any missing, mis-shaped or unused tensor.
+pub fn build_llama<B: Backend>(
+    config: &LlamaConfig,
+    mut w: HostTensors,
+    device: &B::Device,
+) -> Result<Llama<B>> {
+    let c = config;
+    let (e, q, kv, ff) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let embed = w.take("model.embed_tokens.weight", &[c.vocab_size, e])?;
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let norm = |w: &mut HostTensors, name: &str| -> Result<_> {
+            Ok(rms_norm(
+                tensor::<B, 1>(w.take(&format!("{p}.{name}.weight"), &[e])?, device),
+                c.rms_norm_eps,
+            ))
+        };
+        layers.push(Block {
+            input_layernorm: norm(&mut w, "input_layernorm")?,
+            self_attn: Attention {
+                q_proj: take_linear(
+                    &mut w,
+                    &format!("{p}.self_attn.q_proj"),
+                    q,
+                    e,
+                    c.qkv_bias,
+                    device,
+                )?,
+                k_proj: take_linear(
+                    &mut w,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv,
+                    e,
+                    c.qkv_bias,
+                    device,
+                )?,
+                v_proj: take_linear(
+                    &mut w,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv,
+                    e,
+                    c.qkv_bias,
+                    device,
+                )?,
+                o_proj: take_linear(
+                    &mut w,
+                    &format!("{p}.self_attn.o_proj"),
+                    e,
+                    q,
+                    false,
+                    device,
+                )?,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            },
+            post_attention_layernorm: norm(&mut w, "post_attention_layernorm")?,
+            mlp: Mlp {
+                gate_proj: take_linear(
+                    &mut w,
+                    &format!("{p}.mlp.gate_proj"),
+                    ff,
+                    e,
+                    false,
+                    device,
+                )?,
+                up_proj: take_linear(&mut w, &format!("{p}.mlp.up_proj"), ff, e, false, device)?,
+                down_proj: take_linear(
+                    &mut w,
+                    &format!("{p}.mlp.down_proj"),
+                    e,
+                    ff,
+                    false,
+                    device,
+                )?,
+            },
+        });
+    }
+    let norm = rms_norm(
+        tensor::<B, 1>(w.take("model.norm.weight", &[e])?, device),
+        c.rms_norm_eps,
+    );
+    let lm_head = if c.tie_word_embeddings {
+        // Some tied checkpoints still store a copy of the head; it is the embedding by definition.
+        w.tensors.remove("lm_head.weight");
+        None
+    } else {
+        Some(take_linear(
+            &mut w,
+            "lm_head",
+            c.vocab_size,
+            e,
+            false,
+            device,
+        )?)
+    };
+    // Non-persistent RoPE buffers that old checkpoints saved are recomputed, not loaded.
+    w.tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+    if !w.tensors.is_empty() {
+        return Err(ModelError::UnexpectedTensors {
+            path: w.path.clone(),
+            names: w.tensors.keys().cloned().collect(),
+        });
+    }
+    Ok(Llama {
+        embed_tokens: burn::nn::Embedding {
+            weight: burn::module::Param::from_tensor(tensor::<B, 2>(embed, device)),
+        },
+        layers,
+        norm,
+        lm_head,
+        head_dim: c.head_dim,
+        rope_theta: c.rope_theta,
+    })
+}
+
+/// Where a model came from and what it needs besides weights.
+pub struct LoadedModel<B: Backend> {
+    pub model: Llama<B>,
+    pub config: LlamaConfig,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+}
+
+/// Loads an HF checkpoint directory (`config.json`, safetensors, `tokenizer.json`) or a `.gguf`
+/// file, whichever `path` is.
+pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    if meta.is_dir() {
+        let config = crate::config::HfConfig::from_file(&path.join("config.json"))?
+            .to_llama(&path.join("config.json"))?;
+        let tensors = safetensors::read_checkpoint_dir(path)?;
+        let tokenizer = crate::tokenizer::Tokenizer::from_hf_dir(path)?;
+        tokenizer.check_vocab(config.vocab_size)?;
+        let model = build_llama(&config, tensors, device)?;
+        Ok(LoadedModel {
+            model,
+            config,
+            tokenizer,
+        })
+    } else {
+        let file = gguf::GgufFile::open(path)?;
+        let config = file.llama_config()?;
+        let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&file)?;
+        tokenizer.check_vocab(config.vocab_size)?;
+        let tensors = file.read_llama_tensors(&config)?;
+        let model = build_llama(&config, tensors, device)?;
+        Ok(LoadedModel {
+            model,
+            config,
+            tokenizer,
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! HF safetensors reader: single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`; F32, BF16 and F16 are converted to f32.
+//!
+//! Format: little-endian `u64` header length `n`, `n` bytes of JSON
+//! `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"?: {...}}`,
+//! then the data block the offsets point into.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{HostTensor, HostTensors};
+use crate::error::{ModelError, Result};
+
+#[derive(Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// Largest header accepted (the format's own reference limit is 100 MB).
+const MAX_HEADER: u64 = 100 * 1024 * 1024;
+
+/// Reads every tensor of one safetensors file into `out`.
+pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: read-only mapping of a file we do not modify; all offsets are checked below.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let bytes: &[u8] = &map;
+    if bytes.len() < 8 {
+        return Err(ModelError::format(
+            path,
+            Some(0),
+            "file is shorter than the 8-byte header length",
+        ));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER || 8 + n > bytes.len() as u64 {
+        return Err(ModelError::format(
+            path,
+            Some(0),
+            format!(
+                "header length {n} exceeds the file ({} bytes) or the 100 MB limit",
+                bytes.len()
+            ),
+        ));
+    }
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n as usize]).map_err(|e| {
+            ModelError::format(
+                path,
+                Some(8 + e.column() as u64),
+                format!("header JSON: {e}"),
+            )
+        })?;
+    let data = &bytes[8 + n as usize..];
+    for (name, value) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: Entry = serde_json::from_value(value)
+            .map_err(|e| ModelError::format(path, None, format!("header entry `{name}`: {e}")))?;
+        let numel = entry
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= (1 << 40))
+            .ok_or_else(|| {
+                ModelError::format(
+                    path,
+                    None,
+                    format!("tensor `{name}`: absurd shape {:?}", entry.shape),
+                )
+            })?;
+        let width = match entry.dtype.as_str() {
+            "F32" => 4,
+            "BF16" | "F16" => 2,
+            other => {
+                return Err(ModelError::Unsupported {
+                    path: path.into(),
+                    what: format!("tensor `{name}` has dtype {other} (only F32, BF16, F16)"),
+                })
+            }
+        };
+        let [begin, end] = entry.data_offsets;
+        if begin > end || end > data.len() as u64 || end - begin != (numel * width) as u64 {
+            return Err(ModelError::format(
+                path,
+                Some(8 + n + begin),
+                format!("tensor `{name}`: data_offsets [{begin}, {end}] do not fit the data block ({} bytes) or its {:?} {} shape", data.len(), entry.shape, entry.dtype),
+            ));
+        }
+        let raw = &data[begin as usize..end as usize];
+        let values: Vec<f32> = match entry.dtype.as_str() {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            "BF16" => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: entry.shape,
+                data: values,
+            },
+        );
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// Reads `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+pub fn read_checkpoint_dir(dir: &Path) -> Result<HostTensors> {
+    let mut tensors = BTreeMap::new();
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let path = if single.exists() {
+        read_file(&single, &mut tensors)?;
+        single
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let idx: ShardIndex = serde_json::from_str(&text)
+            .map_err(|e| ModelError::format(&index, None, format!("line {}: {e}", e.line())))?;
+        let shards: std::collections::BTreeSet<&String> = idx.weight_map.values().collect();
+        for shard in shards {
+            read_file(&dir.join(shard), &mut tensors)?;
+        }
+        for name in idx.weight_map.keys() {
+            if !tensors.contains_key(name) {
+                return Err(ModelError::format(
+                    &index,
+                    None,
+                    format!("tensor `{name}` is listed in weight_map but not in its shard"),
+                ));
+            }
+        }
+        index
+    } else {
+        return Err(ModelError::format(
+            dir,
+            None,
+            "no model.safetensors or model.safetensors.index.json in this directory",
+        ));
+    };
+    Ok(HostTensors { path, tensors })
+}

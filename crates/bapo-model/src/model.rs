@@ -1,0 +1,388 @@
+//! The Llama-family decoder: embedding, `num_layers` pre-norm blocks (grouped-query attention
+//! with rotate-half RoPE, SwiGLU MLP), final RMSNorm, tied or untied LM head.
+//!
+//! Every block is a `Module`; shapes use `b` batch, `s` new positions, `t` key positions
+//! (cache + new), `h` query heads, `g` key/value heads, `d` head dim, `e` hidden size,
+//! `v` vocabulary.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+
+/// Key/value cache of one attention layer.
+///
+/// # Shapes
+/// `k`, `v`: `[b, g, t, d]`.
+#[derive(Clone, Debug)]
+pub struct LayerCache<B: Backend> {
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+}
+
+/// Key/value cache of the whole model: one entry per layer, empty before the first call.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<LayerCache<B>>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Number of cached key positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|c| c.k.dims()[2])
+            .unwrap_or(0)
+    }
+    /// Whether nothing has been cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Rotary position tables for one forward pass.
+///
+/// # Shapes
+/// `cos`, `sin`: `[b, 1, s, d]` (rotate-half layout: the two halves repeat the frequencies).
+#[derive(Clone, Debug)]
+pub struct Rope<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Builds the tables for integer `positions` `[b, s]`, frequencies `theta^(-2i/d)`.
+    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64) -> Self {
+        let [b, s] = positions.dims();
+        let device = positions.device();
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device)
+            .reshape([1, 1, half]);
+        let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, d/2]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, 1, s, head_dim]);
+        Self {
+            cos: angles.clone().cos(),
+            sin: angles.sin(),
+        }
+    }
+
+    /// Rotates `x` `[b, heads, s, d]`: `x·cos + rotate_half(x)·sin`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, s, d] = x.dims();
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let cos = self.cos.clone().expand([b, h, s, d]);
+        let sin = self.sin.clone().expand([b, h, s, d]);
+        x * cos + rotated * sin
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - `x`: `[b, s, e]`; `mask`: `[b, 1, s, t]`, `true` where attention is forbidden.
+    /// - output: `[b, s, e]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, g, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, g, d])
+            .swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
+        let q = rope.apply(q);
+        let mut k = rope.apply(k);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some(prev) = slot.take() {
+                k = Tensor::cat(vec![prev.k, k], 2);
+                v = Tensor::cat(vec![prev.v, v], 2);
+            }
+            *slot = Some(LayerCache {
+                k: k.clone(),
+                v: v.clone(),
+            });
+        }
+        let t = k.dims()[2];
+        // Each key/value head serves h/g query heads.
+        let k = k
+            .unsqueeze_dim::<5>(2)
+            .expand([b, g, h / g, t, d])
+            .reshape([b, h, t, d]);
+        let v = v
+            .unsqueeze_dim::<5>(2)
+            .expand([b, g, h / g, t, d])
+            .reshape([b, h, t, d]);
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar((d as f64).powf(-0.5)); // [b, h, s, t]
+        let scores = scores.mask_fill(mask.expand([b, h, s, t]), -1.0e30);
+        let out = softmax(scores, 3).matmul(v); // [b, h, s, d]
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// `[b, s, e]` → `[b, s, e]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    /// # Shapes
+    /// `x`: `[b, s, e]` → `[b, s, e]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+/// A Llama-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Logits for right-padded sequences (the training/scoring path).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[b, s]`; `attention_mask`: `[b, s]`, `true` on real tokens (`None`: all real).
+    /// - output: `[b, s, v]`; position `i` predicts token `i + 1`.
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.forward_hidden(tokens, attention_mask);
+        self.logits(hidden)
+    }
+
+    /// Final hidden states (after the last RMSNorm), for callers that project chunks themselves.
+    ///
+    /// # Shapes
+    /// `[b, s]` → `[b, s, e]`.
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let device = tokens.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
+            .reshape([1, s])
+            .expand([b, s]);
+        let causal = causal_mask::<B>(b, s, &device);
+        let mask = match attention_mask {
+            Some(m) => causal.bool_or(m.bool_not().reshape([b, 1, 1, s]).expand([b, 1, s, s])),
+            None => causal,
+        };
+        self.forward_blocks(tokens, positions, mask, None)
+    }
+
+    /// One step of cached decoding (or the prefill): runs `tokens` at `positions` against
+    /// everything in `cache`, appends their keys/values, and returns final hidden states.
+    ///
+    /// # Shapes
+    /// - `tokens`, `positions`: `[b, s]`; `mask`: `[b, 1, s, t]` with `t = cache.len() + s`,
+    ///   `true` where attention is forbidden.
+    /// - output: `[b, s, e]`.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        mask: Tensor<B, 4, Bool>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        self.forward_blocks(tokens, positions, mask, Some(cache))
+    }
+
+    fn forward_blocks(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        mask: Tensor<B, 4, Bool>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let rope = Rope::new(positions, self.head_dim, self.rope_theta);
+        let mut x = self.embed_tokens.forward(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &rope, mask.clone(), slot);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    ///
+    /// # Shapes
+    /// `[b, s, e]` → `[b, s, v]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let w = self.embed_tokens.weight.val(); // [v, e]
+                hidden.matmul(w.transpose().unsqueeze_dim(0))
+            }
+        }
+    }
+}
+
+/// `[b, 1, s, s]` mask, `true` above the diagonal (key after query: forbidden).
+///
+/// (Burn's `tril_mask(shape, 0)` is `true` *outside* the lower triangle, i.e. exactly there.)
+pub fn causal_mask<B: Backend>(b: usize, s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    Tensor::<B, 2, Bool>::tril_mask([s, s], 0, device)
+        .reshape([1, 1, s, s])
+        .expand([b, 1, s, s])
+}
+
+/// Builds a `Linear` from an `[in, out]` weight (Burn's layout) and optional bias.
+pub fn linear<B: Backend>(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Linear<B> {
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias: bias.map(Param::from_tensor),
+    }
+}
+
+/// Builds an `RmsNorm` from its weight.
+pub fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
+    RmsNorm {
+        gamma: Param::from_tensor(gamma),
+        epsilon: eps,
+    }
+}
+
+impl LlamaConfig {
+    /// A randomly initialised model (for tests and benchmarks; real weights come from the loaders).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
+        use burn::nn::{EmbeddingConfig, LinearConfig, RmsNormConfig};
+        let (e, q, kv) = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let lin = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let norm = || {
+            RmsNormConfig::new(e)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device)
+        };
+        let layers = (0..self.num_layers)
+            .map(|_| Block {
+                input_layernorm: norm(),
+                self_attn: Attention {
+                    q_proj: lin(e, q, self.qkv_bias),
+                    k_proj: lin(e, kv, self.qkv_bias),
+                    v_proj: lin(e, kv, self.qkv_bias),
+                    o_proj: lin(q, e, false),
+                    num_heads: self.num_heads,
+                    num_kv_heads: self.num_kv_heads,
+                    head_dim: self.head_dim,
+                },
+                post_attention_layernorm: norm(),
+                mlp: Mlp {
+                    gate_proj: lin(e, self.intermediate_size, false),
+                    up_proj: lin(e, self.intermediate_size, false),
+                    down_proj: lin(self.intermediate_size, e, false),
+                },
+            })
+            .collect();
+        Llama {
+            embed_tokens: EmbeddingConfig::new(self.vocab_size, e).init(device),
+            layers,
+            norm: norm(),
+            lm_head: (!self.tie_word_embeddings).then(|| lin(e, self.vocab_size, false)),
+            head_dim: self.head_dim,
+            rope_theta: self.rope_theta,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    #[test]
+    fn causal_mask_forbids_only_future_keys() {
+        let m = causal_mask::<NdArray>(1, 3, &Default::default())
+            .into_data()
+            .to_vec::<bool>()
+            .unwrap();
+        assert_eq!(
+            m,
+            vec![false, true, true, false, false, true, false, false, false]
+        );
+    }
+}

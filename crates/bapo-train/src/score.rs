@@ -1,0 +1,197 @@
+//! Completion log-probs under the chat template, TRL's rule: the prompt is one user message
+//! rendered with the generation prompt; each completion is tokenised on its own and followed by
+//! the tokenizer's EOS token; the log-prob is summed over the completion tokens only.
+
+use bapo_data::{ChatTemplate, Message, ScoreExample};
+use bapo_model::{Llama, Tokenizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use serde::Serialize;
+
+/// Why scoring failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    #[error("line {line}: chat template: {source}")]
+    Template {
+        line: usize,
+        #[source]
+        source: bapo_data::chat::TemplateError,
+    },
+    #[error("line {line}: {source}")]
+    Tokenize {
+        line: usize,
+        #[source]
+        source: bapo_model::ModelError,
+    },
+    #[error("the tokenizer has no EOS token to end completions with ({0})")]
+    NoEos(String),
+}
+
+/// A prompt and one completion, as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedCompletion {
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+}
+
+/// Tokenises `prompt` (chat-templated) and `completion` (+ EOS) the way `bapo score` does.
+pub fn encode_pair(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    prompt: &str,
+    completion: &str,
+    line: usize,
+) -> Result<EncodedCompletion, ScoreError> {
+    let eos = tokenizer
+        .eos_id()
+        .ok_or_else(|| ScoreError::NoEos(tokenizer.origin.clone()))?;
+    let text = template
+        .render(&[Message::user(prompt)], true)
+        .map_err(|source| ScoreError::Template { line, source })?;
+    let prompt_ids = tokenizer
+        .encode(&text)
+        .map_err(|source| ScoreError::Tokenize { line, source })?;
+    let mut completion_ids = tokenizer
+        .encode(completion)
+        .map_err(|source| ScoreError::Tokenize { line, source })?;
+    completion_ids.push(eos);
+    Ok(EncodedCompletion {
+        prompt_ids,
+        completion_ids,
+    })
+}
+
+/// One output line of `bapo score`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ScoreRow {
+    pub line: usize,
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f64,
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f64,
+    #[serde(rename = "logps/base", skip_serializing_if = "Option::is_none")]
+    pub logps_base: Option<f64>,
+    pub tokens_chosen: usize,
+    pub tokens_rejected: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_base: Option<usize>,
+}
+
+/// Scores batches of encoded sequences with one model.
+pub struct Scorer<'a, B: Backend> {
+    pub model: &'a Llama<B>,
+    pub device: B::Device,
+    /// Token used to right-pad (never scored).
+    pub pad_id: u32,
+}
+
+impl<B: Backend> Scorer<'_, B> {
+    /// Summed completion log-prob and per-token log-probs of each sequence, one forward pass
+    /// for the whole batch (right-padded, padding masked out of attention and the sum).
+    pub fn score(&self, seqs: &[EncodedCompletion]) -> Vec<(f64, Vec<f32>)> {
+        let b = seqs.len();
+        if b == 0 {
+            return Vec::new();
+        }
+        let len = seqs
+            .iter()
+            .map(|s| s.prompt_ids.len() + s.completion_ids.len())
+            .max()
+            .unwrap_or(0)
+            .max(2);
+        let (mut ids, mut attn, mut comp) = (
+            Vec::with_capacity(b * len),
+            Vec::with_capacity(b * len),
+            Vec::with_capacity(b * len),
+        );
+        for s in seqs {
+            let n = s.prompt_ids.len() + s.completion_ids.len();
+            ids.extend(
+                s.prompt_ids
+                    .iter()
+                    .chain(&s.completion_ids)
+                    .map(|&t| t as i64),
+            );
+            ids.extend(std::iter::repeat_n(self.pad_id as i64, len - n));
+            attn.extend((0..len).map(|i| i < n));
+            comp.extend((0..len).map(|i| {
+                if i >= s.prompt_ids.len() && i < n {
+                    1.0f32
+                } else {
+                    0.0
+                }
+            }));
+        }
+        let d = &self.device;
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), d);
+        let attn = Tensor::<B, 2, Bool>::from_data(TensorData::new(attn, [b, len]), d);
+        let comp = Tensor::<B, 2>::from_data(TensorData::new(comp, [b, len]), d);
+        let logits = self.model.forward(tokens.clone(), Some(attn));
+        let out = bapo_objective::sequence_logps(logits, tokens, comp);
+        let sums = out.sum.into_data().to_vec::<f32>().expect("f32");
+        let tok = out.token.into_data().to_vec::<f32>().expect("f32");
+        seqs.iter()
+            .enumerate()
+            .map(|(r, s)| {
+                // token[:, j] scores tokens[:, j + 1]: the completion starts at j = prompt_len - 1.
+                let start = r * (len - 1) + s.prompt_ids.len() - 1;
+                (
+                    sums[r] as f64,
+                    tok[start..start + s.completion_ids.len()].to_vec(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Scores examples `batch_size` at a time; `progress` is called with the number done.
+pub fn score_examples<B: Backend>(
+    scorer: &Scorer<'_, B>,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    examples: &[ScoreExample],
+    batch_size: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<ScoreRow>, ScoreError> {
+    let mut rows = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let mut seqs = Vec::new();
+        for ex in chunk {
+            seqs.push(encode_pair(
+                tokenizer, template, &ex.prompt, &ex.chosen, ex.line,
+            )?);
+            seqs.push(encode_pair(
+                tokenizer,
+                template,
+                &ex.prompt,
+                &ex.rejected,
+                ex.line,
+            )?);
+            if let Some(base) = &ex.base {
+                seqs.push(encode_pair(tokenizer, template, &ex.prompt, base, ex.line)?);
+            }
+        }
+        let scores = scorer.score(&seqs);
+        let mut k = 0;
+        for ex in chunk {
+            let mut next = || {
+                k += 1;
+                (scores[k - 1].0, seqs[k - 1].completion_ids.len())
+            };
+            let (c, nc) = next();
+            let (r, nr) = next();
+            let base = ex.base.as_ref().map(|_| next());
+            rows.push(ScoreRow {
+                line: ex.line,
+                logps_chosen: c,
+                logps_rejected: r,
+                logps_base: base.map(|b| b.0),
+                tokens_chosen: nc,
+                tokens_rejected: nr,
+                tokens_base: base.map(|b| b.1),
+            });
+        }
+        progress(rows.len());
+    }
+    Ok(rows)
+}

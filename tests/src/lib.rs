@@ -1,0 +1,89 @@
+//! Shared helpers of the cross-crate parity tests: the fixture files (computed by HF
+//! transformers, see `fixtures/README.md`) and a generic parity routine run on every backend.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    pub sequences: Vec<GoldenPrompt>,
+    pub last_position_top10: Top10,
+    pub greedy_24: Vec<Greedy>,
+    #[serde(default)]
+    pub tokenizer: Vec<TokCase>,
+    #[serde(default)]
+    pub chat_template_example: Option<ChatExample>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GoldenPrompt {
+    pub prompt: String,
+    pub prompt_text: String,
+    pub chosen: GoldenCompletion,
+    pub rejected: GoldenCompletion,
+    pub base: GoldenCompletion,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GoldenCompletion {
+    pub text: String,
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+    pub token_logps: Vec<f64>,
+    pub sum_logp: f64,
+    pub mean_logp: f64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Top10 {
+    pub ids: Vec<u32>,
+    pub logps: Vec<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Greedy {
+    pub prompt: String,
+    pub ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatExample {
+    pub rendered: String,
+}
+
+/// Reads `fixtures/<model>/golden.json`.
+pub fn golden(model: &str) -> Golden {
+    let p = fixture(model).join("golden.json");
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Where `cargo xtask fetch` puts the real SmolLM2 GGUF (`BAPO_CACHE` overrides `~/.cache/bapo`).
+pub fn smollm2_gguf() -> PathBuf {
+    let cache = std::env::var_os("BAPO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache")
+                .join("bapo")
+        });
+    cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub mod parity;
