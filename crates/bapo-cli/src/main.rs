@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "bapo", version, about = "Base-anchored preference optimisation for Llama-family models, on any Burn backend")]
+#[command(
+    name = "bapo",
+    version,
+    about = "Base-anchored preference optimisation for Llama-family models, on any Burn backend"
+)]
 struct Cli {
     /// Compute backend (must be compiled in: cargo features `wgpu`, `cuda`).
     #[arg(long, value_enum, default_value_t = BackendKind::Ndarray, global = true)]
@@ -70,7 +74,12 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
@@ -102,8 +111,15 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 /// Writes `text` to `path` through a temp file and a rename: never a half-written output.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(text.as_bytes())?;
@@ -119,42 +135,92 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 
 fn run<B: Backend>(cmd: Cmd, device: B::Device) -> Result<()> {
     match cmd {
-        Cmd::Score { model, input, output, batch_size } => {
+        Cmd::Score {
+            model,
+            input,
+            output,
+            batch_size,
+        } => {
             let examples = bapo_data::read_score_file(&input)?;
             let t0 = Instant::now();
             let loaded = load_pretrained::<B>(&model, &device)?;
             tracing::info!(model = %model.display(), params = loaded.config.num_params(), secs = t0.elapsed().as_secs_f32(), "model loaded");
             let tok = &loaded.tokenizer;
-            let template = ChatTemplate::new(tok.chat_template.clone(), tok.bos_token.clone(), tok.eos_token.clone());
+            let template = ChatTemplate::new(
+                tok.chat_template.clone(),
+                tok.bos_token.clone(),
+                tok.eos_token.clone(),
+            );
             let pad_id = tok.eos_id().context("the tokenizer has no EOS token")?;
-            let scorer = Scorer { model: &loaded.model, device: device.clone(), pad_id };
-            let bar = ProgressBar::new(examples.len() as u64).with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} examples [{elapsed} < {eta}]").expect("template"));
+            let scorer = Scorer {
+                model: &loaded.model,
+                device: device.clone(),
+                pad_id,
+            };
+            let bar = ProgressBar::new(examples.len() as u64).with_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} examples [{elapsed} < {eta}]")
+                    .expect("template"),
+            );
             let t1 = Instant::now();
-            let rows = score_examples(&scorer, tok, &template, &examples, batch_size, |n| bar.set_position(n as u64)).with_context(|| format!("scoring {}", input.display()))?;
+            let rows = score_examples(&scorer, tok, &template, &examples, batch_size, |n| {
+                bar.set_position(n as u64)
+            })
+            .with_context(|| format!("scoring {}", input.display()))?;
             bar.finish_and_clear();
             let secs = t1.elapsed().as_secs_f64();
-            let tokens: usize = rows.iter().map(|r| r.tokens_chosen + r.tokens_rejected + r.tokens_base.unwrap_or(0)).sum();
+            let tokens: usize = rows
+                .iter()
+                .map(|r| r.tokens_chosen + r.tokens_rejected + r.tokens_base.unwrap_or(0))
+                .sum();
             let mut text = String::new();
             for r in &rows {
                 text.push_str(&serde_json::to_string(r)?);
                 text.push('\n');
             }
             write_atomic(&output, &text)?;
-            tracing::info!(examples = rows.len(), completion_tokens = tokens, secs, "scored; wrote {}", output.display());
+            tracing::info!(
+                examples = rows.len(),
+                completion_tokens = tokens,
+                secs,
+                "scored; wrote {}",
+                output.display()
+            );
             Ok(())
         }
-        Cmd::Generate { model, prompt, max_new_tokens, temperature, top_p, seed, raw } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            raw,
+        } => {
             let loaded = load_pretrained::<B>(&model, &device)?;
             let tok = &loaded.tokenizer;
-            let template = ChatTemplate::new(tok.chat_template.clone(), tok.bos_token.clone(), tok.eos_token.clone());
+            let template = ChatTemplate::new(
+                tok.chat_template.clone(),
+                tok.bos_token.clone(),
+                tok.eos_token.clone(),
+            );
             let mut prompts = Vec::new();
             for p in &prompt {
-                let text = if raw { p.clone() } else { template.render(&[Message::user(p.clone())], true)? };
+                let text = if raw {
+                    p.clone()
+                } else {
+                    template.render(&[Message::user(p.clone())], true)?
+                };
                 prompts.push(tok.encode(&text)?);
             }
             let mut eos_ids = loaded.config.eos_token_ids.clone();
             eos_ids.extend(tok.eos_id());
-            let cfg = GenerationConfig { max_new_tokens, temperature, top_p, seed, eos_ids };
+            let cfg = GenerationConfig {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                eos_ids,
+            };
             let t0 = Instant::now();
             let out = generate(&loaded.model, &prompts, &cfg, &device);
             let secs = t0.elapsed().as_secs_f64();
@@ -163,7 +229,12 @@ fn run<B: Backend>(cmd: Cmd, device: B::Device) -> Result<()> {
                 let line = serde_json::json!({"prompt": p, "completion": tok.decode(&o.tokens)?, "ids": o.tokens, "stopped_on_eos": o.stopped_on_eos});
                 println!("{line}");
             }
-            tracing::info!(new_tokens = n, secs, tokens_per_s = n as f64 / secs, "generated");
+            tracing::info!(
+                new_tokens = n,
+                secs,
+                tokens_per_s = n as f64 / secs,
+                "generated"
+            );
             Ok(())
         }
     }

@@ -1,0 +1,180 @@
+//! End-to-end checks of the `bapo` binary against the transformers fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bapo-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bapo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bapo"))
+        .args(args)
+        .output()
+        .expect("run bapo")
+}
+
+/// Runs `bapo score` and checks every number against golden.json.
+fn score_matches_golden(model: &Path, fixture: &str, tol: f64) {
+    let out_dir = tmpdir(fixture);
+    let output = out_dir.join("scores.jsonl");
+    let input = fixtures().join(fixture).join("pairs.jsonl");
+    let res = bapo(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--batch-size",
+        "2",
+    ]);
+    assert!(
+        res.status.success(),
+        "bapo score failed: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(fixture).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seqs = golden["sequences"].as_array().unwrap();
+    assert_eq!(rows.len(), seqs.len());
+    for (row, seq) in rows.iter().zip(seqs) {
+        for kind in ["chosen", "rejected", "base"] {
+            let got = row[format!("logps/{kind}")].as_f64().unwrap();
+            let want = seq[kind]["sum_logp"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= tol,
+                "{fixture} {kind}: bapo {got}, transformers {want}"
+            );
+            assert_eq!(
+                row[format!("tokens_{kind}")].as_u64().unwrap() as usize,
+                seq[kind]["completion_ids"].as_array().unwrap().len()
+            );
+        }
+    }
+}
+
+#[test]
+fn score_tiny_llama_safetensors_dir() {
+    score_matches_golden(&fixtures().join("tiny-llama"), "tiny-llama", 4e-3);
+}
+
+#[test]
+fn score_smollm2_gguf() {
+    let cache = std::env::var_os("BAPO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/bapo"));
+    let gguf = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "{} missing: run `cargo xtask fetch`",
+        gguf.display()
+    );
+    score_matches_golden(&gguf, "smollm2", 0.05);
+}
+
+#[test]
+fn bad_input_names_file_line_and_field_and_writes_nothing() {
+    let dir = tmpdir("bad");
+    let input = dir.join("bad.jsonl");
+    std::fs::write(&input, "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":[1]}\n").unwrap();
+    let output = dir.join("out.jsonl");
+    let model = fixtures().join("tiny-llama");
+    let res = bapo(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("bad.jsonl:2:") && err.contains("`rejected`") && err.contains("an array"),
+        "{err}"
+    );
+    assert!(!output.exists(), "no partial output may be left");
+}
+
+#[test]
+fn missing_model_is_a_clear_error() {
+    let dir = tmpdir("missing");
+    let input = fixtures().join("tiny-llama/pairs.jsonl");
+    let res = bapo(&[
+        "score",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        dir.join("o.jsonl").to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("/nonexistent/model.gguf"));
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn uncompiled_backend_names_the_cargo_feature() {
+    let res = bapo(&[
+        "--backend",
+        "cuda",
+        "generate",
+        "--model",
+        "x",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--features cuda"));
+}
+
+#[test]
+fn generate_is_deterministic_for_a_seed() {
+    let model = fixtures().join("tiny-llama");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--prompt",
+        "A longer prompt here",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+    ];
+    let a = bapo(&args);
+    let b = bapo(&args);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&a.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines
+        .iter()
+        .all(|l| l["ids"].as_array().unwrap().len() <= 6));
+}
