@@ -53,7 +53,8 @@ fn string_field(
     }
 }
 
-fn kind(v: &serde_json::Value) -> &'static str {
+/// A JSON value's kind, for error messages (`a number`, `an array`...).
+pub(crate) fn kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

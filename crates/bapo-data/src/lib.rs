@@ -5,6 +5,11 @@
 
 pub mod chat;
 pub mod jsonl;
+pub mod preference;
 
 pub use chat::{ChatTemplate, Message};
 pub use jsonl::{read_score_file, DataError, ScoreExample};
+pub use preference::{
+    encode_examples, read_preferences, EncodeConfig, EncodedExample, PreferenceBatch,
+    PreferenceExample, TruncationMode, TruncationStats,
+};

@@ -6,4 +6,6 @@
 
 pub mod score;
 
-pub use score::{encode_pair, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer};
+pub use score::{
+    encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,
+};

@@ -2,6 +2,7 @@
 //! rendered with the generation prompt; each completion is tokenised on its own and followed by
 //! the tokenizer's EOS token; the log-prob is summed over the completion tokens only.
 
+use bapo_data::preference::{completion_ids, prompt_ids, EncodeError};
 use bapo_data::{ChatTemplate, Message, ScoreExample};
 use bapo_model::{Llama, Tokenizer};
 use burn::tensor::backend::Backend;
@@ -11,18 +12,8 @@ use serde::Serialize;
 /// Why scoring failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
-    #[error("line {line}: chat template: {source}")]
-    Template {
-        line: usize,
-        #[source]
-        source: bapo_data::chat::TemplateError,
-    },
-    #[error("line {line}: {source}")]
-    Tokenize {
-        line: usize,
-        #[source]
-        source: bapo_model::ModelError,
-    },
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
     #[error("the tokenizer has no EOS token to end completions with ({0})")]
     NoEos(String),
 }
@@ -32,6 +23,11 @@ pub enum ScoreError {
 pub struct EncodedCompletion {
     pub prompt_ids: Vec<u32>,
     pub completion_ids: Vec<u32>,
+}
+
+/// `tokenizer.encode` as the closure `bapo-data` expects.
+pub fn encoder(tokenizer: &Tokenizer) -> impl Fn(&str) -> Result<Vec<u32>, String> + '_ {
+    move |text| tokenizer.encode(text).map_err(|e| e.to_string())
 }
 
 /// Tokenises `prompt` (chat-templated) and `completion` (+ EOS) the way `bapo score` does.
@@ -45,19 +41,10 @@ pub fn encode_pair(
     let eos = tokenizer
         .eos_id()
         .ok_or_else(|| ScoreError::NoEos(tokenizer.origin.clone()))?;
-    let text = template
-        .render(&[Message::user(prompt)], true)
-        .map_err(|source| ScoreError::Template { line, source })?;
-    let prompt_ids = tokenizer
-        .encode(&text)
-        .map_err(|source| ScoreError::Tokenize { line, source })?;
-    let mut completion_ids = tokenizer
-        .encode(completion)
-        .map_err(|source| ScoreError::Tokenize { line, source })?;
-    completion_ids.push(eos);
+    let encode = encoder(tokenizer);
     Ok(EncodedCompletion {
-        prompt_ids,
-        completion_ids,
+        prompt_ids: prompt_ids(template, &encode, &[Message::user(prompt)], line)?,
+        completion_ids: completion_ids(&encode, completion, eos, line)?,
     })
 }
 

@@ -1,0 +1,388 @@
+//! Preference data in TRL's two shapes, tokenised, truncated and collated.
+//!
+//! - standard: `{"prompt": "...", "chosen": "...", "rejected": "..."}`
+//! - conversational: `{"prompt": [{"role": "user", "content": "..."}, ...],
+//!   "chosen": [{"role": "assistant", "content": "..."}], "rejected": [...]}`
+//!
+//! An optional `"user"` (or `"persona"`) string tags whose preference a pair is, so one file
+//! can hold several users. Every malformed line is an error naming `file:line` and the field.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::chat::{ChatTemplate, Message, TemplateError};
+use crate::jsonl::{kind, DataError};
+
+/// One preference pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferenceExample {
+    /// Conversation up to the answer (ends with a user turn).
+    pub prompt: Vec<Message>,
+    pub chosen: String,
+    pub rejected: String,
+    /// Whose preference this is (`user` or `persona` field).
+    pub user: Option<String>,
+    /// 1-based line in the source file.
+    pub line: usize,
+}
+
+fn completion(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    err: &dyn Fn(String) -> DataError,
+) -> Result<String, DataError> {
+    let text = match obj.get(field) {
+        None => return Err(err(format!("field `{field}` is missing"))),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(msgs)) => {
+            let [msg] = msgs.as_slice() else {
+                return Err(err(format!(
+                    "field `{field}` must hold exactly one assistant message, found {}",
+                    msgs.len()
+                )));
+            };
+            let m = message(msg, &format!("{field}[0]"), err)?;
+            if m.role != "assistant" {
+                return Err(err(format!(
+                    "field `{field}[0].role` must be `assistant`, found `{}`",
+                    m.role
+                )));
+            }
+            m.content
+        }
+        Some(other) => {
+            return Err(err(format!(
+                "field `{field}` must be a string or a message list, found {}",
+                kind(other)
+            )))
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(err(format!("field `{field}` is empty")));
+    }
+    Ok(text)
+}
+
+fn message(v: &Value, at: &str, err: &dyn Fn(String) -> DataError) -> Result<Message, DataError> {
+    let Value::Object(o) = v else {
+        return Err(err(format!(
+            "field `{at}` must be a message object, found {}",
+            kind(v)
+        )));
+    };
+    let get = |k: &str| match o.get(k) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(err(format!(
+            "field `{at}.{k}` must be a string, found {}",
+            kind(other)
+        ))),
+        None => Err(err(format!("field `{at}.{k}` is missing"))),
+    };
+    Ok(Message {
+        role: get("role")?,
+        content: get("content")?,
+    })
+}
+
+fn prompt(
+    obj: &serde_json::Map<String, Value>,
+    err: &dyn Fn(String) -> DataError,
+) -> Result<Vec<Message>, DataError> {
+    match obj.get("prompt") {
+        None => Err(err("field `prompt` is missing".into())),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(err("field `prompt` is empty".into())),
+        Some(Value::String(s)) => Ok(vec![Message::user(s.clone())]),
+        Some(Value::Array(items)) => {
+            let msgs: Vec<Message> = items
+                .iter()
+                .enumerate()
+                .map(|(i, m)| message(m, &format!("prompt[{i}]"), err))
+                .collect::<Result<_, _>>()?;
+            // Optional system turn, then user/assistant alternating, ending with the user.
+            let start = usize::from(msgs.first().is_some_and(|m| m.role == "system"));
+            for (i, m) in msgs.iter().enumerate().skip(start) {
+                let want = if (i - start) % 2 == 0 {
+                    "user"
+                } else {
+                    "assistant"
+                };
+                if m.role != want {
+                    return Err(err(format!("field `prompt[{i}].role` is `{}` but `{want}` was expected (system?, then user/assistant alternating)", m.role)));
+                }
+            }
+            match msgs.last() {
+                Some(m) if m.role == "user" => Ok(msgs),
+                _ => Err(err("field `prompt` must end with a user message".into())),
+            }
+        }
+        Some(other) => Err(err(format!(
+            "field `prompt` must be a string or a message list, found {}",
+            kind(other)
+        ))),
+    }
+}
+
+/// Reads a preference JSONL file (blank lines skipped).
+pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceExample>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let err = |what: String| DataError::Line {
+            path: path.into(),
+            line,
+            what,
+        };
+        let value: Value = serde_json::from_str(raw)
+            .map_err(|e| err(format!("invalid JSON at column {}: {e}", e.column())))?;
+        let Value::Object(obj) = value else {
+            return Err(err(format!(
+                "expected a JSON object, found {}",
+                kind(&value)
+            )));
+        };
+        let prompt = prompt(&obj, &err)?;
+        let chosen = completion(&obj, "chosen", &err)?;
+        let rejected = completion(&obj, "rejected", &err)?;
+        if chosen == rejected {
+            return Err(err(
+                "fields `chosen` and `rejected` are identical: the pair carries no preference"
+                    .into(),
+            ));
+        }
+        let user = match obj.get("user").or_else(|| obj.get("persona")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(err(format!(
+                    "field `user` must be a string, found {}",
+                    kind(other)
+                )))
+            }
+        };
+        out.push(PreferenceExample {
+            prompt,
+            chosen,
+            rejected,
+            user,
+            line,
+        });
+    }
+    Ok(out)
+}
+
+/// Which end of an over-long prompt survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TruncationMode {
+    /// Keep the last tokens (the question, next to the answer). TRL's default.
+    #[default]
+    KeepEnd,
+    KeepStart,
+}
+
+/// Length limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodeConfig {
+    /// Max tokens of prompt + completion (each of chosen, rejected, base).
+    pub max_length: usize,
+    /// Prompts longer than this are truncated (by `truncation_mode`) before anything else.
+    pub max_prompt_length: Option<usize>,
+    pub truncation_mode: TruncationMode,
+}
+
+/// A pair (and optionally the base response) as token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedExample {
+    pub prompt_ids: Vec<u32>,
+    pub chosen_ids: Vec<u32>,
+    pub rejected_ids: Vec<u32>,
+    pub base_ids: Option<Vec<u32>>,
+    pub line: usize,
+}
+
+/// What truncation did, for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TruncationStats {
+    pub examples: usize,
+    pub examples_truncated: usize,
+    pub prompt_tokens_cut: usize,
+    pub completion_tokens_cut: usize,
+    /// Lines dropped because the prompt alone leaves no room for a completion token.
+    pub dropped_prompt_too_long: Vec<usize>,
+}
+
+/// Encoding failed on one example.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("line {line}: chat template: {source}")]
+    Template {
+        line: usize,
+        #[source]
+        source: TemplateError,
+    },
+    #[error("line {line}: tokenizer: {what}")]
+    Tokenize { line: usize, what: String },
+}
+
+/// Completion ids: the text's tokens, then exactly one EOS (an EOS the text already ends with
+/// is not doubled).
+pub fn completion_ids(
+    encode: &dyn Fn(&str) -> Result<Vec<u32>, String>,
+    text: &str,
+    eos_id: u32,
+    line: usize,
+) -> Result<Vec<u32>, EncodeError> {
+    let mut ids = encode(text).map_err(|what| EncodeError::Tokenize { line, what })?;
+    if ids.last() != Some(&eos_id) {
+        ids.push(eos_id);
+    }
+    Ok(ids)
+}
+
+/// Prompt ids: the conversation through the chat template, with the generation prompt.
+pub fn prompt_ids(
+    template: &ChatTemplate,
+    encode: &dyn Fn(&str) -> Result<Vec<u32>, String>,
+    prompt: &[Message],
+    line: usize,
+) -> Result<Vec<u32>, EncodeError> {
+    let text = template
+        .render(prompt, true)
+        .map_err(|source| EncodeError::Template { line, source })?;
+    encode(&text).map_err(|what| EncodeError::Tokenize { line, what })
+}
+
+/// Tokenises and truncates `examples` (`bases[i]`, when given, is example `i`'s base response).
+pub fn encode_examples(
+    examples: &[PreferenceExample],
+    bases: Option<&[String]>,
+    template: &ChatTemplate,
+    encode: &dyn Fn(&str) -> Result<Vec<u32>, String>,
+    eos_id: u32,
+    cfg: &EncodeConfig,
+) -> Result<(Vec<EncodedExample>, TruncationStats), EncodeError> {
+    let mut stats = TruncationStats {
+        examples: examples.len(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(examples.len());
+    for (i, ex) in examples.iter().enumerate() {
+        let mut p = prompt_ids(template, encode, &ex.prompt, ex.line)?;
+        let mut truncated = false;
+        if let Some(maxp) = cfg.max_prompt_length {
+            if p.len() > maxp {
+                stats.prompt_tokens_cut += p.len() - maxp;
+                truncated = true;
+                p = match cfg.truncation_mode {
+                    TruncationMode::KeepEnd => p[p.len() - maxp..].to_vec(),
+                    TruncationMode::KeepStart => p[..maxp].to_vec(),
+                };
+            }
+        }
+        if p.len() >= cfg.max_length {
+            stats.dropped_prompt_too_long.push(ex.line);
+            continue;
+        }
+        let room = cfg.max_length - p.len();
+        let mut cut = |ids: Vec<u32>| {
+            if ids.len() > room {
+                stats.completion_tokens_cut += ids.len() - room;
+                truncated = true;
+                ids[..room].to_vec()
+            } else {
+                ids
+            }
+        };
+        let chosen_ids = cut(completion_ids(encode, &ex.chosen, eos_id, ex.line)?);
+        let rejected_ids = cut(completion_ids(encode, &ex.rejected, eos_id, ex.line)?);
+        let base_ids = match bases {
+            Some(b) => Some(cut(completion_ids(encode, &b[i], eos_id, ex.line)?)),
+            None => None,
+        };
+        stats.examples_truncated += usize::from(truncated);
+        out.push(EncodedExample {
+            prompt_ids: p,
+            chosen_ids,
+            rejected_ids,
+            base_ids,
+            line: ex.line,
+        });
+    }
+    Ok((out, stats))
+}
+
+/// Right-padded rows `[chosen…; rejected…; base…]` with attention and completion masks, in
+/// host memory (row-major `[rows, len]`), ready to become tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferenceBatch {
+    pub pairs: usize,
+    pub has_base: bool,
+    pub rows: usize,
+    pub len: usize,
+    pub tokens: Vec<i64>,
+    pub attention: Vec<bool>,
+    pub completion_mask: Vec<f32>,
+}
+
+impl PreferenceBatch {
+    /// Collates examples; base rows are included only when every example has one.
+    pub fn collate(examples: &[&EncodedExample], pad_id: u32) -> Self {
+        let has_base = !examples.is_empty() && examples.iter().all(|e| e.base_ids.is_some());
+        let mut seqs: Vec<(&[u32], &[u32])> = examples
+            .iter()
+            .map(|e| (e.prompt_ids.as_slice(), e.chosen_ids.as_slice()))
+            .collect();
+        seqs.extend(
+            examples
+                .iter()
+                .map(|e| (e.prompt_ids.as_slice(), e.rejected_ids.as_slice())),
+        );
+        if has_base {
+            seqs.extend(examples.iter().map(|e| {
+                (
+                    e.prompt_ids.as_slice(),
+                    e.base_ids.as_deref().expect("checked"),
+                )
+            }));
+        }
+        let len = seqs
+            .iter()
+            .map(|(p, c)| p.len() + c.len())
+            .max()
+            .unwrap_or(0)
+            .max(2);
+        let rows = seqs.len();
+        let (mut tokens, mut attention, mut completion_mask) = (
+            Vec::with_capacity(rows * len),
+            Vec::with_capacity(rows * len),
+            Vec::with_capacity(rows * len),
+        );
+        for (p, c) in seqs {
+            let n = p.len() + c.len();
+            tokens.extend(
+                p.iter()
+                    .chain(c)
+                    .map(|&t| t as i64)
+                    .chain(std::iter::repeat_n(pad_id as i64, len - n)),
+            );
+            attention.extend((0..len).map(|i| i < n));
+            completion_mask.extend((0..len).map(|i| if i >= p.len() && i < n { 1.0 } else { 0.0 }));
+        }
+        Self {
+            pairs: examples.len(),
+            has_base,
+            rows,
+            len,
+            tokens,
+            attention,
+            completion_mask,
+        }
+    }
+}
