@@ -6,7 +6,7 @@
 //! `v` vocabulary.
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::{Dropout, Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -85,13 +85,55 @@ impl<B: Backend> Rope<B> {
     }
 }
 
+/// A low-rank adapter: `Δ(x) = scale · dropout(x) · A · B`, `scale = alpha / rank`.
+///
+/// # Shapes
+/// `a`: `[in, r]`, `b`: `[r, out]` (`b` starts at zero, so a fresh adapter changes nothing).
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub a: Param<Tensor<B, 2>>,
+    pub b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: Dropout,
+}
+
+/// A projection: a (usually frozen) `Linear` plus an optional LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    pub linear: Linear<B>,
+    pub lora: Option<Lora<B>>,
+}
+
+impl<B: Backend> Proj<B> {
+    /// Wraps a plain linear layer (no adapter).
+    pub fn new(linear: Linear<B>) -> Self {
+        Self { linear, lora: None }
+    }
+
+    /// # Shapes
+    /// `[b, s, in]` → `[b, s, out]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lora {
+            None => self.linear.forward(x),
+            Some(l) => {
+                let delta = l
+                    .dropout
+                    .forward(x.clone())
+                    .matmul(l.a.val().unsqueeze_dim(0))
+                    .matmul(l.b.val().unsqueeze_dim(0));
+                self.linear.forward(x) + delta.mul_scalar(l.scale)
+            }
+        }
+    }
+}
+
 /// Grouped-query self-attention.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: Proj<B>,
+    pub k_proj: Proj<B>,
+    pub v_proj: Proj<B>,
+    pub o_proj: Proj<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -157,9 +199,9 @@ impl<B: Backend> Attention<B> {
 /// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: Proj<B>,
+    pub up_proj: Proj<B>,
+    pub down_proj: Proj<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -332,7 +374,7 @@ impl LlamaConfig {
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        let lin = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let lin = |i, o, bias| Proj::new(LinearConfig::new(i, o).with_bias(bias).init(device));
         let norm = || {
             RmsNormConfig::new(e)
                 .with_epsilon(self.rms_norm_eps)
@@ -362,7 +404,11 @@ impl LlamaConfig {
             embed_tokens: EmbeddingConfig::new(self.vocab_size, e).init(device),
             layers,
             norm: norm(),
-            lm_head: (!self.tie_word_embeddings).then(|| lin(e, self.vocab_size, false)),
+            lm_head: (!self.tie_word_embeddings).then(|| {
+                LinearConfig::new(e, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
             head_dim: self.head_dim,
             rope_theta: self.rope_theta,
         }

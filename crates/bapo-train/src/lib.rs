@@ -1,11 +1,16 @@
 //! # bapo-train
 //!
-//! Composes `bapo-model`, `bapo-data` and `bapo-objective`. Today: the scoring pass behind
-//! `bapo score` (completion log-probs of chosen / rejected / base responses under the chat
-//! template), shared by the CLI and the parity tests.
+//! Composes `bapo-model`, `bapo-data` and `bapo-objective`: the scoring pass behind
+//! `bapo score`, LoRA adapters, reference log-probs and the BAPO training loop.
 
+pub mod lora;
 pub mod score;
+pub mod train;
 
+pub use lora::LoraConfig;
 pub use score::{
     encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,
+};
+pub use train::{
+    reference_logps, reference_of, train, ReferenceLogps, StepLog, TrainConfig, TrainError,
 };

@@ -14,7 +14,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::model::{linear, rms_norm, Attention, Block, Llama, Mlp};
+use crate::model::{linear, rms_norm, Attention, Block, Llama, Mlp, Proj};
 
 /// A dense f32 tensor in host memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +77,17 @@ fn take_linear<B: Backend>(
     Ok(linear(tensor::<B, 2>(weight, device).transpose(), bias))
 }
 
+fn take_proj<B: Backend>(
+    w: &mut HostTensors,
+    prefix: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Proj<B>> {
+    take_linear(w, prefix, out, inp, bias, device).map(Proj::new)
+}
+
 /// Assembles a [`Llama`] from HF-named tensors; fails on any missing, mis-shaped or unused tensor.
 pub fn build_llama<B: Backend>(
     config: &LlamaConfig,
@@ -103,7 +114,7 @@ pub fn build_llama<B: Backend>(
         layers.push(Block {
             input_layernorm: norm(&mut w, "input_layernorm")?,
             self_attn: Attention {
-                q_proj: take_linear(
+                q_proj: take_proj(
                     &mut w,
                     &format!("{p}.self_attn.q_proj"),
                     q,
@@ -111,7 +122,7 @@ pub fn build_llama<B: Backend>(
                     c.qkv_bias,
                     device,
                 )?,
-                k_proj: take_linear(
+                k_proj: take_proj(
                     &mut w,
                     &format!("{p}.self_attn.k_proj"),
                     kv,
@@ -119,7 +130,7 @@ pub fn build_llama<B: Backend>(
                     c.qkv_bias,
                     device,
                 )?,
-                v_proj: take_linear(
+                v_proj: take_proj(
                     &mut w,
                     &format!("{p}.self_attn.v_proj"),
                     kv,
@@ -127,7 +138,7 @@ pub fn build_llama<B: Backend>(
                     c.qkv_bias,
                     device,
                 )?,
-                o_proj: take_linear(
+                o_proj: take_proj(
                     &mut w,
                     &format!("{p}.self_attn.o_proj"),
                     e,
@@ -141,23 +152,9 @@ pub fn build_llama<B: Backend>(
             },
             post_attention_layernorm: norm(&mut w, "post_attention_layernorm")?,
             mlp: Mlp {
-                gate_proj: take_linear(
-                    &mut w,
-                    &format!("{p}.mlp.gate_proj"),
-                    ff,
-                    e,
-                    false,
-                    device,
-                )?,
-                up_proj: take_linear(&mut w, &format!("{p}.mlp.up_proj"), ff, e, false, device)?,
-                down_proj: take_linear(
-                    &mut w,
-                    &format!("{p}.mlp.down_proj"),
-                    e,
-                    ff,
-                    false,
-                    device,
-                )?,
+                gate_proj: take_proj(&mut w, &format!("{p}.mlp.gate_proj"), ff, e, false, device)?,
+                up_proj: take_proj(&mut w, &format!("{p}.mlp.up_proj"), ff, e, false, device)?,
+                down_proj: take_proj(&mut w, &format!("{p}.mlp.down_proj"), e, ff, false, device)?,
             },
         });
     }

@@ -159,3 +159,50 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<HostTensors> {
     };
     Ok(HostTensors { path, tensors })
 }
+
+/// Writes F32 tensors as a safetensors file, atomically (temp file, then rename).
+pub fn write_file(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let end = offset + t.data.len() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    // Pad the header with spaces so the data block is 8-byte aligned, as the reference writer does.
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+        f.write_all(&(head.len() as u64).to_le_bytes())?;
+        f.write_all(&head)?;
+        for t in tensors.values() {
+            for x in &t.data {
+                f.write_all(&x.to_le_bytes())?;
+            }
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::io(path, e)
+    })
+}

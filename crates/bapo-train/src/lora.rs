@@ -1,0 +1,228 @@
+//! LoRA on the frozen base weights. The adapters live in the model's projections
+//! (`bapo_model::model::Proj::lora`); this module attaches, removes, and saves them in PEFT's
+//! layout (`lora_A` `[r, in]`, `lora_B` `[out, r]`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bapo_model::load::HostTensor;
+use bapo_model::model::{Lora, Proj};
+use bapo_model::Llama;
+use burn::module::{Module, Param};
+use burn::nn::Dropout;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Projections an adapter can target (PEFT's `target_modules` names).
+pub const ALL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: Vec<String>,
+}
+
+fn default_targets() -> Vec<String> {
+    ALL_TARGETS.iter().map(|s| s.to_string()).collect()
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: default_targets(),
+        }
+    }
+}
+
+fn projs<B: Backend>(model: &mut Llama<B>) -> Vec<(String, &mut Proj<B>)> {
+    let mut out = Vec::new();
+    for (i, l) in model.layers.iter_mut().enumerate() {
+        let a = &mut l.self_attn;
+        let m = &mut l.mlp;
+        for (name, p) in [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ] {
+            out.push((format!("model.layers.{i}.{name}"), p));
+        }
+    }
+    out
+}
+
+impl LoraConfig {
+    /// Checks the target names.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rank == 0 {
+            return Err("lora.rank must be at least 1".into());
+        }
+        for t in &self.target_modules {
+            if !ALL_TARGETS.contains(&t.as_str()) {
+                return Err(format!(
+                    "lora.target_modules: unknown module `{t}` (known: {})",
+                    ALL_TARGETS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes every base weight and attaches fresh adapters (`A` ~ U(±1/√in), seeded; `B` = 0,
+    /// so the adapted model starts equal to the base).
+    pub fn attach<B: Backend>(&self, model: Llama<B>, seed: u64, device: &B::Device) -> Llama<B> {
+        let mut model = model.no_grad();
+        let mut rng = StdRng::seed_from_u64(seed);
+        for (name, proj) in projs(&mut model) {
+            if !self
+                .target_modules
+                .iter()
+                .any(|t| name.ends_with(t.as_str()))
+            {
+                continue;
+            }
+            let [d_in, d_out] = proj.linear.weight.val().dims();
+            let bound = 1.0 / (d_in as f64).sqrt();
+            let a: Vec<f32> = (0..d_in * self.rank)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            proj.lora = Some(Lora {
+                a: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(a, [d_in, self.rank]),
+                    device,
+                )),
+                b: Param::from_tensor(Tensor::zeros([self.rank, d_out], device)),
+                scale: self.alpha / self.rank as f64,
+                dropout: Dropout { prob: self.dropout },
+            });
+        }
+        model
+    }
+}
+
+/// The model without adapters (the reference: frozen base weights, shared, not copied).
+pub fn without_adapters<B: Backend>(mut model: Llama<B>) -> Llama<B> {
+    for (_, proj) in projs(&mut model) {
+        proj.lora = None;
+    }
+    model
+}
+
+fn host<B: Backend>(t: Tensor<B, 2>) -> HostTensor {
+    HostTensor {
+        shape: t.dims().to_vec(),
+        data: t.into_data().convert::<f32>().to_vec::<f32>().expect("f32"),
+    }
+}
+
+/// Adapter weights in PEFT's naming and layout.
+pub fn adapter_tensors<B: Backend>(model: &Llama<B>) -> BTreeMap<String, HostTensor> {
+    let mut model = model.clone();
+    let mut out = BTreeMap::new();
+    for (name, proj) in projs(&mut model) {
+        if let Some(l) = &proj.lora {
+            out.insert(
+                format!("base_model.model.{name}.lora_A.weight"),
+                host(l.a.val().transpose()),
+            );
+            out.insert(
+                format!("base_model.model.{name}.lora_B.weight"),
+                host(l.b.val().transpose()),
+            );
+        }
+    }
+    out
+}
+
+/// Loads adapter weights saved by [`save_adapter`] into a model whose adapters are attached.
+pub fn load_adapter<B: Backend>(
+    model: Llama<B>,
+    path: &Path,
+    device: &B::Device,
+) -> bapo_model::Result<Llama<B>> {
+    let mut tensors = BTreeMap::new();
+    bapo_model::load::safetensors::read_file(path, &mut tensors)?;
+    let mut model = model;
+    for (name, proj) in projs(&mut model) {
+        if let Some(l) = proj.lora.as_mut() {
+            for (suffix, param) in [("lora_A", &mut l.a), ("lora_B", &mut l.b)] {
+                let key = format!("base_model.model.{name}.{suffix}.weight");
+                let [r, c] = param.val().dims();
+                let t =
+                    tensors
+                        .remove(&key)
+                        .ok_or_else(|| bapo_model::ModelError::MissingTensor {
+                            path: path.into(),
+                            name: key.clone(),
+                            expected: vec![c, r],
+                        })?;
+                if t.shape != [c, r] {
+                    return Err(bapo_model::ModelError::ShapeMismatch {
+                        path: path.into(),
+                        name: key,
+                        expected: vec![c, r],
+                        got: t.shape,
+                    });
+                }
+                let value =
+                    Tensor::<B, 2>::from_data(TensorData::new(t.data, [c, r]), device).transpose();
+                *param = Param::initialized(param.id, value.require_grad());
+            }
+        }
+    }
+    if !tensors.is_empty() {
+        return Err(bapo_model::ModelError::UnexpectedTensors {
+            path: path.into(),
+            names: tensors.into_keys().collect(),
+        });
+    }
+    Ok(model)
+}
+
+/// Writes the adapter as `adapter_model.safetensors` (atomically).
+pub fn save_adapter<B: Backend>(model: &Llama<B>, path: &Path) -> bapo_model::Result<()> {
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    bapo_model::load::safetensors::write_file(path, &adapter_tensors(model), &meta)
+}
+
+/// Frobenius norm of `scale · B·A` per adapted module (the weight change LoRA applies).
+pub fn adapter_delta_norms<B: Backend>(model: &Llama<B>) -> BTreeMap<String, f64> {
+    let mut model = model.clone();
+    let mut out = BTreeMap::new();
+    for (name, proj) in projs(&mut model) {
+        if let Some(l) = &proj.lora {
+            let delta = l.a.val().matmul(l.b.val()).mul_scalar(l.scale);
+            let n: f64 = delta
+                .square()
+                .sum()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .expect("f64")[0];
+            out.insert(name, n.sqrt());
+        }
+    }
+    out
+}

@@ -1,0 +1,457 @@
+//! The training loop: policy log-probs on `[chosen; rejected; base]` batches, reference
+//! log-probs precomputed once (adapters off, no grad), the BAPO objective, AdamW with warmup +
+//! cosine/linear decay, global-norm gradient clipping, gradient accumulation, seeded shuffling
+//! and a NaN/Inf guard.
+
+use std::collections::BTreeMap;
+
+use bapo_data::{EncodedExample, PreferenceBatch};
+use bapo_model::Llama;
+use bapo_objective::{
+    bapo_loss, sequence_logps, Anchor, AnchorLogps, LossType, ObjectiveConfig, PairLogps,
+};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+/// Log-prob normalisation shared by the preference term and the anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalisation {
+    /// Summed over completion tokens (DPO's definition).
+    #[default]
+    Sum,
+    /// Per-token mean.
+    Mean,
+}
+
+/// Learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// Optimisation and objective settings (`[train]` in a config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub max_steps: usize,
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    pub weight_decay: f64,
+    pub seed: u64,
+    pub beta: f64,
+    /// TRL's `loss_type` list: sigmoid, robust, hinge, ipo.
+    pub loss_type: Vec<String>,
+    /// TRL's `loss_weights` (default: all 1).
+    pub loss_weights: Option<Vec<f64>>,
+    pub label_smoothing: f64,
+    /// Weight of the NLL term on chosen (TRL's `rpo_alpha`).
+    pub nll_weight: f64,
+    /// Anchor weight λ (0 = plain DPO).
+    pub anchor_weight: f64,
+    /// hinge, abs or square.
+    pub anchor: String,
+    pub normalisation: Normalisation,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-4,
+            warmup_steps: 2,
+            schedule: Schedule::Cosine,
+            max_steps: 20,
+            batch_size: 2,
+            grad_accum: 1,
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.0,
+            seed: 42,
+            beta: 0.1,
+            loss_type: vec!["sigmoid".into()],
+            loss_weights: None,
+            label_smoothing: 0.0,
+            nll_weight: 0.0,
+            anchor_weight: 1.0,
+            anchor: "hinge".into(),
+            normalisation: Normalisation::Sum,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The objective this config describes, or what is wrong with it.
+    pub fn objective(&self) -> Result<ObjectiveConfig, String> {
+        let types: Vec<LossType> = self
+            .loss_type
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?;
+        let weights = self
+            .loss_weights
+            .clone()
+            .unwrap_or_else(|| vec![1.0; types.len()]);
+        if types.is_empty() || weights.len() != types.len() {
+            return Err(format!(
+                "loss_weights has {} entries for {} loss types",
+                weights.len(),
+                types.len()
+            ));
+        }
+        if self.beta <= 0.0 {
+            return Err(format!("beta must be positive, got {}", self.beta));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(format!(
+                "label_smoothing must be in [0, 0.5), got {}",
+                self.label_smoothing
+            ));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return Err("batch_size and grad_accum must be at least 1".into());
+        }
+        let anchor: Anchor = self.anchor.parse()?;
+        Ok(ObjectiveConfig {
+            beta: self.beta,
+            losses: types.into_iter().zip(weights).collect(),
+            label_smoothing: self.label_smoothing,
+            nll_weight: self.nll_weight,
+            anchor_weight: self.anchor_weight,
+            anchor,
+        })
+    }
+
+    /// Learning rate at optimiser step `step` (0-based): linear warmup, then decay to 0.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f64 / (self.warmup_steps + 1) as f64;
+        }
+        let span = self.max_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        match self.schedule {
+            Schedule::Constant => self.learning_rate,
+            Schedule::Linear => self.learning_rate * (1.0 - progress),
+            Schedule::Cosine => {
+                self.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+/// Reference log-probs of one example: `[chosen, rejected, base]`, summed and per-token mean.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceLogps {
+    pub sum: [f64; 3],
+    pub mean: [f64; 3],
+}
+
+impl ReferenceLogps {
+    fn pick(&self, n: Normalisation) -> [f64; 3] {
+        match n {
+            Normalisation::Sum => self.sum,
+            Normalisation::Mean => self.mean,
+        }
+    }
+}
+
+/// Per-row summed and mean completion log-probs of a collated batch.
+///
+/// # Shapes
+/// outputs `[rows]` each.
+pub fn batch_logps<B: Backend>(
+    model: &Llama<B>,
+    batch: &PreferenceBatch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let shape = [batch.rows, batch.len];
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), shape), device);
+    let attn =
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), shape), device);
+    let mask = Tensor::<B, 2>::from_data(
+        TensorData::new(batch.completion_mask.clone(), shape),
+        device,
+    );
+    let out = sequence_logps(model.forward(tokens.clone(), Some(attn)), tokens, mask);
+    (out.sum, out.mean)
+}
+
+fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("float")
+}
+
+/// Reference log-probs of every example (needs base responses), `batch_size` pairs at a time.
+pub fn reference_logps<B: Backend>(
+    reference: &Llama<B>,
+    examples: &[EncodedExample],
+    batch_size: usize,
+    pad_id: u32,
+    device: &B::Device,
+    mut progress: impl FnMut(usize),
+) -> Vec<ReferenceLogps> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&EncodedExample> = chunk.iter().collect();
+        let batch = PreferenceBatch::collate(&refs, pad_id);
+        assert!(
+            batch.has_base,
+            "reference_logps needs base responses on every example"
+        );
+        let (sum, mean) = batch_logps(reference, &batch, device);
+        let (sum, mean) = (to_host(sum), to_host(mean));
+        let n = chunk.len();
+        for i in 0..n {
+            out.push(ReferenceLogps {
+                sum: [sum[i], sum[n + i], sum[2 * n + i]],
+                mean: [mean[i], mean[n + i], mean[2 * n + i]],
+            });
+        }
+        progress(out.len());
+    }
+    out
+}
+
+/// Why training stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{what}")]
+    Config { what: String },
+    #[error("step {step}: non-finite {what} on the batch of data lines {lines:?}; stopped before updating the model")]
+    NonFinite {
+        step: usize,
+        what: String,
+        lines: Vec<usize>,
+    },
+}
+
+/// What one optimiser step reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Visits every parameter that has a gradient, for the global norm.
+struct GradNorm<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    sq: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradNorm<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            self.sq.push(g.square().sum());
+        }
+    }
+}
+
+struct Scale<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// Global L2 norm of all gradients; scales them to `max_norm` when above it (PyTorch's
+/// `clip_grad_norm_` semantics, unlike Burn's per-tensor clipping).
+pub fn clip_global_norm<B: AutodiffBackend>(
+    model: &Llama<B>,
+    mut grads: GradientsParams,
+    max_norm: Option<f64>,
+) -> (GradientsParams, f64) {
+    let mut v = GradNorm::<B> {
+        grads: &grads,
+        sq: Vec::new(),
+    };
+    model.visit(&mut v);
+    let norm = if v.sq.is_empty() {
+        0.0
+    } else {
+        to_host(Tensor::cat(v.sq, 0).sum())[0].sqrt()
+    };
+    if let Some(max) = max_norm {
+        if norm > max && norm.is_finite() {
+            model.visit(&mut Scale::<B> {
+                grads: &mut grads,
+                factor: max / (norm + 1e-6),
+                _backend: std::marker::PhantomData,
+            });
+        }
+    }
+    (grads, norm)
+}
+
+/// Seeded epoch-wise shuffled order of example indices.
+pub struct Sampler {
+    rng: StdRng,
+    order: Vec<usize>,
+    pos: usize,
+    pub epoch: usize,
+    n: usize,
+}
+
+impl Sampler {
+    pub fn new(n: usize, seed: u64) -> Self {
+        let mut s = Self {
+            rng: StdRng::seed_from_u64(seed),
+            order: (0..n).collect(),
+            pos: 0,
+            epoch: 0,
+            n,
+        };
+        s.order.shuffle(&mut s.rng);
+        s
+    }
+    /// The next `k` indices (wrapping into a reshuffled next epoch).
+    pub fn next(&mut self, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k.min(self.n) {
+            if self.pos == self.n {
+                self.order.shuffle(&mut self.rng);
+                self.pos = 0;
+                self.epoch += 1;
+            }
+            out.push(self.order[self.pos]);
+            self.pos += 1;
+        }
+        out
+    }
+    /// Fractional epochs consumed.
+    pub fn progress(&self) -> f64 {
+        self.epoch as f64 + self.pos as f64 / self.n.max(1) as f64
+    }
+}
+
+/// Trains `model` (adapters attached, or fully trainable) on `examples` for `cfg.max_steps`
+/// optimiser steps; `on_step` receives each step's log.
+pub fn train<B: AutodiffBackend>(
+    mut model: Llama<B>,
+    examples: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    cfg: &TrainConfig,
+    pad_id: u32,
+    device: &B::Device,
+    mut on_step: impl FnMut(&StepLog, &Llama<B>),
+) -> Result<Llama<B>, TrainError> {
+    let objective = cfg
+        .objective()
+        .map_err(|what| TrainError::Config { what })?;
+    if examples.is_empty() || examples.len() != refs.len() {
+        return Err(TrainError::Config {
+            what: format!(
+                "{} examples but {} reference entries",
+                examples.len(),
+                refs.len()
+            ),
+        });
+    }
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay as f32)
+        .with_epsilon(1e-8)
+        .init::<B, Llama<B>>();
+    let mut sampler = Sampler::new(examples.len(), cfg.seed);
+    let t = |v: Vec<f64>| {
+        Tensor::<B, 1>::from_data(
+            TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [v.len()]),
+            device,
+        )
+    };
+    for step in 0..cfg.max_steps {
+        let mut acc = GradientsAccumulator::<Llama<B>>::new();
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        for _ in 0..cfg.grad_accum {
+            let idx = sampler.next(cfg.batch_size);
+            let batch_ex: Vec<&EncodedExample> = idx.iter().map(|&i| &examples[i]).collect();
+            let lines: Vec<usize> = batch_ex.iter().map(|e| e.line).collect();
+            let batch = PreferenceBatch::collate(&batch_ex, pad_id);
+            let n = batch.pairs;
+            let (sum, mean) = batch_logps(&model, &batch, device);
+            let picked = match cfg.normalisation {
+                Normalisation::Sum => sum,
+                Normalisation::Mean => mean.clone(),
+            };
+            let r: Vec<[f64; 3]> = idx
+                .iter()
+                .map(|&i| refs[i].pick(cfg.normalisation))
+                .collect();
+            let pairs = PairLogps {
+                policy_chosen: picked.clone().narrow(0, 0, n),
+                policy_rejected: picked.clone().narrow(0, n, n),
+                reference_chosen: t(r.iter().map(|x| x[0]).collect()),
+                reference_rejected: t(r.iter().map(|x| x[1]).collect()),
+            };
+            let anchor = batch.has_base.then(|| AnchorLogps {
+                policy: picked.clone().narrow(0, 2 * n, n),
+                reference: t(r.iter().map(|x| x[2]).collect()),
+            });
+            let chosen_mean = mean.narrow(0, 0, n);
+            let out = bapo_loss(&objective, &pairs, anchor.as_ref(), Some(&chosen_mean));
+            let metrics = out.metrics(&objective, &pairs, anchor.as_ref());
+            if !metrics["loss"].is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "loss".into(),
+                    lines,
+                });
+            }
+            for (k, v) in metrics {
+                *sums.entry(k).or_default() += v / cfg.grad_accum as f64;
+            }
+            let grads = out.loss.div_scalar(cfg.grad_accum as f64).backward();
+            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let (grads, grad_norm) = clip_global_norm(&model, acc.grads(), cfg.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                what: "gradient norm".into(),
+                lines: Vec::new(),
+            });
+        }
+        let lr = cfg.lr_at(step);
+        model = optim.step(lr, model, grads);
+        let log = StepLog {
+            step: step + 1,
+            epoch: sampler.progress(),
+            learning_rate: lr,
+            grad_norm,
+            metrics: sums,
+        };
+        on_step(&log, &model);
+    }
+    Ok(model)
+}
+
+/// The reference model for a policy: adapters removed, autodiff stripped.
+pub fn reference_of<B: AutodiffBackend>(model: &Llama<B>) -> Llama<B::InnerBackend> {
+    crate::lora::without_adapters(model.valid())
+}
