@@ -5,6 +5,8 @@
 //!   Idempotent.
 //! - `test`: `fetch`, then every test in release mode; the wgpu parity tests too when a Vulkan
 //!   driver is installed (`BAPO_WGPU=0` skips, `BAPO_WGPU=1` insists).
+//! - `train [--config FILE] [bapo train args...]`: `fetch`, build the release binary, run
+//!   `bapo train` (default config: `configs/smollm2-bapo.toml`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,8 +26,9 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("fetch") => fetch().map(|p| println!("{}", p.display())),
         Some("test") => test(&args[1..]),
+        Some("train") => train(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <fetch|test> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test");
+            eprintln!("usage: cargo xtask <fetch|test|train> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/smollm2-bapo.toml); extra args go to bapo");
             std::process::exit(2)
         }
     }
@@ -165,5 +168,52 @@ fn test(extra: &[String]) -> Result<()> {
         eprintln!("warning: no Vulkan driver found (apt-get install mesa-vulkan-drivers libvulkan1): wgpu parity tests are not run");
     }
     cmd.args(extra);
+    run(&mut cmd)
+}
+
+/// `cargo xtask train`: the main job, from a fresh clone.
+fn train(extra: &[String]) -> Result<()> {
+    let gguf = fetch()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut features: Vec<String> = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        // `--backend wgpu|cuda` needs the matching cargo feature compiled in.
+        if a == "--backend" {
+            let b = it.next().context("--backend needs a value")?;
+            if b != "ndarray" {
+                features.push(b.clone());
+            }
+            args.extend([a.clone(), b.clone()]);
+        } else {
+            args.push(a.clone());
+        }
+    }
+    let mut build = Command::new(&cargo);
+    build
+        .current_dir(root())
+        .args(["build", "--release", "-p", "bapo-cli"]);
+    if !features.is_empty() {
+        build.args(["--features", &features.join(",")]);
+    }
+    run(&mut build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let global: Vec<String> = args
+        .iter()
+        .position(|a| a == "--backend")
+        .map(|i| args.drain(i..i + 2).collect())
+        .unwrap_or_default();
+    let mut cmd = Command::new(target.join("release").join("bapo"));
+    cmd.current_dir(root()).args(&global).arg("train");
+    if !args.iter().any(|a| a == "--config") {
+        cmd.args(["--config", "configs/smollm2-bapo.toml"]);
+    }
+    cmd.args(&args);
+    if std::env::var_os("BAPO_CACHE").is_none() {
+        cmd.env("BAPO_CACHE", gguf.parent().expect("cache dir"));
+    }
     run(&mut cmd)
 }

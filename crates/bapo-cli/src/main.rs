@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bapo_data::{ChatTemplate, Message};
 use bapo_model::{generate, load_pretrained, GenerationConfig};
-use bapo_train::{score_examples, Scorer};
-use burn::tensor::backend::Backend;
+use bapo_train::{run_training, score_examples, RunConfig, Scorer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -51,6 +51,18 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
     },
+    /// Personalise a model with BAPO (LoRA), as described by a TOML config.
+    Train {
+        /// Run configuration (see configs/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override `output.dir`.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Override `train.max_steps`.
+        #[arg(long)]
+        max_steps: Option<usize>,
+    },
     /// Continue prompts (chat-templated) with the KV cache; prints JSONL.
     Generate {
         #[arg(long)]
@@ -91,15 +103,24 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.backend {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
-            return run::<burn::backend::NdArray>(cli.command, Default::default());
+            return run::<burn::backend::Autodiff<burn::backend::NdArray>>(
+                cli.command,
+                Default::default(),
+            );
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return run::<burn::backend::Wgpu>(cli.command, Default::default());
+            return run::<burn::backend::Autodiff<burn::backend::Wgpu>>(
+                cli.command,
+                Default::default(),
+            );
         }
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
-            return run::<burn::backend::Cuda>(cli.command, Default::default());
+            return run::<burn::backend::Autodiff<burn::backend::Cuda>>(
+                cli.command,
+                Default::default(),
+            );
         }
     }
     #[allow(unreachable_code)]
@@ -133,8 +154,35 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn run<B: Backend>(cmd: Cmd, device: B::Device) -> Result<()> {
+/// Every command, generic over an autodiff backend; inference uses its inner backend.
+fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
+    infer::<A::InnerBackend>(cmd, device, |cfg, device| {
+        run_training::<A>(cfg, device).map_err(|e| anyhow::anyhow!("{e}"))
+    })
+}
+
+fn infer<B: Backend>(
+    cmd: Cmd,
+    device: B::Device,
+    trainer: impl FnOnce(&RunConfig, &B::Device) -> Result<PathBuf>,
+) -> Result<()> {
     match cmd {
+        Cmd::Train {
+            config,
+            output,
+            max_steps,
+        } => {
+            let mut cfg = RunConfig::from_file(&config)?;
+            if let Some(o) = output {
+                cfg.output.dir = o;
+            }
+            if let Some(m) = max_steps {
+                cfg.train.max_steps = m;
+            }
+            let adapter = trainer(&cfg, &device)?;
+            println!("{}", adapter.display());
+            Ok(())
+        }
         Cmd::Score {
             model,
             input,

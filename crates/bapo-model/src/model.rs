@@ -333,8 +333,14 @@ impl<B: Backend> Llama<B> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
-                let w = self.embed_tokens.weight.val(); // [v, e]
-                hidden.matmul(w.transpose().unsqueeze_dim(0))
+                // Tied head: `W·hᵀ` with the embedding `W` `[v, e]` as stored (contiguous), then
+                // transpose the small result; `h·Wᵀ` would repack the whole matrix every call.
+                let [b, s, e] = hidden.dims();
+                let w = self.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                w.matmul(hidden.reshape([b * s, e]).transpose())
+                    .transpose()
+                    .reshape([b, s, v])
             }
         }
     }

@@ -74,7 +74,19 @@ fn take_linear<B: Backend>(
     } else {
         None
     };
-    Ok(linear(tensor::<B, 2>(weight, device).transpose(), bias))
+    // Transpose on the host so the device weight is contiguous `[in, out]`; a lazily
+    // transposed (strided) weight makes every CPU matmul repack it.
+    let mut data = vec![0.0f32; weight.data.len()];
+    for (r, row) in weight.data.chunks_exact(inp).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            data[c * out + r] = x;
+        }
+    }
+    let weight = HostTensor {
+        shape: vec![inp, out],
+        data,
+    };
+    Ok(linear(tensor::<B, 2>(weight, device), bias))
 }
 
 fn take_proj<B: Backend>(

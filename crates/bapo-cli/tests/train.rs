@@ -1,0 +1,156 @@
+//! `bapo train` end to end on the tiny Llama: outputs, TRL metric names, cache reuse, config errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let r = root();
+    let text = format!(
+        r#"[model]
+path = "{model}"
+[data]
+train = "{data}"
+eval_fraction = 0.125
+max_length = 96
+[anchor]
+max_new_tokens = 6
+batch_size = 8
+[lora]
+rank = 4
+alpha = 8.0
+[train]
+max_steps = 3
+batch_size = 2
+learning_rate = 1e-2
+{extra}
+[output]
+dir = "{out}"
+eval_steps = 2
+save_steps = 2
+"#,
+        model = r.join("tests/fixtures/tiny-llama").display(),
+        data = r.join("data/demo/concise.jsonl").display(),
+        out = dir.join("run").display(),
+    );
+    let p = dir.join("cfg.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn bapo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bapo"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
+    let dir = std::env::temp_dir().join(format!("bapo-train-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "");
+    let res = bapo(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let run = dir.join("run");
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "checkpoint-2/adapter_model.safetensors",
+        "anchors.jsonl",
+        "metrics.jsonl",
+        "config.json",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for key in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logps/base",
+        "anchor/loss",
+        "anchor/violation_rate",
+        "learning_rate",
+        "grad_norm",
+    ] {
+        assert!(
+            rows[2][key].as_f64().is_some_and(f64::is_finite),
+            "step 3 lacks {key}: {}",
+            rows[2]
+        );
+    }
+    assert!(
+        rows[1]["eval_rewards/accuracies"].is_number() && rows[2]["eval_anchor/loss"].is_number()
+    );
+    // Step 1 starts at the reference: zero rewards, no anchor violation.
+    assert_eq!(rows[0]["rewards/margins"].as_f64(), Some(0.0));
+    assert_eq!(rows[0]["anchor/violation_rate"].as_f64(), Some(0.0));
+    let anchors = std::fs::read_to_string(run.join("anchors.jsonl")).unwrap();
+    assert_eq!(anchors.lines().count(), 28);
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (peft["peft_type"].as_str(), peft["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    // Second run: both caches are reused (no regeneration).
+    let again = bapo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("reusing 32 cached base responses"), "{err}");
+    assert!(!err.contains("base responses generated"), "{err}");
+}
+
+#[test]
+fn config_errors_name_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("bapo-train-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "bogus_key = 3");
+    let res = bapo(&["train", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        err.contains("cfg.toml") && err.contains("line 17") && err.contains("bogus_key"),
+        "{err}"
+    );
+    let cfg = config(&dir, "beta = \"high\"");
+    let err = String::from_utf8_lossy(&bapo(&["train", "--config", cfg.to_str().unwrap()]).stderr)
+        .to_string();
+    assert!(
+        err.contains("cfg.toml") && err.contains("line 17") && err.contains("invalid type"),
+        "{err}"
+    );
+    let cfg = config(&dir, "loss_type = [\"sigmoid\", \"kto\"]");
+    let err = String::from_utf8_lossy(&bapo(&["train", "--config", cfg.to_str().unwrap()]).stderr)
+        .to_string();
+    assert!(err.contains("unknown loss type `kto`"), "{err}");
+}

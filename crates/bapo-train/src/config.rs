@@ -1,0 +1,178 @@
+//! The run configuration (`configs/*.toml`): model, data, anchors, LoRA, training, output.
+//! Unknown keys and wrong types are errors naming the file, line and key.
+
+use std::path::{Path, PathBuf};
+
+use bapo_data::TruncationMode;
+use serde::{Deserialize, Serialize};
+
+use crate::lora::LoraConfig;
+use crate::train::TrainConfig;
+
+/// Everything `bapo train` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub anchor: AnchorSection,
+    /// Absent: full fine-tuning.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    #[serde(default)]
+    pub train: TrainConfig,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF checkpoint directory or `.gguf` file; `~` and `$BAPO_CACHE`/`${BAPO_CACHE}` expand.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Preference JSONL (TRL standard or conversational shape), relative to the config file.
+    pub train: PathBuf,
+    /// Fraction of pairs held out for evaluation (seeded split).
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    #[serde(default = "default_truncation")]
+    pub truncation_mode: String,
+}
+
+fn default_eval_fraction() -> f64 {
+    0.1
+}
+fn default_max_length() -> usize {
+    256
+}
+fn default_truncation() -> String {
+    "keep_end".into()
+}
+
+impl DataSection {
+    pub fn truncation(&self) -> Result<TruncationMode, String> {
+        match self.truncation_mode.as_str() {
+            "keep_end" => Ok(TruncationMode::KeepEnd),
+            "keep_start" => Ok(TruncationMode::KeepStart),
+            other => Err(format!(
+                "data.truncation_mode: `{other}` (keep_end or keep_start)"
+            )),
+        }
+    }
+}
+
+/// How the reference model answers the training prompts (the base responses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnchorSection {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    /// Prompts per generation batch.
+    pub batch_size: usize,
+}
+
+impl Default for AnchorSection {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            batch_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory (anchors, caches, metrics, checkpoints), relative to the working directory.
+    pub dir: PathBuf,
+    #[serde(default = "default_eval_steps")]
+    pub eval_steps: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub save_steps: usize,
+}
+
+fn default_eval_steps() -> usize {
+    10
+}
+
+/// A configuration error with its location.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {what}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub what: String,
+}
+
+/// Expands `~/` and `$BAPO_CACHE` (default `~/.cache/bapo`) in a model path.
+pub fn expand_path(p: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cache = std::env::var("BAPO_CACHE").unwrap_or_else(|_| format!("{home}/.cache/bapo"));
+    let s = p
+        .replace("${BAPO_CACHE}", &cache)
+        .replace("$BAPO_CACHE", &cache);
+    match s.strip_prefix("~/") {
+        Some(rest) => PathBuf::from(home).join(rest),
+        None => PathBuf::from(s),
+    }
+}
+
+impl RunConfig {
+    /// Parses and validates a TOML config; `data.train` is resolved against the file's folder.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let err = |what: String| ConfigError {
+            path: path.into(),
+            what,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| {
+            let at = e.span().map(|s| {
+                let line = text[..s.start].matches('\n').count() + 1;
+                format!("line {line}: ")
+            });
+            err(format!("{}{}", at.unwrap_or_default(), e.message()))
+        })?;
+        if cfg.data.train.is_relative() {
+            cfg.data.train = path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&cfg.data.train);
+        }
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks.
+    pub fn validate(&self) -> Result<(), String> {
+        self.train.objective().map_err(|e| format!("train: {e}"))?;
+        self.data.truncation()?;
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            return Err(format!(
+                "data.eval_fraction must be in [0, 1), got {}",
+                self.data.eval_fraction
+            ));
+        }
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
+        if self.anchor.batch_size == 0 || self.anchor.max_new_tokens == 0 {
+            return Err("anchor.batch_size and anchor.max_new_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+}
