@@ -166,7 +166,7 @@ impl HfConfig {
         }
         let heads = self.num_attention_heads;
         let kv = self.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(ModelError::config(
                 path,
                 "num_key_value_heads",
@@ -174,7 +174,7 @@ impl HfConfig {
             ));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(ModelError::config(
                 path,
                 "head_dim",

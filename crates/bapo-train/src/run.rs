@@ -433,7 +433,8 @@ pub fn run_training<B: AutodiffBackend>(
     let mut on_step = |l: &StepLog, m: &Llama<B>| {
         let mut row = serde_json::to_value(l).expect("serialisable");
         if !eval_enc.is_empty()
-            && (l.step % run.output.eval_steps.max(1) == 0 || l.step == run.train.max_steps)
+            && (l.step.is_multiple_of(run.output.eval_steps.max(1))
+                || l.step == run.train.max_steps)
         {
             let ev = evaluate(&m.valid(), &eval_enc, &refs.eval, run, eos, device);
             for (k, v) in ev {
@@ -455,7 +456,7 @@ pub fn run_training<B: AutodiffBackend>(
             "step"
         );
         if run.output.save_steps > 0
-            && l.step % run.output.save_steps == 0
+            && l.step.is_multiple_of(run.output.save_steps)
             && l.step < run.train.max_steps
         {
             if let Err(e) =

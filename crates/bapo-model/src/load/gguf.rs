@@ -370,7 +370,7 @@ impl GgufFile {
             })?;
         let numel: usize = t.shape.iter().product();
         let row = *t.shape.last().expect("n_dims >= 1");
-        if row % per_block != 0 {
+        if !row.is_multiple_of(per_block) {
             return Err(ModelError::format(
                 &self.path,
                 None,
@@ -460,7 +460,11 @@ impl GgufFile {
                     ModelError::config(&self.path, "tokenizer.ggml.tokens", "not an array")
                 })?,
         };
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hidden % heads != 0 {
+        if heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !hidden.is_multiple_of(heads)
+        {
             return Err(ModelError::config(
                 &self.path,
                 &k("attention.head_count"),

@@ -184,7 +184,7 @@ pub fn write_file(
     }
     let mut head = serde_json::Value::Object(header).to_string().into_bytes();
     // Pad the header with spaces so the data block is 8-byte aligned, as the reference writer does.
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
