@@ -1,6 +1,5 @@
 //! Parity against HF transformers, generic over the backend so each backend test is one line.
 
-use bapo_data::ChatTemplate;
 use bapo_model::{generate, GenerationConfig, LoadedModel};
 use bapo_train::{encode_pair, Scorer};
 use burn::tensor::backend::Backend;
@@ -26,11 +25,7 @@ pub fn check_model<B: Backend>(
     device: &B::Device,
 ) -> f64 {
     let tok = &loaded.tokenizer;
-    let template = ChatTemplate::new(
-        tok.chat_template.clone(),
-        tok.bos_token.clone(),
-        tok.eos_token.clone(),
-    );
+    let template = bapo_train::chat_template(tok);
     let mut seqs = Vec::new();
     let mut expected = Vec::new();
     for p in &golden.sequences {

@@ -60,16 +60,12 @@ fn gguf_tokenizer_matches_transformers() {
         .flat_map(|t| from_gguf.encode(t).unwrap())
         .collect();
     assert_eq!(from_gguf.encode(" ١٢٣").unwrap(), split);
-    let rendered = bapo_data::ChatTemplate::new(
-        from_gguf.chat_template.clone(),
-        from_gguf.bos_token.clone(),
-        from_gguf.eos_token.clone(),
-    )
-    .render(
-        &[bapo_data::Message::user("What is the capital of France?")],
-        true,
-    )
-    .unwrap();
+    let rendered = bapo_train::chat_template(&from_gguf)
+        .render(
+            &[bapo_data::Message::user("What is the capital of France?")],
+            true,
+        )
+        .unwrap();
     assert_eq!(
         rendered,
         g.chat_template_example

@@ -6,7 +6,7 @@
 //! - `test`: `fetch`, then every test in release mode; the wgpu parity tests too when a Vulkan
 //!   driver is installed (`BAPO_WGPU=0` skips, `BAPO_WGPU=1` insists).
 //! - `train [--config FILE] [bapo train args...]`: `fetch`, build the release binary, run
-//!   `bapo train` (default config: `configs/smollm2-bapo.toml`).
+//!   `bapo train` (default config: `configs/default.toml`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,7 +28,7 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("train") => train(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <fetch|test|train> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/smollm2-bapo.toml); extra args go to bapo");
+            eprintln!("usage: cargo xtask <fetch|test|train> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo");
             std::process::exit(2)
         }
     }
@@ -209,7 +209,7 @@ fn train(extra: &[String]) -> Result<()> {
     let mut cmd = Command::new(target.join("release").join("bapo"));
     cmd.current_dir(root()).args(&global).arg("train");
     if !args.iter().any(|a| a == "--config") {
-        cmd.args(["--config", "configs/smollm2-bapo.toml"]);
+        cmd.args(["--config", "configs/default.toml"]);
     }
     cmd.args(&args);
     if std::env::var_os("BAPO_CACHE").is_none() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bapo_data::{ChatTemplate, Message};
+use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
 use bapo_train::{run_training, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -82,6 +82,9 @@ enum Cmd {
         /// Feed the prompt as raw text instead of through the chat template.
         #[arg(long)]
         raw: bool,
+        /// A trained adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
 }
 
@@ -194,11 +197,7 @@ fn infer<B: Backend>(
             let loaded = load_pretrained::<B>(&model, &device)?;
             tracing::info!(model = %model.display(), params = loaded.config.num_params(), secs = t0.elapsed().as_secs_f32(), "model loaded");
             let tok = &loaded.tokenizer;
-            let template = ChatTemplate::new(
-                tok.chat_template.clone(),
-                tok.bos_token.clone(),
-                tok.eos_token.clone(),
-            );
+            let template = bapo_train::chat_template(tok);
             let pad_id = tok.eos_id().context("the tokenizer has no EOS token")?;
             let scorer = Scorer {
                 model: &loaded.model,
@@ -243,14 +242,14 @@ fn infer<B: Backend>(
             top_p,
             seed,
             raw,
+            adapter,
         } => {
-            let loaded = load_pretrained::<B>(&model, &device)?;
+            let mut loaded = load_pretrained::<B>(&model, &device)?;
+            if let Some(dir) = adapter {
+                loaded.model = bapo_train::lora::load_adapter_dir(loaded.model, &dir, &device)?;
+            }
             let tok = &loaded.tokenizer;
-            let template = ChatTemplate::new(
-                tok.chat_template.clone(),
-                tok.bos_token.clone(),
-                tok.eos_token.clone(),
-            );
+            let template = bapo_train::chat_template(tok);
             let mut prompts = Vec::new();
             for p in &prompt {
                 let text = if raw {

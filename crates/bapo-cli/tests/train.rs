@@ -116,6 +116,24 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
         (peft["peft_type"].as_str(), peft["r"].as_u64()),
         (Some("LORA"), Some(4))
     );
+    // The personalised model generates through `--adapter`.
+    let model = root().join("tests/fixtures/tiny-llama");
+    let gen = bapo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        run.join("adapter").to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
     // Second run: both caches are reused (no regeneration).
     let again = bapo(&[
         "train",

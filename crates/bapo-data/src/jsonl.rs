@@ -68,6 +68,26 @@ pub(crate) fn kind(v: &serde_json::Value) -> &'static str {
 /// Reads a scoring file. Blank lines are skipped; anything else must be a JSON object with
 /// string `prompt`, `chosen`, `rejected` and optional `base`.
 pub fn read_score_file(path: &Path) -> Result<Vec<ScoreExample>, DataError> {
+    let mut out = Vec::new();
+    for (line, obj) in objects(path)? {
+        let get = |f, req| string_field(&obj, f, path, line, req);
+        out.push(ScoreExample {
+            prompt: get("prompt", true)?.expect("required"),
+            chosen: get("chosen", true)?.expect("required"),
+            rejected: get("rejected", true)?.expect("required"),
+            base: get("base", false)?,
+            line,
+        });
+    }
+    Ok(out)
+}
+
+/// A JSON object as read from one line.
+pub(crate) type Object = serde_json::Map<String, serde_json::Value>;
+
+/// Every non-blank line of a JSONL file as a JSON object, with its 1-based line number; the
+/// first line that is not valid JSON or not an object is an error naming `file:line`.
+pub(crate) fn objects(path: &Path) -> Result<Vec<(usize, Object)>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.into(),
         source,
@@ -78,26 +98,20 @@ pub fn read_score_file(path: &Path) -> Result<Vec<ScoreExample>, DataError> {
         if raw.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| DataError::Line {
+        let err = |what: String| DataError::Line {
             path: path.into(),
             line,
-            what: format!("invalid JSON at column {}: {e}", e.column()),
-        })?;
-        let serde_json::Value::Object(obj) = value else {
-            return Err(DataError::Line {
-                path: path.into(),
-                line,
-                what: format!("expected a JSON object, found {}", kind(&value)),
-            });
+            what,
         };
-        let get = |f, req| string_field(&obj, f, path, line, req);
-        out.push(ScoreExample {
-            prompt: get("prompt", true)?.expect("required"),
-            chosen: get("chosen", true)?.expect("required"),
-            rejected: get("rejected", true)?.expect("required"),
-            base: get("base", false)?,
-            line,
-        });
+        let value: serde_json::Value = serde_json::from_str(raw)
+            .map_err(|e| err(format!("invalid JSON at column {}: {e}", e.column())))?;
+        let serde_json::Value::Object(obj) = value else {
+            return Err(err(format!(
+                "expected a JSON object, found {}",
+                kind(&value)
+            )));
+        };
+        out.push((line, obj));
     }
     Ok(out)
 }

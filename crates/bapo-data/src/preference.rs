@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message, TemplateError};
-use crate::jsonl::{kind, DataError};
+use crate::jsonl::{kind, objects, DataError};
 
 /// One preference pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,28 +125,12 @@ fn prompt(
 
 /// Reads a preference JSONL file (blank lines skipped).
 pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceExample>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.into(),
-        source,
-    })?;
     let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
+    for (line, obj) in objects(path)? {
         let err = |what: String| DataError::Line {
             path: path.into(),
             line,
             what,
-        };
-        let value: Value = serde_json::from_str(raw)
-            .map_err(|e| err(format!("invalid JSON at column {}: {e}", e.column())))?;
-        let Value::Object(obj) = value else {
-            return Err(err(format!(
-                "expected a JSON object, found {}",
-                kind(&value)
-            )));
         };
         let prompt = prompt(&obj, &err)?;
         let chosen = completion(&obj, "chosen", &err)?;

@@ -18,3 +18,12 @@ pub use score::{
 pub use train::{
     reference_logps, reference_of, train, ReferenceLogps, StepLog, TrainConfig, TrainError,
 };
+
+/// The chat template a tokenizer ships (or the plain-text fallback), with its BOS/EOS text.
+pub fn chat_template(tok: &bapo_model::Tokenizer) -> bapo_data::ChatTemplate {
+    bapo_data::ChatTemplate::new(
+        tok.chat_template.clone(),
+        tok.bos_token.clone(),
+        tok.eos_token.clone(),
+    )
+}

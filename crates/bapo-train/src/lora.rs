@@ -226,3 +226,69 @@ pub fn adapter_delta_norms<B: Backend>(model: &Llama<B>) -> BTreeMap<String, f64
     }
     out
 }
+
+/// Attaches and loads a saved adapter directory (`adapter_config.json` +
+/// `adapter_model.safetensors`, PEFT layout) onto `model`.
+pub fn load_adapter_dir<B: Backend>(
+    model: Llama<B>,
+    dir: &Path,
+    device: &B::Device,
+) -> bapo_model::Result<Llama<B>> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| bapo_model::ModelError::Io {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bapo_model::ModelError::Format {
+            path: cfg_path.clone(),
+            offset: None,
+            what: format!("line {}: {e}", e.line()),
+        })?;
+    let field = |k: &str| {
+        v.get(k).ok_or_else(|| bapo_model::ModelError::Config {
+            path: cfg_path.clone(),
+            field: k.into(),
+            what: "missing".into(),
+        })
+    };
+    let rank = field("r")?
+        .as_u64()
+        .ok_or_else(|| bapo_model::ModelError::Config {
+            path: cfg_path.clone(),
+            field: "r".into(),
+            what: "not an integer".into(),
+        })? as usize;
+    let alpha = field("lora_alpha")?
+        .as_f64()
+        .ok_or_else(|| bapo_model::ModelError::Config {
+            path: cfg_path.clone(),
+            field: "lora_alpha".into(),
+            what: "not a number".into(),
+        })?;
+    let targets: Vec<String> = field("target_modules")?
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cfg = LoraConfig {
+        rank,
+        alpha,
+        dropout: 0.0,
+        target_modules: targets,
+    };
+    cfg.validate()
+        .map_err(|what| bapo_model::ModelError::Config {
+            path: cfg_path.clone(),
+            field: "target_modules".into(),
+            what,
+        })?;
+    load_adapter(
+        cfg.attach(model, 0, device),
+        &dir.join("adapter_model.safetensors"),
+        device,
+    )
+}

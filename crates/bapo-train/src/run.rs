@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bapo_data::{
-    encode_examples, read_preferences, ChatTemplate, EncodeConfig, EncodedExample, PreferenceBatch,
+    encode_examples, read_preferences, EncodeConfig, EncodedExample, PreferenceBatch,
     PreferenceExample,
 };
 use bapo_model::{generate, GenerationConfig, Llama, LoadedModel};
@@ -252,11 +252,7 @@ pub fn run_training<B: AutodiffBackend>(
     } = bapo_model::load_pretrained::<B>(&model_path, device)?;
     tracing::info!(model = %model_path.display(), params = config.num_params(), "model loaded");
     let eos = tok.eos_id().ok_or("the tokenizer has no EOS token")?;
-    let template = ChatTemplate::new(
-        tok.chat_template.clone(),
-        tok.bos_token.clone(),
-        tok.eos_token.clone(),
-    );
+    let template = crate::chat_template(&tok);
 
     // Data and the seeded train/eval split.
     let mut examples = read_preferences(&run.data.train)?;
@@ -428,7 +424,11 @@ pub fn run_training<B: AutodiffBackend>(
     };
     let metrics_path = out.join("metrics.jsonl");
     let mut log = std::fs::File::create(&metrics_path)?;
-    let pb = bar(run.train.max_steps, "steps");
+    let pb = ProgressBar::new(run.train.max_steps as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed} < {eta}] {msg}")
+            .expect("template"),
+    );
+    let mut last = serde_json::Value::Null;
     let mut write_err: Option<RunError> = None;
     let mut on_step = |l: &StepLog, m: &Llama<B>| {
         let mut row = serde_json::to_value(l).expect("serialisable");
@@ -447,14 +447,20 @@ pub fn run_training<B: AutodiffBackend>(
         if let Err(e) = writeln!(log, "{row}").and_then(|_| log.flush()) {
             write_err.get_or_insert(Box::new(e));
         }
-        tracing::info!(
+        tracing::debug!(
             step = l.step,
             loss = l.metrics["loss"],
-            margins = l.metrics["rewards/margins"],
-            anchor = l.metrics.get("anchor/loss"),
             lr = l.learning_rate,
             "step"
         );
+        pb.set_message(format!(
+            "loss {:.4} margins {:+.3} anchor {:.3} {:.0} tok/s",
+            l.metrics["loss"],
+            l.metrics["rewards/margins"],
+            l.metrics.get("anchor/loss").copied().unwrap_or(0.0),
+            l.tokens_per_s
+        ));
+        last = row.clone();
         if run.output.save_steps > 0
             && l.step.is_multiple_of(run.output.save_steps)
             && l.step < run.train.max_steps
@@ -481,12 +487,32 @@ pub fn run_training<B: AutodiffBackend>(
         return Err(e);
     }
     let adapter_dir = out.join("adapter");
-    save_checkpoint(
-        &policy,
-        run,
-        &adapter_dir,
-        &serde_json::json!({"step": run.train.max_steps}),
-    )?;
-    tracing::info!(adapter = %adapter_dir.display(), metrics = %metrics_path.display(), "done");
+    save_checkpoint(&policy, run, &adapter_dir, &last)?;
+    // A short summary a person can read; the same numbers are the last line of metrics.jsonl.
+    let keys = [
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "anchor/violation_rate",
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_anchor/violation_rate",
+        "eval_logps/base",
+        "tokens_per_s",
+    ];
+    let summary: Vec<String> = keys
+        .iter()
+        .filter_map(|k| {
+            last.get(*k)
+                .and_then(|v| v.as_f64())
+                .map(|v| format!("{k} {v:.4}"))
+        })
+        .collect();
+    eprintln!("final step {}: {}", run.train.max_steps, summary.join(", "));
+    eprintln!(
+        "adapter: {}\nmetrics: {}",
+        adapter_dir.display(),
+        metrics_path.display()
+    );
     Ok(adapter_dir)
 }

@@ -249,6 +249,10 @@ pub struct StepLog {
     pub epoch: f64,
     pub learning_rate: f64,
     pub grad_norm: f64,
+    /// Tokens (prompt + completions, padding excluded) processed so far.
+    pub num_tokens: usize,
+    /// Tokens per second of this step (forward + backward + update).
+    pub tokens_per_s: f64,
     #[serde(flatten)]
     pub metrics: BTreeMap<String, f64>,
 }
@@ -385,7 +389,10 @@ pub fn train<B: AutodiffBackend>(
             device,
         )
     };
+    let mut num_tokens = 0usize;
     for step in 0..cfg.max_steps {
+        let t0 = std::time::Instant::now();
+        let mut step_tokens = 0usize;
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         for _ in 0..cfg.grad_accum {
@@ -393,6 +400,7 @@ pub fn train<B: AutodiffBackend>(
             let batch_ex: Vec<&EncodedExample> = idx.iter().map(|&i| &examples[i]).collect();
             let lines: Vec<usize> = batch_ex.iter().map(|e| e.line).collect();
             let batch = PreferenceBatch::collate(&batch_ex, pad_id);
+            step_tokens += batch.attention.iter().filter(|&&a| a).count();
             let n = batch.pairs;
             let (sum, mean) = batch_logps(&model, &batch, device);
             let picked = match cfg.normalisation {
@@ -439,11 +447,14 @@ pub fn train<B: AutodiffBackend>(
         }
         let lr = cfg.lr_at(step);
         model = optim.step(lr, model, grads);
+        num_tokens += step_tokens;
         let log = StepLog {
             step: step + 1,
             epoch: sampler.progress(),
             learning_rate: lr,
             grad_norm,
+            num_tokens,
+            tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             metrics: sums,
         };
         on_step(&log, &model);

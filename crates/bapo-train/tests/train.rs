@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use bapo_data::{
-    encode_examples, ChatTemplate, EncodeConfig, EncodedExample, PreferenceBatch,
-    PreferenceExample, TruncationMode,
+    encode_examples, EncodeConfig, EncodedExample, PreferenceBatch, PreferenceExample,
+    TruncationMode,
 };
 use bapo_model::Llama;
 use bapo_train::lora::{adapter_delta_norms, load_adapter, save_adapter};
@@ -63,11 +63,7 @@ fn data(loaded: &bapo_model::LoadedModel<AD>) -> (Vec<EncodedExample>, u32) {
         })
         .collect();
     let bases: Vec<String> = pairs.iter().map(|x| x.3.to_string()).collect();
-    let template = ChatTemplate::new(
-        tok.chat_template.clone(),
-        tok.bos_token.clone(),
-        tok.eos_token.clone(),
-    );
+    let template = bapo_train::chat_template(tok);
     let eos = tok.eos_id().unwrap();
     let cfg = EncodeConfig {
         max_length: 128,
@@ -130,6 +126,13 @@ fn run(
     u32,
 ) {
     let (model, enc, refs, eos) = setup();
+    let base_before = model.layers[1]
+        .mlp
+        .down_proj
+        .linear
+        .weight
+        .val()
+        .into_data();
     let cfg = TrainConfig {
         learning_rate: 3e-2,
         warmup_steps: 1,
@@ -151,6 +154,18 @@ fn run(
         |l, _| logs.push(l.clone()),
     )
     .unwrap();
+    // Frozen base weights did not move; the adapters did.
+    assert_eq!(
+        model.layers[1]
+            .mlp
+            .down_proj
+            .linear
+            .weight
+            .val()
+            .into_data(),
+        base_before
+    );
+    assert!(adapter_delta_norms(&model).values().all(|&v| v > 0.0));
     (logs, model, enc, refs, eos)
 }
 
