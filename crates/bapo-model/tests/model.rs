@@ -299,3 +299,87 @@ fn safetensors_roundtrip_and_corruption() {
         .to_string();
     assert!(e.contains("header length"), "{e}");
 }
+
+#[test]
+fn sharded_checkpoint_reads_every_shard_and_checks_the_index() {
+    let dir = std::env::temp_dir().join(format!("bapo-model-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tensors = hf_tensors(&config());
+    let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| k.contains("layers.0") || k.contains("embed"));
+    write_safetensors(&dir.join("model-00001-of-00002.safetensors"), &a);
+    write_safetensors(&dir.join("model-00002-of-00002.safetensors"), &b);
+    let mut map = serde_json::Map::new();
+    for k in a.keys() {
+        map.insert(k.clone(), "model-00001-of-00002.safetensors".into());
+    }
+    for k in b.keys() {
+        map.insert(k.clone(), "model-00002-of-00002.safetensors".into());
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let read = safetensors::read_checkpoint_dir(&dir).unwrap();
+    assert_eq!(read.tensors, tensors);
+    // An index that names a tensor its shard lacks is an error naming both.
+    map.insert(
+        "model.layers.9.mlp.up_proj.weight".into(),
+        "model-00002-of-00002.safetensors".into(),
+    );
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let e = safetensors::read_checkpoint_dir(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors.index.json")
+            && e.contains("model.layers.9.mlp.up_proj.weight"),
+        "{e}"
+    );
+}
+
+#[test]
+fn hf_config_variants() {
+    let parse = |s: &str| {
+        serde_json::from_str::<bapo_model::HfConfig>(s)
+            .unwrap()
+            .to_llama(std::path::Path::new("config.json"))
+    };
+    let base = r#""vocab_size": 64, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+    // rope_theta at the top level (older files) or under rope_parameters (transformers 5).
+    assert_eq!(
+        parse(&format!("{{{base}, \"rope_theta\": 500000.0}}"))
+            .unwrap()
+            .rope_theta,
+        500000.0
+    );
+    assert_eq!(parse(&format!("{{{base}, \"rope_parameters\": {{\"rope_theta\": 1000.0, \"rope_type\": \"default\"}}}}")).unwrap().rope_theta, 1000.0);
+    // No num_key_value_heads: multi-head attention; head_dim derived.
+    let c = parse(&format!("{{{base}}}")).unwrap();
+    assert_eq!((c.num_kv_heads, c.head_dim, c.qkv_bias), (4, 4, false));
+    // Qwen2 has q/k/v biases; eos lists are kept.
+    let c = parse(&format!(
+        "{{{base}, \"model_type\": \"qwen2\", \"eos_token_id\": [5, 7]}}"
+    ))
+    .unwrap();
+    assert!(c.qkv_bias);
+    assert_eq!(c.eos_token_ids, vec![5, 7]);
+    // What the model cannot compute is refused, naming the field.
+    let e = parse(&format!(
+        "{{{base}, \"rope_scaling\": {{\"type\": \"llama3\", \"factor\": 8.0}}}}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("rope_scaling"),
+        "{e}"
+    );
+    let e = parse(&format!("{{{base}, \"num_key_value_heads\": 3}}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("num_key_value_heads"), "{e}");
+}
