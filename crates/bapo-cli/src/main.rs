@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
-use bapo_train::{run_training, score_examples, RunConfig, Scorer};
+use bapo_train::{run_anchors, run_training, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -62,6 +62,20 @@ enum Cmd {
         /// Override `train.max_steps`.
         #[arg(long)]
         max_steps: Option<usize>,
+        /// Override any config value: `--set train.beta=0.2 --set lora.rank=16`.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Only the base responses: the frozen reference answers every training prompt; writes
+    /// `anchors.jsonl` (prompt, base response, token count, reference log-prob) and the caches
+    /// `bapo train` reuses.
+    Anchor {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Continue prompts (chat-templated) with the KV cache; prints JSONL.
     Generate {
@@ -159,31 +173,49 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 
 /// Every command, generic over an autodiff backend; inference uses its inner backend.
 fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
-    infer::<A::InnerBackend>(cmd, device, |cfg, device| {
-        run_training::<A>(cfg, device).map_err(|e| anyhow::anyhow!("{e}"))
+    infer::<A::InnerBackend>(cmd, device, |cfg, device, anchors_only| {
+        let res = if anchors_only {
+            run_anchors::<A>(cfg, device)
+        } else {
+            run_training::<A>(cfg, device)
+        };
+        res.map_err(|e| anyhow::anyhow!("{e}"))
     })
 }
 
 fn infer<B: Backend>(
     cmd: Cmd,
     device: B::Device,
-    trainer: impl FnOnce(&RunConfig, &B::Device) -> Result<PathBuf>,
+    trainer: impl FnOnce(&RunConfig, &B::Device, bool) -> Result<PathBuf>,
 ) -> Result<()> {
     match cmd {
         Cmd::Train {
             config,
             output,
             max_steps,
+            set,
         } => {
-            let mut cfg = RunConfig::from_file(&config)?;
+            let mut cfg = RunConfig::from_file_with(&config, &set)?;
             if let Some(o) = output {
                 cfg.output.dir = o;
             }
             if let Some(m) = max_steps {
                 cfg.train.max_steps = m;
             }
-            let adapter = trainer(&cfg, &device)?;
+            let adapter = trainer(&cfg, &device, false)?;
             println!("{}", adapter.display());
+            Ok(())
+        }
+        Cmd::Anchor {
+            config,
+            output,
+            set,
+        } => {
+            let mut cfg = RunConfig::from_file_with(&config, &set)?;
+            if let Some(o) = output {
+                cfg.output.dir = o;
+            }
+            println!("{}", trainer(&cfg, &device, true)?.display());
             Ok(())
         }
         Cmd::Score {

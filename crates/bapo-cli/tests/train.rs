@@ -135,17 +135,66 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
         String::from_utf8_lossy(&gen.stderr)
     );
     // Second run: both caches are reused (no regeneration).
+    // `--set` overrides any config value; β is not part of the cache fingerprint.
     let again = bapo(&[
         "train",
         "--config",
         cfg.to_str().unwrap(),
         "--max-steps",
         "1",
+        "--set",
+        "train.beta=0.25",
     ]);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{err}");
     assert!(err.contains("reusing 32 cached base responses"), "{err}");
     assert!(!err.contains("base responses generated"), "{err}");
+    let resolved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(resolved["train"]["beta"].as_f64(), Some(0.25));
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+    let bad = bapo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.nope=1",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("nope"), "{err}");
+    // `bapo anchor` alone: a different anchor setting misses the cache and regenerates.
+    let anchors = bapo(&[
+        "anchor",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--output",
+        dir.join("anchors-only").to_str().unwrap(),
+        "--set",
+        "anchor.max_new_tokens=3",
+    ]);
+    let err = String::from_utf8_lossy(&anchors.stderr);
+    assert!(anchors.status.success(), "{err}");
+    assert!(err.contains("base responses generated"), "{err}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("anchors-only/anchors.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(lines.len(), 28);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["tokens"].as_u64().unwrap() <= 3
+                && l["reference_logp"].as_f64().unwrap() < 0.0)
+    );
+    assert!(!dir.join("anchors-only/adapter").exists());
 }
 
 #[test]

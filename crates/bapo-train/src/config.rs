@@ -133,6 +133,55 @@ pub fn expand_path(p: &str) -> PathBuf {
 }
 
 impl RunConfig {
+    /// Like [`RunConfig::from_file`], then applies `section.key=value` overrides (the value is
+    /// read as TOML — `3`, `1e-4`, `true`, `["a", "b"]` — or, failing that, as a string).
+    pub fn from_file_with(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Self::from_file(path);
+        }
+        let err = |what: String| ConfigError {
+            path: path.into(),
+            what,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        for o in overrides {
+            let (key, raw) = o
+                .split_once('=')
+                .ok_or_else(|| err(format!("--set {o}: expected section.key=value")))?;
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let mut parts: Vec<&str> = key.trim().split('.').collect();
+            let last = parts
+                .pop()
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| err(format!("--set {o}: empty key")))?;
+            let mut at = &mut table;
+            for p in parts {
+                at = at
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| err(format!("--set {o}: `{p}` is not a section")))?;
+            }
+            at.insert(last.to_string(), value);
+        }
+        let mut cfg: RunConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(format!("after --set overrides: {}", e.message())))?;
+        if cfg.data.train.is_relative() {
+            cfg.data.train = path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&cfg.data.train);
+        }
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
     /// Parses and validates a TOML config; `data.train` is resolved against the file's folder.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let err = |what: String| ConfigError {

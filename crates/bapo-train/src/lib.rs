@@ -11,7 +11,7 @@ pub mod train;
 
 pub use config::RunConfig;
 pub use lora::LoraConfig;
-pub use run::run_training;
+pub use run::{run_anchors, run_training};
 pub use score::{
     encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,
 };

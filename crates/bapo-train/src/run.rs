@@ -238,6 +238,23 @@ pub fn run_training<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
 ) -> Result<PathBuf, RunError> {
+    run_job::<B>(run, device, false)
+}
+
+/// `bapo anchor`: only the base responses and reference log-probs (cached as for training);
+/// returns the path of `anchors.jsonl`.
+pub fn run_anchors<B: AutodiffBackend>(
+    run: &RunConfig,
+    device: &B::Device,
+) -> Result<PathBuf, RunError> {
+    run_job::<B>(run, device, true)
+}
+
+fn run_job<B: AutodiffBackend>(
+    run: &RunConfig,
+    device: &B::Device,
+    anchors_only: bool,
+) -> Result<PathBuf, RunError> {
     let out = &run.output.dir;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     write_atomic(
@@ -413,6 +430,9 @@ pub fn run_training<B: AutodiffBackend>(
         lines.push_str(&format!("{row}\n"));
     }
     write_atomic(&out.join("anchors.jsonl"), lines.as_bytes())?;
+    if anchors_only {
+        return Ok(out.join("anchors.jsonl"));
+    }
 
     // Policy: LoRA on the frozen base.
     let policy = match &run.lora {
