@@ -65,6 +65,9 @@ enum Cmd {
         /// Override any config value: `--set train.beta=0.2 --set lora.rank=16`.
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
+        /// Continue from the newest `checkpoint-N` in the output directory.
+        #[arg(long)]
+        resume: bool,
     },
     /// Only the base responses: the frozen reference answers every training prompt; writes
     /// `anchors.jsonl` (prompt, base response, token count, reference log-prob) and the caches
@@ -171,13 +174,18 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The autodiff-backed jobs `infer` hands back to `run`.
+enum Job {
+    Anchors,
+    Train { resume: bool },
+}
+
 /// Every command, generic over an autodiff backend; inference uses its inner backend.
 fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
-    infer::<A::InnerBackend>(cmd, device, |cfg, device, anchors_only| {
-        let res = if anchors_only {
-            run_anchors::<A>(cfg, device)
-        } else {
-            run_training::<A>(cfg, device)
+    infer::<A::InnerBackend>(cmd, device, |cfg, device, job| {
+        let res = match job {
+            Job::Anchors => run_anchors::<A>(cfg, device),
+            Job::Train { resume } => run_training::<A>(cfg, device, resume),
         };
         res.map_err(|e| anyhow::anyhow!("{e}"))
     })
@@ -186,7 +194,7 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
 fn infer<B: Backend>(
     cmd: Cmd,
     device: B::Device,
-    trainer: impl FnOnce(&RunConfig, &B::Device, bool) -> Result<PathBuf>,
+    trainer: impl FnOnce(&RunConfig, &B::Device, Job) -> Result<PathBuf>,
 ) -> Result<()> {
     match cmd {
         Cmd::Train {
@@ -194,6 +202,7 @@ fn infer<B: Backend>(
             output,
             max_steps,
             set,
+            resume,
         } => {
             let mut cfg = RunConfig::from_file_with(&config, &set)?;
             if let Some(o) = output {
@@ -202,7 +211,7 @@ fn infer<B: Backend>(
             if let Some(m) = max_steps {
                 cfg.train.max_steps = m;
             }
-            let adapter = trainer(&cfg, &device, false)?;
+            let adapter = trainer(&cfg, &device, Job::Train { resume })?;
             println!("{}", adapter.display());
             Ok(())
         }
@@ -215,7 +224,7 @@ fn infer<B: Backend>(
             if let Some(o) = output {
                 cfg.output.dir = o;
             }
-            println!("{}", trainer(&cfg, &device, true)?.display());
+            println!("{}", trainer(&cfg, &device, Job::Anchors)?.display());
             Ok(())
         }
         Cmd::Score {

@@ -116,6 +116,26 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
         (peft["peft_type"].as_str(), peft["r"].as_u64()),
         (Some("LORA"), Some(4))
     );
+    // `--resume` continues from checkpoint-2 and recomputes step 3 identically.
+    let res = bapo(&["train", "--config", cfg.to_str().unwrap(), "--resume"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success() && err.contains("resuming"), "{err}");
+    let again: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(again.len(), 3);
+    assert_eq!(again[..2], rows[..2]);
+    let (a, b) = (
+        again[2]["loss"].as_f64().unwrap(),
+        rows[2]["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-5,
+        "resumed step-3 loss {a} vs uninterrupted {b}"
+    );
+    assert_eq!(again[2]["num_tokens"], rows[2]["num_tokens"]);
     // The personalised model generates through `--adapter`.
     let model = root().join("tests/fixtures/tiny-llama");
     let gen = bapo(&[

@@ -16,7 +16,7 @@ pub use score::{
     encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,
 };
 pub use train::{
-    reference_logps, reference_of, train, ReferenceLogps, StepLog, TrainConfig, TrainError,
+    reference_logps, reference_of, train, ReferenceLogps, Resume, StepLog, TrainConfig, TrainError,
 };
 
 /// The chat template a tokenizer ships (or the plain-text fallback), with its BOS/EOS text.

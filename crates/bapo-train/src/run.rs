@@ -14,6 +14,8 @@ use bapo_data::{
 use bapo_model::{generate, GenerationConfig, Llama, LoadedModel};
 use bapo_objective::{bapo_loss, AnchorLogps, PairLogps};
 use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,7 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{expand_path, RunConfig};
 use crate::train::{
-    batch_logps, reference_logps, reference_of, train, Normalisation, ReferenceLogps, StepLog,
+    batch_logps, reference_logps, reference_of, train, Normalisation, Optim, OptimRecord,
+    ReferenceLogps, Resume, StepLog,
 };
 
 /// Any failure of the job, with its context.
@@ -208,8 +211,9 @@ fn adapter_config(run: &RunConfig) -> serde_json::Value {
 }
 
 /// Saves adapter + configs into `dir` atomically (built in a temp dir, then renamed).
-fn save_checkpoint<B: Backend>(
+fn save_checkpoint<B: AutodiffBackend>(
     model: &Llama<B>,
+    optim: Option<&Optim<B>>,
     run: &RunConfig,
     dir: &Path,
     state: &serde_json::Value,
@@ -218,6 +222,13 @@ fn save_checkpoint<B: Backend>(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     crate::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
+    if let Some(o) = optim {
+        Recorder::<B>::record(
+            &BinFileRecorder::<FullPrecisionSettings>::new(),
+            o.to_record(),
+            tmp.join("optimizer"),
+        )?;
+    }
     write_atomic(
         &tmp.join("adapter_config.json"),
         serde_json::to_string_pretty(&adapter_config(run))?.as_bytes(),
@@ -234,11 +245,29 @@ fn save_checkpoint<B: Backend>(
 }
 
 /// Runs the whole job described by `run`.
+///
+/// With `resume`, training continues from the newest `checkpoint-N` in the output directory
+/// (adapter, AdamW state, step and token counters; data order and learning rate are replayed
+/// from the seed), and `metrics.jsonl` is cut back to step N before new lines are appended.
 pub fn run_training<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
+    resume: bool,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, false)
+    run_job::<B>(run, device, false, resume)
+}
+
+/// The newest `checkpoint-N` directory under `out`.
+fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
 }
 
 /// `bapo anchor`: only the base responses and reference log-probs (cached as for training);
@@ -247,13 +276,14 @@ pub fn run_anchors<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, true)
+    run_job::<B>(run, device, true, false)
 }
 
 fn run_job<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
     anchors_only: bool,
+    resume: bool,
 ) -> Result<PathBuf, RunError> {
     let out = &run.output.dir;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -443,14 +473,61 @@ fn run_job<B: AutodiffBackend>(
         ),
     };
     let metrics_path = out.join("metrics.jsonl");
-    let mut log = std::fs::File::create(&metrics_path)?;
+    let (policy, resume_state) = if resume {
+        let (step, dir) = latest_checkpoint(out)
+            .ok_or_else(|| format!("--resume: no checkpoint-N directory in {}", out.display()))?;
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
+        let num_tokens = state["num_tokens"].as_u64().ok_or_else(|| {
+            format!(
+                "{}: no num_tokens",
+                dir.join("trainer_state.json").display()
+            )
+        })? as usize;
+        let policy =
+            crate::lora::load_adapter(policy, &dir.join("adapter_model.safetensors"), device)?;
+        let optimizer: OptimRecord<B> = Recorder::<B>::load(
+            &BinFileRecorder::<FullPrecisionSettings>::new(),
+            dir.join("optimizer"),
+            device,
+        )
+        .map_err(|e| format!("{}: {e}", dir.join("optimizer.bin").display()))?;
+        // Keep the log up to the checkpoint; steps after it are recomputed.
+        let kept: String = std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&metrics_path, kept.as_bytes())?;
+        tracing::info!(step, checkpoint = %dir.display(), "resuming");
+        (
+            policy,
+            Some(Resume {
+                step,
+                num_tokens,
+                optimizer,
+            }),
+        )
+    } else {
+        std::fs::File::create(&metrics_path)?;
+        (policy, None)
+    };
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)?;
     let pb = ProgressBar::new(run.train.max_steps as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed} < {eta}] {msg}")
             .expect("template"),
     );
     let mut last = serde_json::Value::Null;
     let mut write_err: Option<RunError> = None;
-    let mut on_step = |l: &StepLog, m: &Llama<B>| {
+    let mut on_step = |l: &StepLog, m: &Llama<B>, o: &Optim<B>| {
         let mut row = serde_json::to_value(l).expect("serialisable");
         if !eval_enc.is_empty()
             && (l.step.is_multiple_of(run.output.eval_steps.max(1))
@@ -485,9 +562,13 @@ fn run_job<B: AutodiffBackend>(
             && l.step.is_multiple_of(run.output.save_steps)
             && l.step < run.train.max_steps
         {
-            if let Err(e) =
-                save_checkpoint(m, run, &out.join(format!("checkpoint-{}", l.step)), &row)
-            {
+            if let Err(e) = save_checkpoint(
+                m,
+                Some(o),
+                run,
+                &out.join(format!("checkpoint-{}", l.step)),
+                &row,
+            ) {
                 write_err.get_or_insert(e);
             }
         }
@@ -500,6 +581,7 @@ fn run_job<B: AutodiffBackend>(
         &run.train,
         eos,
         device,
+        resume_state,
         &mut on_step,
     )?;
     pb.finish_and_clear();
@@ -507,7 +589,7 @@ fn run_job<B: AutodiffBackend>(
         return Err(e);
     }
     let adapter_dir = out.join("adapter");
-    save_checkpoint(&policy, run, &adapter_dir, &last)?;
+    save_checkpoint(&policy, None, run, &adapter_dir, &last)?;
     // A short summary a person can read; the same numbers are the last line of metrics.jsonl.
     let keys = [
         "loss",

@@ -355,8 +355,23 @@ impl Sampler {
     }
 }
 
-/// Trains `model` (adapters attached, or fully trainable) on `examples` for `cfg.max_steps`
-/// optimiser steps; `on_step` receives each step's log.
+/// The optimiser `train` uses.
+pub type Optim<B> = burn::optim::adaptor::OptimizerAdaptor<burn::optim::AdamW, Llama<B>, B>;
+/// Its state (AdamW moments, keyed by parameter id).
+pub type OptimRecord<B> = <Optim<B> as Optimizer<Llama<B>, B>>::Record;
+
+/// Where an interrupted run continues: the optimiser state after `step` steps. The model passed
+/// to [`train`] must hold the weights of that step; data order and learning rate are replayed
+/// from the seed and the step count.
+pub struct Resume<B: AutodiffBackend> {
+    pub step: usize,
+    pub num_tokens: usize,
+    pub optimizer: OptimRecord<B>,
+}
+
+/// Trains `model` (adapters attached, or fully trainable) on `examples` up to `cfg.max_steps`
+/// optimiser steps (from `resume.step` when given); `on_step` receives each step's log, the
+/// model and the optimiser (for checkpoints).
 pub fn train<B: AutodiffBackend>(
     mut model: Llama<B>,
     examples: &[EncodedExample],
@@ -364,7 +379,8 @@ pub fn train<B: AutodiffBackend>(
     cfg: &TrainConfig,
     pad_id: u32,
     device: &B::Device,
-    mut on_step: impl FnMut(&StepLog, &Llama<B>),
+    resume: Option<Resume<B>>,
+    mut on_step: impl FnMut(&StepLog, &Llama<B>, &Optim<B>),
 ) -> Result<Llama<B>, TrainError> {
     let objective = cfg
         .objective()
@@ -383,14 +399,24 @@ pub fn train<B: AutodiffBackend>(
         .with_epsilon(1e-8)
         .init::<B, Llama<B>>();
     let mut sampler = Sampler::new(examples.len(), cfg.seed);
+    let (first_step, mut num_tokens) = match resume {
+        Some(r) => {
+            optim = optim.load_record(r.optimizer);
+            // Replay the data order up to where the run stopped.
+            for _ in 0..r.step * cfg.grad_accum {
+                sampler.next(cfg.batch_size);
+            }
+            (r.step, r.num_tokens)
+        }
+        None => (0, 0),
+    };
     let t = |v: Vec<f64>| {
         Tensor::<B, 1>::from_data(
             TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [v.len()]),
             device,
         )
     };
-    let mut num_tokens = 0usize;
-    for step in 0..cfg.max_steps {
+    for step in first_step..cfg.max_steps {
         let t0 = std::time::Instant::now();
         let mut step_tokens = 0usize;
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
@@ -457,7 +483,7 @@ pub fn train<B: AutodiffBackend>(
             tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             metrics: sums,
         };
-        on_step(&log, &model);
+        on_step(&log, &model, &optim);
     }
     Ok(model)
 }
