@@ -372,6 +372,7 @@ pub struct Resume<B: AutodiffBackend> {
 /// Trains `model` (adapters attached, or fully trainable) on `examples` up to `cfg.max_steps`
 /// optimiser steps (from `resume.step` when given); `on_step` receives each step's log, the
 /// model and the optimiser (for checkpoints).
+#[allow(clippy::too_many_arguments)] // data, references, settings, device, resume point, callback: all distinct
 pub fn train<B: AutodiffBackend>(
     mut model: Llama<B>,
     examples: &[EncodedExample],
