@@ -336,6 +336,17 @@ impl PreferenceBatch {
                 )
             }));
         }
+        Self::from_sequences(&seqs, pad_id, examples.len(), has_base)
+    }
+
+    /// Right-pads arbitrary `(prompt, completion)` rows (the scoring pass uses this directly;
+    /// `pairs`/`has_base` describe the row layout for [`PreferenceBatch::collate`]'s callers).
+    pub fn from_sequences(
+        seqs: &[(&[u32], &[u32])],
+        pad_id: u32,
+        pairs: usize,
+        has_base: bool,
+    ) -> Self {
         let len = seqs
             .iter()
             .map(|(p, c)| p.len() + c.len())
@@ -352,7 +363,7 @@ impl PreferenceBatch {
             let n = p.len() + c.len();
             tokens.extend(
                 p.iter()
-                    .chain(c)
+                    .chain(c.iter())
                     .map(|&t| t as i64)
                     .chain(std::iter::repeat_n(pad_id as i64, len - n)),
             );
@@ -360,7 +371,7 @@ impl PreferenceBatch {
             completion_mask.extend((0..len).map(|i| if i >= p.len() && i < n { 1.0 } else { 0.0 }));
         }
         Self {
-            pairs: examples.len(),
+            pairs,
             has_base,
             rows,
             len,

@@ -3,7 +3,7 @@
 //! the tokenizer's EOS token; the log-prob is summed over the completion tokens only.
 
 use bapo_data::preference::{completion_ids, prompt_ids, EncodeError};
-use bapo_data::{ChatTemplate, Message, ScoreExample};
+use bapo_data::{ChatTemplate, Message, PreferenceBatch, ScoreExample};
 use bapo_model::{Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -80,39 +80,15 @@ impl<B: Backend> Scorer<'_, B> {
         if b == 0 {
             return Vec::new();
         }
-        let len = seqs
+        let rows: Vec<(&[u32], &[u32])> = seqs
             .iter()
-            .map(|s| s.prompt_ids.len() + s.completion_ids.len())
-            .max()
-            .unwrap_or(0)
-            .max(2);
-        let (mut ids, mut attn, mut comp) = (
-            Vec::with_capacity(b * len),
-            Vec::with_capacity(b * len),
-            Vec::with_capacity(b * len),
-        );
-        for s in seqs {
-            let n = s.prompt_ids.len() + s.completion_ids.len();
-            ids.extend(
-                s.prompt_ids
-                    .iter()
-                    .chain(&s.completion_ids)
-                    .map(|&t| t as i64),
-            );
-            ids.extend(std::iter::repeat_n(self.pad_id as i64, len - n));
-            attn.extend((0..len).map(|i| i < n));
-            comp.extend((0..len).map(|i| {
-                if i >= s.prompt_ids.len() && i < n {
-                    1.0f32
-                } else {
-                    0.0
-                }
-            }));
-        }
-        let d = &self.device;
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), d);
-        let attn = Tensor::<B, 2, Bool>::from_data(TensorData::new(attn, [b, len]), d);
-        let comp = Tensor::<B, 2>::from_data(TensorData::new(comp, [b, len]), d);
+            .map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice()))
+            .collect();
+        let batch = PreferenceBatch::from_sequences(&rows, self.pad_id, 0, false);
+        let (d, len) = (&self.device, batch.len);
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens, [b, len]), d);
+        let attn = Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention, [b, len]), d);
+        let comp = Tensor::<B, 2>::from_data(TensorData::new(batch.completion_mask, [b, len]), d);
         let logits = self.model.forward(tokens.clone(), Some(attn));
         let out = bapo_objective::sequence_logps(logits, tokens, comp);
         let sums = out.sum.into_data().to_vec::<f32>().expect("f32");
