@@ -169,17 +169,10 @@ impl RunConfig {
             }
             at.insert(last.to_string(), value);
         }
-        let mut cfg: RunConfig = toml::Value::Table(table)
+        let cfg: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| err(format!("after --set overrides: {}", e.message())))?;
-        if cfg.data.train.is_relative() {
-            cfg.data.train = path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(&cfg.data.train);
-        }
-        cfg.validate().map_err(err)?;
-        Ok(cfg)
+        cfg.resolve(path)
     }
 
     /// Parses and validates a TOML config; `data.train` is resolved against the file's folder.
@@ -189,21 +182,29 @@ impl RunConfig {
             what,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| {
+        let cfg: RunConfig = toml::from_str(&text).map_err(|e| {
             let at = e.span().map(|s| {
                 let line = text[..s.start].matches('\n').count() + 1;
                 format!("line {line}: ")
             });
             err(format!("{}{}", at.unwrap_or_default(), e.message()))
         })?;
-        if cfg.data.train.is_relative() {
-            cfg.data.train = path
+        cfg.resolve(path)
+    }
+
+    /// Resolves `data.train` against the config file's folder, then validates.
+    fn resolve(mut self, path: &Path) -> Result<Self, ConfigError> {
+        if self.data.train.is_relative() {
+            self.data.train = path
                 .parent()
                 .unwrap_or(Path::new("."))
-                .join(&cfg.data.train);
+                .join(&self.data.train);
         }
-        cfg.validate().map_err(err)?;
-        Ok(cfg)
+        self.validate().map_err(|what| ConfigError {
+            path: path.into(),
+            what,
+        })?;
+        Ok(self)
     }
 
     /// Cross-field checks.
