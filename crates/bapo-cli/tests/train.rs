@@ -56,7 +56,8 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
     let dir = std::env::temp_dir().join(format!("bapo-train-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = config(&dir, "");
+    // With the NLL-on-chosen term on, so that path (training and eval) runs end to end too.
+    let cfg = config(&dir, "nll_weight = 0.1");
     let res = bapo(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(
         res.status.success(),
@@ -82,6 +83,7 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
     assert_eq!(rows.len(), 3);
     for key in [
         "loss",
+        "nll_loss",
         "rewards/chosen",
         "rewards/rejected",
         "rewards/margins",

@@ -191,11 +191,15 @@ fn evaluate<B: Backend>(
         policy: t(b),
         reference: t(pick(2)),
     };
-    let objective = run.train.objective().expect("validated");
+    // The held-out loss is the preference + anchor objective; the NLL-on-chosen term (a
+    // training regulariser) is left out, so eval losses compare across `nll_weight` settings.
+    let objective = bapo_objective::ObjectiveConfig {
+        nll_weight: 0.0,
+        ..run.train.objective().expect("validated")
+    };
     let out = bapo_loss(&objective, &pairs, Some(&anchor), None);
     out.metrics(&objective, &pairs, Some(&anchor))
         .into_iter()
-        .filter(|(k, _)| k != "loss" || objective.nll_weight == 0.0)
         .map(|(k, v)| (format!("eval_{k}"), v))
         .collect()
 }
