@@ -1,13 +1,13 @@
 //! The `bapo` binary. The only place a Burn backend is named: every command is written once,
 //! generic over `B: Backend`, and `--backend` picks the instantiation.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
+use bapo_train::run::write_atomic;
 use bapo_train::{run_anchors, run_training, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -150,30 +150,6 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// Writes `text` to `path` through a temp file and a rename: never a half-written output.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
-}
-
 /// The autodiff-backed jobs `infer` hands back to `run`.
 enum Job {
     Anchors,
@@ -265,7 +241,8 @@ fn infer<B: Backend>(
                 text.push_str(&serde_json::to_string(r)?);
                 text.push('\n');
             }
-            write_atomic(&output, &text)?;
+            write_atomic(&output, text.as_bytes())
+                .with_context(|| format!("writing {}", output.display()))?;
             tracing::info!(
                 examples = rows.len(),
                 completion_tokens = tokens,

@@ -452,15 +452,12 @@ fn run_job<B: AutodiffBackend>(
     // Human-readable anchors: prompt, base response, token count, reference log-prob.
     let mut lines = String::new();
     for (i, e) in train_enc.iter().enumerate() {
-        let ex = train_ex
-            .iter()
-            .find(|x| x.line == e.line)
-            .expect("same data");
+        // Dropped examples leave gaps, so find the source example (and its base) by line.
         let j = train_ex
             .iter()
             .position(|x| x.line == e.line)
             .expect("same data");
-        let row = serde_json::json!({"line": e.line, "prompt": ex.prompt, "base": anchors.bases[j], "tokens": anchors.tokens[j], "reference_logp": refs.train[i].sum[2]});
+        let row = serde_json::json!({"line": e.line, "prompt": train_ex[j].prompt, "base": anchors.bases[j], "tokens": anchors.tokens[j], "reference_logp": refs.train[i].sum[2]});
         lines.push_str(&format!("{row}\n"));
     }
     write_atomic(&out.join("anchors.jsonl"), lines.as_bytes())?;
