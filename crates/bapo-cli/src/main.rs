@@ -30,6 +30,7 @@ struct Cli {
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum BackendKind {
     Ndarray,
+    Flex,
     Wgpu,
     Cuda,
 }
@@ -80,6 +81,32 @@ enum Cmd {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Personalisation pairs from the model's own answers: each prompt answered once per pole
+    /// of each dimension (e.g. concise / detailed), labelled by checkable rules.
+    Synth {
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL of `{"prompt", "split": "train"|"test", ...provenance}`.
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Directory for responses.jsonl, train.jsonl, test.jsonl, synth.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// informativeness, expertise, style (repeatable).
+        #[arg(long = "dimension", default_values_t = vec!["informativeness".to_string()])]
+        dimensions: Vec<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+    },
     /// Continue prompts (chat-templated) with the KV cache; prints JSONL.
     Generate {
         #[arg(long)]
@@ -124,6 +151,13 @@ fn dispatch(cli: Cli) -> Result<()> {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
             return run::<burn::backend::Autodiff<burn::backend::NdArray>>(
+                cli.command,
+                Default::default(),
+            );
+        }
+        BackendKind::Flex => {
+            #[cfg(feature = "flex")]
+            return run::<burn::backend::Autodiff<burn::backend::Flex>>(
                 cli.command,
                 Default::default(),
             );
@@ -250,6 +284,32 @@ fn infer<B: Backend>(
                 "scored; wrote {}",
                 output.display()
             );
+            Ok(())
+        }
+        Cmd::Synth {
+            model,
+            prompts,
+            out,
+            dimensions,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            batch_size,
+        } => {
+            let loaded = load_pretrained::<B>(&model, &device)?;
+            let cfg = bapo_train::synth::SynthConfig {
+                dimensions,
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                batch_size,
+            };
+            let counts =
+                bapo_train::synth::run_synth(&loaded, &model, &prompts, &out, &cfg, &device)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(())
         }
         Cmd::Generate {

@@ -243,3 +243,61 @@ fn config_errors_name_file_line_and_key() {
         .to_string();
     assert!(err.contains("unknown loss type `kto`"), "{err}");
 }
+
+#[test]
+fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
+    let dir = std::env::temp_dir().join(format!("bapo-full-ft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "");
+    // No [lora] section: every weight trains.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[lora]\nrank = 4\nalpha = 8.0\n", "")
+        .replace("learning_rate = 1e-2", "learning_rate = 1e-3");
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let res = bapo(&["train", "--config", c]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let run = dir.join("run");
+    for f in [
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.json",
+        "checkpoint-2/model.safetensors",
+        "checkpoint-2/optimizer.bin",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    assert!(!run.join("adapter").exists());
+    let losses = |p: &Path| -> Vec<f64> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let full = losses(&run);
+    assert_eq!(full.len(), 3);
+    assert!(full[2] < full[0], "full fine-tuning did not lower the loss: {full:?}");
+    // Resume from checkpoint-2: step 3 is recomputed from the saved weights and AdamW state.
+    let res = bapo(&["train", "--config", c, "--resume"]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let resumed = losses(&run);
+    assert_eq!(resumed.len(), 3);
+    assert!((resumed[2] - full[2]).abs() < 1e-5, "{resumed:?} vs {full:?}");
+    // The exported directory is a model `bapo` (and transformers) loads.
+    let out = dir.join("scores.jsonl");
+    let res = bapo(&[
+        "score",
+        "--model",
+        run.join("model").to_str().unwrap(),
+        "--input",
+        root().join("tests/fixtures/tiny-llama/pairs.jsonl").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(std::fs::read_to_string(&out).unwrap().lines().count() > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod jsonl;
 pub mod preference;
+pub mod synth;
 
 pub use chat::{ChatTemplate, Message};
 pub use jsonl::{read_score_file, DataError, ScoreExample};

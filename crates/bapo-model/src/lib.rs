@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;

@@ -112,18 +112,26 @@ impl<B: Backend> Proj<B> {
 
     /// # Shapes
     /// `[b, s, in]` → `[b, s, out]`.
+    ///
+    /// The batch and sequence axes are merged first so every weight is used in one 2-D matmul:
+    /// a batched `[b, s, in] × [1, in, out]` matmul repacks the weight once per batch row on
+    /// CPU backends (measured: 16× slower decoding at batch 16 on ndarray).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lora {
+        let [b, s, i] = x.dims();
+        let x = x.reshape([b * s, i]);
+        let y = match &self.lora {
             None => self.linear.forward(x),
             Some(l) => {
                 let delta = l
                     .dropout
                     .forward(x.clone())
-                    .matmul(l.a.val().unsqueeze_dim(0))
-                    .matmul(l.b.val().unsqueeze_dim(0));
+                    .matmul(l.a.val())
+                    .matmul(l.b.val());
                 self.linear.forward(x) + delta.mul_scalar(l.scale)
             }
-        }
+        };
+        let o = y.dims()[1];
+        y.reshape([b, s, o])
     }
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod lora;
 pub mod run;
 pub mod score;
+pub mod synth;
 pub mod train;
 
 pub use config::RunConfig;

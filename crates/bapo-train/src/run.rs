@@ -110,6 +110,52 @@ fn read_cache<T: for<'de> Deserialize<'de>>(
     }
 }
 
+/// One decoded generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedText {
+    /// Decoded without the EOS token.
+    pub text: String,
+    /// New tokens, EOS excluded.
+    pub tokens: usize,
+    /// Ended on EOS (not cut by `max_new_tokens`).
+    pub eos: bool,
+}
+
+/// Generates continuations of `prompts`, `batch` prompts at a time, with a progress bar.
+/// Batch `i` uses seed `cfg.seed + i`, so sampled outputs are reproducible.
+pub fn generate_texts<B: Backend>(
+    model: &Llama<B>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    batch: usize,
+    tok: &bapo_model::Tokenizer,
+    device: &B::Device,
+    what: &str,
+) -> Result<Vec<GeneratedText>, RunError> {
+    let pb = bar(prompts.len(), what);
+    let mut out = Vec::with_capacity(prompts.len());
+    for (i, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+        let c = GenerationConfig {
+            seed: cfg.seed.wrapping_add(i as u64),
+            ..cfg.clone()
+        };
+        for g in generate(model, chunk, &c, device) {
+            let mut ids = g.tokens;
+            if g.stopped_on_eos {
+                ids.pop();
+            }
+            out.push(GeneratedText {
+                text: tok.decode(&ids)?,
+                tokens: ids.len(),
+                eos: g.stopped_on_eos,
+            });
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(out)
+}
+
 /// Generates base responses for `prompts` with the reference, `batch` prompts at a time.
 fn generate_bases<B: Backend>(
     reference: &Llama<B>,
@@ -119,26 +165,8 @@ fn generate_bases<B: Backend>(
     tok: &bapo_model::Tokenizer,
     device: &B::Device,
 ) -> Result<(Vec<String>, Vec<usize>), RunError> {
-    let pb = bar(prompts.len(), "base responses");
-    let (mut texts, mut counts) = (Vec::new(), Vec::new());
-    for (i, chunk) in prompts.chunks(batch).enumerate() {
-        // A distinct, reproducible seed per batch keeps sampled anchors independent of batching order.
-        let c = GenerationConfig {
-            seed: cfg.seed.wrapping_add(i as u64),
-            ..cfg.clone()
-        };
-        for g in generate(reference, chunk, &c, device) {
-            let mut ids = g.tokens;
-            if g.stopped_on_eos {
-                ids.pop();
-            }
-            counts.push(ids.len());
-            texts.push(tok.decode(&ids)?);
-        }
-        pb.inc(chunk.len() as u64);
-    }
-    pb.finish_and_clear();
-    Ok((texts, counts))
+    let g = generate_texts(reference, prompts, cfg, batch, tok, device, "base responses")?;
+    Ok(g.into_iter().map(|g| (g.text, g.tokens)).unzip())
 }
 
 /// Eval metrics (prefixed `eval_`) of `model` on held-out examples.
@@ -214,18 +242,37 @@ fn adapter_config(run: &RunConfig) -> serde_json::Value {
     })
 }
 
-/// Saves adapter + configs into `dir` atomically (built in a temp dir, then renamed).
+/// What a checkpoint holds besides the trainer state: the adapter (LoRA) or the whole model
+/// as an HF checkpoint (full fine-tuning, which needs the config and tokenizer).
+enum Weights<'a> {
+    Adapter,
+    Full(&'a bapo_model::LlamaConfig, &'a bapo_model::Tokenizer),
+}
+
+/// Saves the weights + configs into `dir` atomically (built in a temp dir, then renamed).
 fn save_checkpoint<B: AutodiffBackend>(
     model: &Llama<B>,
     optim: Option<&Optim<B>>,
     run: &RunConfig,
+    weights: &Weights,
     dir: &Path,
     state: &serde_json::Value,
 ) -> Result<(), RunError> {
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    crate::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
+    match weights {
+        Weights::Adapter => {
+            crate::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
+            write_atomic(
+                &tmp.join("adapter_config.json"),
+                serde_json::to_string_pretty(&adapter_config(run))?.as_bytes(),
+            )?;
+        }
+        Weights::Full(config, tok) => {
+            bapo_model::export::write_pretrained(&model.valid(), config, tok, &tmp)?
+        }
+    }
     if let Some(o) = optim {
         Recorder::<B>::record(
             &BinFileRecorder::<FullPrecisionSettings>::new(),
@@ -233,10 +280,6 @@ fn save_checkpoint<B: AutodiffBackend>(
             tmp.join("optimizer"),
         )?;
     }
-    write_atomic(
-        &tmp.join("adapter_config.json"),
-        serde_json::to_string_pretty(&adapter_config(run))?.as_bytes(),
-    )?;
     write_atomic(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
@@ -465,13 +508,15 @@ fn run_job<B: AutodiffBackend>(
         return Ok(out.join("anchors.jsonl"));
     }
 
-    // Policy: LoRA on the frozen base.
+    // Policy: LoRA on the frozen base, or (no [lora] section) every weight trainable, with ids
+    // derived from the HF names so a saved optimiser state applies after a restart.
+    let weights = match &run.lora {
+        Some(_) => Weights::Adapter,
+        None => Weights::Full(&config, &tok),
+    };
     let policy = match &run.lora {
         Some(l) => l.attach(model, run.train.seed, device),
-        None => return Err(
-            "full fine-tuning (no [lora] section) cannot be checkpointed yet: add a [lora] section"
-                .into(),
-        ),
+        None => bapo_model::export::with_stable_ids(model, true),
     };
     let metrics_path = out.join("metrics.jsonl");
     let (policy, resume_state) = if resume {
@@ -485,8 +530,15 @@ fn run_job<B: AutodiffBackend>(
                 dir.join("trainer_state.json").display()
             )
         })? as usize;
-        let policy =
-            crate::lora::load_adapter(policy, &dir.join("adapter_model.safetensors"), device)?;
+        let policy = match &weights {
+            Weights::Adapter => {
+                crate::lora::load_adapter(policy, &dir.join("adapter_model.safetensors"), device)?
+            }
+            Weights::Full(..) => bapo_model::export::with_stable_ids(
+                bapo_model::load_pretrained::<B>(&dir, device)?.model,
+                true,
+            ),
+        };
         let optimizer: OptimRecord<B> = Recorder::<B>::load(
             &BinFileRecorder::<FullPrecisionSettings>::new(),
             dir.join("optimizer"),
@@ -538,9 +590,11 @@ fn run_job<B: AutodiffBackend>(
             for (k, v) in ev {
                 row[k] = serde_json::json!(v);
             }
-            let norms = crate::lora::adapter_delta_norms(m);
-            row["eval_weight_distance"] =
-                serde_json::json!(norms.values().map(|v| v * v).sum::<f64>().sqrt());
+            if matches!(weights, Weights::Adapter) {
+                let norms = crate::lora::adapter_delta_norms(m);
+                row["eval_weight_distance"] =
+                    serde_json::json!(norms.values().map(|v| v * v).sum::<f64>().sqrt());
+            }
         }
         if let Err(e) = writeln!(log, "{row}").and_then(|_| log.flush()) {
             write_err.get_or_insert(Box::new(e));
@@ -567,6 +621,7 @@ fn run_job<B: AutodiffBackend>(
                 m,
                 Some(o),
                 run,
+                &weights,
                 &out.join(format!("checkpoint-{}", l.step)),
                 &row,
             ) {
@@ -589,8 +644,11 @@ fn run_job<B: AutodiffBackend>(
     if let Some(e) = write_err {
         return Err(e);
     }
-    let adapter_dir = out.join("adapter");
-    save_checkpoint(&policy, None, run, &adapter_dir, &last)?;
+    let adapter_dir = out.join(match weights {
+        Weights::Adapter => "adapter",
+        Weights::Full(..) => "model",
+    });
+    save_checkpoint(&policy, None, run, &weights, &adapter_dir, &last)?;
     // A short summary a person can read; the same numbers are the last line of metrics.jsonl.
     let keys = [
         "loss",

@@ -2,100 +2,14 @@
 //! at the reference, DPO learns the preference, the anchor limits drift of the base responses,
 //! adapters round-trip through safetensors.
 
-use std::path::{Path, PathBuf};
-
-use bapo_data::{
-    encode_examples, EncodeConfig, EncodedExample, PreferenceBatch, PreferenceExample,
-    TruncationMode,
-};
 use bapo_model::Llama;
 use bapo_train::lora::{adapter_delta_norms, load_adapter, save_adapter};
-use bapo_train::train::{batch_logps, Normalisation};
-use bapo_train::{
-    encoder, reference_logps, reference_of, train, LoraConfig, ReferenceLogps, TrainConfig,
-};
-use burn::backend::{Autodiff, NdArray};
-use burn::module::AutodiffModule;
+use bapo_train::train::Normalisation;
+use bapo_data::EncodedExample;
+use bapo_train::{train, ReferenceLogps, TrainConfig};
 
-type AD = Autodiff<NdArray>;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
-}
-
-fn data(loaded: &bapo_model::LoadedModel<AD>) -> (Vec<EncodedExample>, u32) {
-    let tok = &loaded.tokenizer;
-    let pairs = [
-        (
-            "Name a colour.",
-            "Blue.",
-            "I refuse to answer that question.",
-            "Red is a colour.",
-        ),
-        (
-            "Say hi.",
-            "Hi!",
-            "No greetings today, sorry.",
-            "Hello there.",
-        ),
-        (
-            "Count to three.",
-            "1, 2, 3.",
-            "Counting is boring.",
-            "One, two, three.",
-        ),
-        (
-            "Is water wet?",
-            "Yes.",
-            "Who knows, maybe, perhaps not.",
-            "Water is wet.",
-        ),
-    ];
-    let examples: Vec<PreferenceExample> = pairs
-        .iter()
-        .enumerate()
-        .map(|(i, (p, c, r, _))| PreferenceExample {
-            prompt: vec![bapo_data::Message::user(*p)],
-            chosen: c.to_string(),
-            rejected: r.to_string(),
-            user: None,
-            line: i + 1,
-        })
-        .collect();
-    let bases: Vec<String> = pairs.iter().map(|x| x.3.to_string()).collect();
-    let template = bapo_train::chat_template(tok);
-    let eos = tok.eos_id().unwrap();
-    let cfg = EncodeConfig {
-        max_length: 128,
-        max_prompt_length: None,
-        truncation_mode: TruncationMode::KeepEnd,
-    };
-    let (enc, stats) =
-        encode_examples(&examples, Some(&bases), &template, &encoder(tok), eos, &cfg).unwrap();
-    assert_eq!(stats.examples_truncated, 0);
-    (enc, eos)
-}
-
-fn setup() -> (Llama<AD>, Vec<EncodedExample>, Vec<ReferenceLogps>, u32) {
-    let device = Default::default();
-    let loaded = bapo_model::load_pretrained::<AD>(&fixture(), &device).unwrap();
-    let (enc, eos) = data(&loaded);
-    let model = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        ..Default::default()
-    }
-    .attach(loaded.model, 7, &device);
-    let refs = reference_logps(&reference_of(&model), &enc, 3, eos, &device, |_| {});
-    (model, enc, refs, eos)
-}
-
-fn logps(model: &Llama<AD>, enc: &[EncodedExample], pad: u32) -> Vec<f64> {
-    let refs: Vec<&EncodedExample> = enc.iter().collect();
-    let batch = PreferenceBatch::collate(&refs, pad);
-    let (sum, _) = batch_logps(&model.valid(), &batch, &Default::default());
-    sum.into_data().convert::<f64>().to_vec::<f64>().unwrap()
-}
+mod common;
+use common::*;
 
 #[test]
 fn fresh_adapters_start_at_the_reference() {
@@ -250,80 +164,25 @@ fn learning_rate_schedule() {
 }
 
 #[test]
-fn resumed_training_matches_the_uninterrupted_run() {
-    use bapo_train::train::{Optim, OptimRecord, Resume};
-    use burn::optim::Optimizer;
-    use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
-    let cfg = TrainConfig {
-        learning_rate: 3e-2,
-        warmup_steps: 1,
-        max_steps: 5,
-        batch_size: 2,
-        grad_accum: 2,
-        beta: 0.5,
-        ..Default::default()
-    };
-    let dir = std::env::temp_dir().join(format!("bapo-resume-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // Uninterrupted, saving adapter + optimiser after step 2 (as a checkpoint does).
-    let (model, enc, refs, eos) = setup();
-    let mut full = Vec::new();
-    train(
-        model,
-        &enc,
-        &refs,
-        &cfg,
-        eos,
-        &Default::default(),
-        None,
-        |l, m, o: &Optim<AD>| {
-            full.push((l.metrics["loss"], l.num_tokens));
-            if l.step == 2 {
-                save_adapter(m, &dir.join("adapter.safetensors")).unwrap();
-                Recorder::<AD>::record(
-                    &BinFileRecorder::<FullPrecisionSettings>::new(),
-                    o.to_record(),
-                    dir.join("optimizer"),
-                )
-                .unwrap();
-            }
-        },
-    )
-    .unwrap();
-    // A fresh process-like start: new model, adapter and optimiser state loaded from disk.
-    let (fresh, ..) = setup();
-    let model = load_adapter(fresh, &dir.join("adapter.safetensors"), &Default::default()).unwrap();
-    let optimizer: OptimRecord<AD> = Recorder::<AD>::load(
-        &BinFileRecorder::<FullPrecisionSettings>::new(),
-        dir.join("optimizer"),
-        &Default::default(),
-    )
-    .unwrap();
-    let mut resumed = Vec::new();
-    train(
-        model,
-        &enc,
-        &refs,
-        &cfg,
-        eos,
-        &Default::default(),
-        Some(Resume {
-            step: 2,
-            num_tokens: full[1].1,
-            optimizer,
-        }),
-        |l, _, _| resumed.push((l.metrics["loss"], l.num_tokens)),
-    )
-    .unwrap();
-    assert_eq!(resumed.len(), 3);
-    for (i, (r, f)) in resumed.iter().zip(&full[2..]).enumerate() {
-        assert!(
-            (r.0 - f.0).abs() < 1e-5,
-            "step {}: resumed loss {} vs uninterrupted {}",
-            i + 3,
-            r.0,
-            f.0
-        );
-        assert_eq!(r.1, f.1);
+fn merged_export_reloads_with_the_adapted_log_probs() {
+    let (_, trained, enc, _, eos) = run(1.0);
+    let device = Default::default();
+    let loaded = bapo_model::load_pretrained::<AD>(&fixture(), &device).unwrap();
+    let dir = std::env::temp_dir().join(format!("bapo-export-{}", std::process::id()));
+    bapo_model::export::save_pretrained(&trained, &loaded.config, &loaded.tokenizer, &dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
     }
+    let back = bapo_model::load_pretrained::<AD>(&dir, &device).unwrap();
+    assert_eq!(back.config, loaded.config);
+    assert_eq!(back.tokenizer.chat_template, loaded.tokenizer.chat_template);
+    let text = "Hello there, how are you? 123";
+    assert_eq!(back.tokenizer.encode(text).unwrap(), loaded.tokenizer.encode(text).unwrap());
+    let (a, b) = (logps(&trained, &enc, eos), logps(&back.model, &enc, eos));
+    let base = logps(&loaded.model, &enc, eos);
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-3, "merged export differs by {worst}: {a:?} vs {b:?}");
+    // The adapter did move the model, so the check above is not vacuous.
+    assert!(a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-2), "{a:?} vs {base:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
