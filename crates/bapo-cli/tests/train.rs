@@ -242,6 +242,21 @@ fn config_errors_name_file_line_and_key() {
     let err = String::from_utf8_lossy(&bapo(&["train", "--config", cfg.to_str().unwrap()]).stderr)
         .to_string();
     assert!(err.contains("unknown loss type `kto`"), "{err}");
+    // The data selection: a second held-out split, an empty user list, users nobody has.
+    let cfg = config(&dir, "");
+    let c = cfg.to_str().unwrap();
+    let run = |set: &str| {
+        String::from_utf8_lossy(&bapo(&["train", "--config", c, "--set", set]).stderr).to_string()
+    };
+    let err = run("data.eval=\"pairs.jsonl\"");
+    assert!(err.contains("data.eval_fraction must be 0"), "{err}");
+    let err = run("data.users=[]");
+    assert!(err.contains("data.users is empty"), "{err}");
+    let err = run("data.users=[\"nobody\"]");
+    assert!(
+        err.contains("concise.jsonl") && err.contains("no pair has a `user`"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -37,6 +37,13 @@ pub struct ModelSection {
 pub struct DataSection {
     /// Preference JSONL (TRL standard or conversational shape), relative to the config file.
     pub train: PathBuf,
+    /// A held-out preference file (relative to the config file). When set, it is the eval
+    /// split and `eval_fraction` must be 0.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Keep only pairs whose `user` is one of these (both files); absent keeps every pair.
+    #[serde(default)]
+    pub users: Option<Vec<String>>,
     /// Fraction of pairs held out for evaluation (seeded split).
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
@@ -194,11 +201,12 @@ impl RunConfig {
 
     /// Resolves `data.train` against the config file's folder, then validates.
     fn resolve(mut self, path: &Path) -> Result<Self, ConfigError> {
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         if self.data.train.is_relative() {
-            self.data.train = path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(&self.data.train);
+            self.data.train = base.join(&self.data.train);
+        }
+        if let Some(e) = self.data.eval.as_mut().filter(|e| e.is_relative()) {
+            *e = base.join(&*e);
         }
         self.validate().map_err(|what| ConfigError {
             path: path.into(),
@@ -216,6 +224,12 @@ impl RunConfig {
                 "data.eval_fraction must be in [0, 1), got {}",
                 self.data.eval_fraction
             ));
+        }
+        if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
+            return Err("data.eval is set, so data.eval_fraction must be 0 (one held-out split, not two)".into());
+        }
+        if self.data.users.as_ref().is_some_and(Vec::is_empty) {
+            return Err("data.users is empty: list at least one user, or leave it out".into());
         }
         if let Some(l) = &self.lora {
             l.validate()?;

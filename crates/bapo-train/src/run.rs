@@ -349,12 +349,26 @@ fn run_job<B: AutodiffBackend>(
     let template = crate::chat_template(&tok);
 
     // Data and the seeded train/eval split.
-    let mut examples = read_preferences(&run.data.train)?;
+    let keep = |mut v: Vec<PreferenceExample>, path: &Path| -> Result<_, RunError> {
+        if let Some(users) = &run.data.users {
+            v.retain(|e| e.user.as_ref().is_some_and(|u| users.contains(u)));
+            if v.is_empty() {
+                return Err(format!("{}: no pair has a `user` in data.users {users:?}", path.display()).into());
+            }
+        }
+        Ok(v)
+    };
+    let mut examples = keep(read_preferences(&run.data.train)?, &run.data.train)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(run.train.seed);
     examples.shuffle(&mut rng);
-    let n_eval = ((examples.len() as f64) * run.data.eval_fraction).round() as usize;
     let (eval_ex, train_ex): (Vec<PreferenceExample>, Vec<PreferenceExample>) =
-        (examples[..n_eval].to_vec(), examples[n_eval..].to_vec());
+        match &run.data.eval {
+            Some(p) => (keep(read_preferences(p)?, p)?, examples.clone()),
+            None => {
+                let n_eval = ((examples.len() as f64) * run.data.eval_fraction).round() as usize;
+                (examples[..n_eval].to_vec(), examples[n_eval..].to_vec())
+            }
+        };
     let users: std::collections::BTreeSet<&str> =
         examples.iter().filter_map(|e| e.user.as_deref()).collect();
     tracing::info!(
@@ -368,6 +382,10 @@ fn run_job<B: AutodiffBackend>(
     let mut h = Sha256::new();
     hash_path(&mut h, &model_path)?;
     hash_path(&mut h, &run.data.train)?;
+    if let Some(p) = &run.data.eval {
+        hash_path(&mut h, p)?;
+    }
+    h.update(serde_json::to_vec(&run.data.users)?);
     h.update(
         template
             .render(&[bapo_data::Message::user("x")], true)?
