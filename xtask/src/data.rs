@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::{fetch_member, root, run, Pinned};
 
-const EVALS: Pinned = Pinned {
+pub(crate) const EVALS: Pinned = Pinned {
     spec: "evals==3.0.1.post1",
     file: "evals-3.0.1.post1-py3-none-any.whl",
     sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
@@ -118,6 +118,9 @@ pub fn prompts(out: &Path) -> Result<(usize, usize, usize)> {
 
 /// `cargo xtask data [bapo synth args...]`.
 pub fn data(extra: &[String]) -> Result<()> {
+    if extra.first().map(String::as_str) == Some("knowledge") {
+        return crate::knowledge::knowledge();
+    }
     let root = root();
     let dir = root.join("data").join("personas");
     let prompts_path = dir.join("prompts.jsonl");

