@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
 use bapo_train::run::write_atomic;
-use bapo_train::{run_anchors, run_training, score_examples, RunConfig, Scorer};
+use bapo_train::{run_anchors, run_eval, run_training, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -76,6 +76,24 @@ enum Cmd {
     Anchor {
         #[arg(long)]
         config: PathBuf,
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Drift and knowledge report: the base model and (with --adapter) the personalised one on
+    /// held-out preference accuracy, anchor drift, token KL, output drift and every knowledge
+    /// item (raw and chat formats). Prints a table, writes report.json.
+    Eval {
+        #[arg(long)]
+        config: PathBuf,
+        /// A LoRA adapter directory (`adapter/`) or a full fine-tuned HF directory (`model/`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Where the JSON report goes (default: `<output.dir>/report.json`).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Run directory with the anchor and reference caches (default: the config's).
         #[arg(long)]
         output: Option<PathBuf>,
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
@@ -187,6 +205,10 @@ fn dispatch(cli: Cli) -> Result<()> {
 /// The autodiff-backed jobs `infer` hands back to `run`.
 enum Job {
     Anchors,
+    Eval {
+        adapter: Option<PathBuf>,
+        report: PathBuf,
+    },
     Train { resume: bool },
 }
 
@@ -195,6 +217,7 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
     infer::<A::InnerBackend>(cmd, device, |cfg, device, job| {
         let res = match job {
             Job::Anchors => run_anchors::<A>(cfg, device),
+            Job::Eval { adapter, report } => run_eval::<A>(cfg, device, adapter, report),
             Job::Train { resume } => run_training::<A>(cfg, device, resume),
         };
         res.map_err(|e| anyhow::anyhow!("{e}"))
@@ -223,6 +246,21 @@ fn infer<B: Backend>(
             }
             let adapter = trainer(&cfg, &device, Job::Train { resume })?;
             println!("{}", adapter.display());
+            Ok(())
+        }
+        Cmd::Eval {
+            config,
+            adapter,
+            report,
+            output,
+            set,
+        } => {
+            let mut cfg = RunConfig::from_file_with(&config, &set)?;
+            if let Some(o) = output {
+                cfg.output.dir = o;
+            }
+            let report = report.unwrap_or_else(|| cfg.output.dir.join("report.json"));
+            println!("{}", trainer(&cfg, &device, Job::Eval { adapter, report })?.display());
             Ok(())
         }
         Cmd::Anchor {

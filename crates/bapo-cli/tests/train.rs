@@ -316,3 +316,72 @@ fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
     assert!(std::fs::read_to_string(&out).unwrap().lines().count() > 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
+    let dir = std::env::temp_dir().join(format!("bapo-drift-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "");
+    let knowledge = root().join("data/knowledge/capitals.jsonl");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[output]",
+        &format!(
+            "[eval]\nknowledge = [\"{}\"]\nknowledge_items = 6\noutput_prompts = 2\nkl_vocab_chunk = 100\n[output]",
+            knowledge.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let res = bapo(&["train", "--config", c]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let run = dir.join("run");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = &rows[2];
+    for key in [
+        "eval_kl/token",
+        "eval_anchor_drift/mean",
+        "eval_anchor_drift/per_token",
+        "eval_anchor_drift/fell_fraction",
+        "eval_output/mean_length",
+        "eval_output/eos_rate",
+        "eval_output/distinct_2",
+        "eval_knowledge/capitals/raw/acc",
+        "eval_knowledge/capitals/chat/acc",
+        "eval_knowledge/capitals/chat/margin",
+        "eval_knowledge/capitals/chat/delta_gold_loglik",
+        "eval_weight_distance",
+    ] {
+        assert!(last[key].as_f64().is_some_and(f64::is_finite), "step 3 lacks {key}: {last}");
+    }
+    // Trained adapters moved the policy: positive KL and weight distance.
+    assert!(last["eval_kl/token"].as_f64().unwrap() > 0.0);
+    assert!(last["eval_weight_distance"].as_f64().unwrap() > 0.0);
+    // The base row (step 0): the reference against itself has no drift.
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval_base.json")).unwrap()).unwrap();
+    assert!(base["eval_kl/token"].as_f64().unwrap().abs() < 1e-6, "{base}");
+    assert_eq!(base["eval_anchor_drift/mean"].as_f64(), Some(0.0));
+    assert!(base["eval_knowledge/capitals/raw/acc"].is_number(), "{base}");
+    let png = std::fs::read(run.join("training.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    assert!(std::fs::read_to_string(run.join("training.svg")).unwrap().contains("Knowledge accuracy"));
+    // `bapo eval` scores every item (221 capitals) for base and policy and writes the report.
+    let report = dir.join("report.json");
+    let res = bapo(&[
+        "eval", "--config", c, "--adapter", run.join("adapter").to_str().unwrap(),
+        "--report", report.to_str().unwrap(), "--set", "eval.formats=[\"raw\"]",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let table = String::from_utf8_lossy(&res.stdout);
+    assert!(table.contains("knowledge/capitals/raw/acc 95% CI (n=221)"), "{table}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["knowledge"]["base"]["capitals/raw"]["n"].as_u64(), Some(221));
+    assert!(r["policy"]["eval_kl/token"].as_f64().unwrap() > 0.0);
+    assert!(r["knowledge"]["policy"]["capitals/raw"]["delta_margin"].is_number());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

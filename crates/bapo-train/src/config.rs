@@ -22,6 +22,9 @@ pub struct RunConfig {
     pub lora: Option<LoraConfig>,
     #[serde(default)]
     pub train: TrainConfig,
+    /// Drift and knowledge metrics at every `eval_steps` (absent: preference metrics only).
+    #[serde(default)]
+    pub eval: EvalSection,
     pub output: OutputSection,
 }
 
@@ -99,6 +102,51 @@ impl Default for AnchorSection {
             seed: 0,
             batch_size: 8,
         }
+    }
+}
+
+/// What the evaluation passes measure besides the held-out preference metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Multiple-choice knowledge sets (`data/knowledge/*.jsonl` shape), relative to the config.
+    pub knowledge: Vec<PathBuf>,
+    /// Items per set scored during training (an evenly spaced subset; 0 = all). `bapo eval`
+    /// scores every item.
+    pub knowledge_items: usize,
+    /// `raw` and/or `chat`.
+    pub formats: Vec<String>,
+    /// Held-out prompts generated from for output drift (0 = off).
+    pub output_prompts: usize,
+    /// Vocabulary columns per chunk in the token-KL pass.
+    pub kl_vocab_chunk: usize,
+    /// Sequences per forward pass when scoring knowledge items.
+    pub batch_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            knowledge: Vec::new(),
+            knowledge_items: 0,
+            formats: vec!["raw".into(), "chat".into()],
+            output_prompts: 0,
+            kl_vocab_chunk: 8192,
+            batch_size: 16,
+        }
+    }
+}
+
+impl EvalSection {
+    pub fn formats(&self) -> Result<Vec<bapo_drift::mc::Format>, String> {
+        self.formats
+            .iter()
+            .map(|f| match f.as_str() {
+                "raw" => Ok(bapo_drift::mc::Format::Raw),
+                "chat" => Ok(bapo_drift::mc::Format::Chat),
+                other => Err(format!("eval.formats: `{other}` (raw or chat)")),
+            })
+            .collect()
     }
 }
 
@@ -208,6 +256,9 @@ impl RunConfig {
         if let Some(e) = self.data.eval.as_mut().filter(|e| e.is_relative()) {
             *e = base.join(&*e);
         }
+        for k in self.eval.knowledge.iter_mut().filter(|k| k.is_relative()) {
+            *k = base.join(&*k);
+        }
         self.validate().map_err(|what| ConfigError {
             path: path.into(),
             what,
@@ -233,6 +284,10 @@ impl RunConfig {
         }
         if let Some(l) = &self.lora {
             l.validate()?;
+        }
+        self.eval.formats()?;
+        if self.eval.batch_size == 0 || self.eval.kl_vocab_chunk == 0 {
+            return Err("eval.batch_size and eval.kl_vocab_chunk must be at least 1".into());
         }
         if self.anchor.batch_size == 0 || self.anchor.max_new_tokens == 0 {
             return Err("anchor.batch_size and anchor.max_new_tokens must be at least 1".into());

@@ -4,6 +4,7 @@
 //! `bapo score`, LoRA adapters, reference log-probs and the BAPO training loop.
 
 pub mod config;
+pub mod eval;
 pub mod lora;
 pub mod run;
 pub mod score;
@@ -12,7 +13,7 @@ pub mod train;
 
 pub use config::RunConfig;
 pub use lora::LoraConfig;
-pub use run::{run_anchors, run_training};
+pub use run::{run_anchors, run_eval, run_training};
 pub use score::{
     encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,
 };

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{expand_path, RunConfig};
 use crate::train::{
-    batch_logps, reference_logps, reference_of, train, Normalisation, Optim, OptimRecord,
+    reference_logps, reference_of, train, Normalisation, Optim, OptimRecord,
     ReferenceLogps, Resume, StepLog,
 };
 
@@ -169,9 +169,12 @@ fn generate_bases<B: Backend>(
     Ok(g.into_iter().map(|g| (g.text, g.tokens)).unzip())
 }
 
-/// Eval metrics (prefixed `eval_`) of `model` on held-out examples.
+/// Eval metrics (prefixed `eval_`) of `model` on held-out examples: the preference and anchor
+/// metrics of the objective, anchor drift of the base responses (`eval_anchor_drift/*`) and the
+/// exact token-level KL(policy‖reference) over every completion token (`eval_kl/token`).
 fn evaluate<B: Backend>(
     model: &Llama<B>,
+    reference: &Llama<B>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
     run: &RunConfig,
@@ -179,14 +182,47 @@ fn evaluate<B: Backend>(
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
     let norm = run.train.normalisation;
-    let (mut c, mut r, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut c, mut r, mut b, mut b_sum) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut base_tokens = Vec::new();
+    let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
     for chunk in examples.chunks(run.train.batch_size.max(1) * 2) {
         let refs_: Vec<&EncodedExample> = chunk.iter().collect();
         let batch = PreferenceBatch::collate(&refs_, pad);
-        let (sum, mean) = batch_logps(model, &batch, device);
+        let shape = [batch.rows, batch.len];
+        let tokens = Tensor::<B, 2, burn::tensor::Int>::from_data(
+            TensorData::new(batch.tokens.clone(), shape),
+            device,
+        );
+        let attn = Tensor::<B, 2, burn::tensor::Bool>::from_data(
+            TensorData::new(batch.attention.clone(), shape),
+            device,
+        );
+        let mask = Tensor::<B, 2>::from_data(
+            TensorData::new(batch.completion_mask.clone(), shape),
+            device,
+        );
+        let logits = model.forward(tokens.clone(), Some(attn.clone()));
+        let ref_logits = reference.forward(tokens.clone(), Some(attn));
+        // Position t predicts token t+1: count t where token t+1 is a completion token.
+        let mut next = batch.completion_mask[..].to_vec();
+        for row in next.chunks_mut(batch.len) {
+            row.rotate_left(1);
+            *row.last_mut().expect("len > 0") = 0.0;
+        }
+        let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, shape), device);
+        let kl = bapo_drift::token_kl(
+            logits.clone(),
+            ref_logits,
+            kl_mask,
+            run.eval.kl_vocab_chunk,
+        );
+        kl_sum += kl.mean_per_token * kl.tokens as f64;
+        kl_tokens += kl.tokens;
+        let out = bapo_objective::sequence_logps(logits, tokens, mask);
+        let sum: Vec<f64> = out.sum.clone().into_data().convert::<f64>().to_vec().expect("f64");
         let v: Vec<f64> = match norm {
-            Normalisation::Sum => sum,
-            Normalisation::Mean => mean,
+            Normalisation::Sum => out.sum,
+            Normalisation::Mean => out.mean,
         }
         .into_data()
         .convert::<f64>()
@@ -196,6 +232,11 @@ fn evaluate<B: Backend>(
         c.extend_from_slice(&v[..n]);
         r.extend_from_slice(&v[n..2 * n]);
         b.extend_from_slice(&v[2 * n..3 * n]);
+        b_sum.extend_from_slice(&sum[2 * n..3 * n]);
+        for row in 2 * n..3 * n {
+            let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
+            base_tokens.push(m.iter().filter(|&&x| x > 0.0).count());
+        }
     }
     let t = |v: Vec<f64>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
     let pick = |k: usize| {
@@ -209,6 +250,8 @@ fn evaluate<B: Backend>(
             })
             .collect::<Vec<_>>()
     };
+    let ref_base_sum: Vec<f64> = refs.iter().map(|x| x.sum[2]).collect();
+    let drift = bapo_drift::AnchorDrift::new(&ref_base_sum, &b_sum, &base_tokens);
     let pairs = PairLogps {
         policy_chosen: t(c),
         policy_rejected: t(r),
@@ -226,10 +269,81 @@ fn evaluate<B: Backend>(
         ..run.train.objective().expect("validated")
     };
     let out = bapo_loss(&objective, &pairs, Some(&anchor), None);
-    out.metrics(&objective, &pairs, Some(&anchor))
+    let mut m: BTreeMap<String, f64> = out
+        .metrics(&objective, &pairs, Some(&anchor))
         .into_iter()
-        .map(|(k, v)| (format!("eval_{k}"), v))
-        .collect()
+        .collect();
+    m.insert("anchor_drift/mean".into(), drift.mean);
+    m.insert("anchor_drift/per_token".into(), drift.mean_per_token);
+    m.insert("anchor_drift/fell_fraction".into(), drift.fell_fraction);
+    m.insert(
+        "kl/token".into(),
+        if kl_tokens > 0 { kl_sum / kl_tokens as f64 } else { 0.0 },
+    );
+    m.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect()
+}
+
+/// What the evaluation passes need besides the held-out pairs: knowledge sets, output-drift
+/// prompts, and the base model's results to compare against.
+struct EvalExtras<'a> {
+    sets: Vec<crate::eval::KnowledgeSet>,
+    formats: Vec<bapo_drift::mc::Format>,
+    out_prompts: Vec<Vec<u32>>,
+    eos_ids: Vec<u32>,
+    max_new_tokens: usize,
+    base_knowledge: Option<crate::eval::KnowledgeResults>,
+    base_output: Option<bapo_drift::OutputStats>,
+    tok: &'a bapo_model::Tokenizer,
+    template: &'a bapo_data::ChatTemplate,
+}
+
+/// Every eval metric (`eval_`-prefixed) of `model`, and the knowledge summaries.
+#[allow(clippy::too_many_arguments)]
+fn full_eval<B: Backend>(
+    model: &Llama<B>,
+    reference: &Llama<B>,
+    examples: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    run: &RunConfig,
+    pad: u32,
+    device: &B::Device,
+    x: &EvalExtras,
+) -> Result<
+    (
+        BTreeMap<String, f64>,
+        BTreeMap<String, bapo_drift::McSummary>,
+        crate::eval::KnowledgeResults,
+    ),
+    RunError,
+> {
+    let mut m = if examples.is_empty() {
+        BTreeMap::new()
+    } else {
+        evaluate(model, reference, examples, refs, run, pad, device)
+    };
+    let (results, summaries) = crate::eval::knowledge(
+        model,
+        &x.sets,
+        &x.formats,
+        x.tok,
+        x.template,
+        run.eval.batch_size,
+        device,
+        x.base_knowledge.as_ref(),
+    )?;
+    for (k, v) in crate::eval::knowledge_metrics(&summaries) {
+        m.insert(format!("eval_{k}"), v);
+    }
+    if !x.out_prompts.is_empty() {
+        let o = crate::eval::output_stats(model, &x.out_prompts, x.max_new_tokens, &x.eos_ids, device);
+        m.insert("eval_output/mean_length".into(), o.mean_length);
+        m.insert("eval_output/eos_rate".into(), o.eos_rate);
+        m.insert("eval_output/distinct_2".into(), o.distinct_2);
+        if let Some(b) = &x.base_output {
+            m.insert("eval_output/delta_mean_length".into(), o.mean_length - b.mean_length);
+        }
+    }
+    Ok((m, summaries, results))
 }
 
 /// PEFT's `adapter_config.json` for the saved adapter.
@@ -301,7 +415,7 @@ pub fn run_training<B: AutodiffBackend>(
     device: &B::Device,
     resume: bool,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, false, resume)
+    run_job::<B>(run, device, Mode::Train { resume })
 }
 
 /// The newest `checkpoint-N` directory under `out`.
@@ -323,14 +437,148 @@ pub fn run_anchors<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, true, false)
+    run_job::<B>(run, device, Mode::Anchors)
+}
+
+/// What `run_job` does after the shared preparation (data, anchors, reference log-probs).
+enum Mode {
+    Anchors,
+    Train { resume: bool },
+    Eval { adapter: Option<PathBuf>, report: PathBuf },
+}
+
+/// `bapo eval`: the base model and (with `adapter`: a LoRA adapter directory or a full
+/// fine-tuned HF directory) the personalised one, on every metric: held-out preference
+/// accuracy, anchor drift, token KL, output drift, and every item of every knowledge set in
+/// both formats. Prints a table and writes `report` (JSON); returns its path.
+pub fn run_eval<B: AutodiffBackend>(
+    run: &RunConfig,
+    device: &B::Device,
+    adapter: Option<PathBuf>,
+    report: PathBuf,
+) -> Result<PathBuf, RunError> {
+    run_job::<B>(run, device, Mode::Eval { adapter, report })
+}
+
+/// The eval report of `run_eval` (see there).
+#[allow(clippy::too_many_arguments)]
+fn eval_report<B: Backend>(
+    run: &RunConfig,
+    device: &B::Device,
+    base: Llama<B>,
+    reference: &Llama<B>,
+    adapter: Option<&Path>,
+    report: &Path,
+    eval_enc: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    eos: u32,
+    extras: &EvalExtras,
+    base_metrics: &BTreeMap<String, f64>,
+    base_summaries: &BTreeMap<String, bapo_drift::McSummary>,
+) -> Result<PathBuf, RunError> {
+    let policy = match adapter {
+        None => None,
+        Some(dir) if dir.join("adapter_config.json").exists() => {
+            Some(crate::lora::load_adapter_dir(base, dir, device)?)
+        }
+        Some(dir) => Some(bapo_model::load_pretrained::<B>(dir, device)?.model),
+    };
+    let (metrics, summaries) = match &policy {
+        Some(p) => {
+            let (m, s, _) = full_eval(p, reference, eval_enc, refs, run, eos, device, extras)?;
+            (Some(m), Some(s))
+        }
+        None => (None, None),
+    };
+    let mut table = format!("{:<48} {:>12} {:>12}\n", "metric", "base", "policy");
+    for (k, v) in base_metrics {
+        let p = metrics.as_ref().and_then(|m| m.get(k)).map_or(String::from("-"), |p| format!("{p:.4}"));
+        table.push_str(&format!("{k:<48} {v:>12.4} {p:>12}\n"));
+    }
+    for (k, s) in base_summaries {
+        let ci = |c: [f64; 2]| format!("[{:.3}, {:.3}]", c[0], c[1]);
+        let p = summaries.as_ref().and_then(|m| m.get(k));
+        table.push_str(&format!(
+            "{:<48} {:>12} {:>12}\n",
+            format!("knowledge/{k}/acc 95% CI (n={})", s.n),
+            ci(s.acc_ci95),
+            p.map_or(String::from("-"), |p| ci(p.acc_ci95))
+        ));
+    }
+    println!("{table}");
+    let doc = serde_json::json!({
+        "model": run.model.path,
+        "adapter": adapter.map(|a| a.display().to_string()),
+        "base": base_metrics,
+        "policy": metrics,
+        "knowledge": {
+            "base": base_summaries,
+            "policy": summaries,
+        },
+    });
+    if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_atomic(report, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    Ok(report.to_path_buf())
+}
+
+/// The training figure (`training.svg` / `.png` in the run directory): knowledge accuracy, the
+/// gold answer's margin, drift from the reference and preference accuracy against steps, with
+/// the base model as step 0.
+fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Value]) -> Result<(), RunError> {
+    use bapo_drift::plot::{Panel, Series};
+    let evals: Vec<&serde_json::Value> = std::iter::once(base)
+        .chain(rows.iter().filter(|r| r.get("eval_rewards/accuracies").is_some() || r.as_object().is_some_and(|o| o.keys().any(|k| k.starts_with("eval_knowledge/")))))
+        .collect();
+    let series = |key: &str, name: &str| Series {
+        name: name.to_string(),
+        points: evals
+            .iter()
+            .filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?)))
+            .collect(),
+    };
+    let keys: Vec<String> = base
+        .as_object()
+        .map(|o| o.keys().filter(|k| k.starts_with("eval_knowledge/") && k.ends_with("/acc")).cloned().collect())
+        .unwrap_or_default();
+    let label = |k: &str| k.trim_start_matches("eval_knowledge/").trim_end_matches("/acc").replace('/', " ");
+    let panels = vec![
+        Panel {
+            title: "Knowledge accuracy (multiple choice)".into(),
+            x_label: "optimiser step".into(),
+            y_label: "accuracy".into(),
+            series: keys.iter().map(|k| series(k, &label(k))).collect(),
+        },
+        Panel {
+            title: "Gold answer's margin over best distractor".into(),
+            x_label: "optimiser step".into(),
+            y_label: "nats".into(),
+            series: keys.iter().map(|k| series(&k.replace("/acc", "/margin"), &label(k))).collect(),
+        },
+        Panel {
+            title: "Drift from the reference (held-out)".into(),
+            x_label: "optimiser step".into(),
+            y_label: "nats per token".into(),
+            series: vec![
+                series("eval_anchor_drift/per_token", "anchor drift (base responses)"),
+                series("eval_kl/token", "token KL(policy || reference)"),
+            ],
+        },
+        Panel {
+            title: "Preference accuracy".into(),
+            x_label: "optimiser step".into(),
+            y_label: "fraction of pairs ranked right".into(),
+            series: vec![series("eval_rewards/accuracies", "held-out pairs")],
+        },
+    ];
+    bapo_drift::plot::write_figure(&out.join("training"), "bapo training: personalisation vs retention", &panels)
 }
 
 fn run_job<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
-    anchors_only: bool,
-    resume: bool,
+    mode: Mode,
 ) -> Result<PathBuf, RunError> {
     let out = &run.output.dir;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -509,7 +757,6 @@ fn run_job<B: AutodiffBackend>(
             c
         }
     };
-    drop(reference);
     // Human-readable anchors: prompt, base response, token count, reference log-prob.
     let mut lines = String::new();
     for (i, e) in train_enc.iter().enumerate() {
@@ -522,9 +769,63 @@ fn run_job<B: AutodiffBackend>(
         lines.push_str(&format!("{row}\n"));
     }
     write_atomic(&out.join("anchors.jsonl"), lines.as_bytes())?;
-    if anchors_only {
+    if matches!(mode, Mode::Anchors) {
         return Ok(out.join("anchors.jsonl"));
     }
+
+    // Evaluation extras and the base model's own results (step 0 of every curve).
+    let all_items = matches!(mode, Mode::Eval { .. });
+    let mut eos_ids = config.eos_token_ids.clone();
+    eos_ids.push(eos);
+    let encode = crate::encoder(&tok);
+    let mut extras = EvalExtras {
+        sets: crate::eval::load_knowledge(
+            &run.eval.knowledge,
+            if all_items { 0 } else { run.eval.knowledge_items },
+        )?,
+        formats: run.eval.formats()?,
+        out_prompts: eval_ex
+            .iter()
+            .take(run.eval.output_prompts)
+            .map(|e| bapo_data::preference::prompt_ids(&template, &encode, &e.prompt, e.line))
+            .collect::<Result<_, _>>()?,
+        eos_ids,
+        max_new_tokens: run.anchor.max_new_tokens,
+        base_knowledge: None,
+        base_output: None,
+        tok: &tok,
+        template: &template,
+    };
+    let t0 = std::time::Instant::now();
+    let (base_metrics, base_summaries, base_results) = full_eval(
+        &reference, &reference, &eval_enc, &refs.eval, run, eos, device, &extras,
+    )?;
+    if !extras.out_prompts.is_empty() {
+        extras.base_output = Some(crate::eval::output_stats(
+            &reference,
+            &extras.out_prompts,
+            extras.max_new_tokens,
+            &extras.eos_ids,
+            device,
+        ));
+    }
+    extras.base_knowledge = Some(base_results);
+    tracing::info!(secs = t0.elapsed().as_secs_f64(), "base model evaluated");
+    let mut base_row = serde_json::json!({"step": 0});
+    for (k, v) in &base_metrics {
+        base_row[k] = serde_json::json!(v);
+    }
+    write_atomic(
+        &out.join("eval_base.json"),
+        serde_json::to_string_pretty(&base_row)?.as_bytes(),
+    )?;
+    if let Mode::Eval { adapter, report } = &mode {
+        return eval_report(
+            run, device, model.valid(), &reference, adapter.as_deref(), report, &eval_enc, &refs.eval,
+            eos, &extras, &base_metrics, &base_summaries,
+        );
+    }
+    let resume = matches!(mode, Mode::Train { resume: true });
 
     // Policy: LoRA on the frozen base, or (no [lora] section) every weight trainable, with ids
     // derived from the HF names so a saved optimiser state applies after a restart.
@@ -600,13 +901,19 @@ fn run_job<B: AutodiffBackend>(
     let mut write_err: Option<RunError> = None;
     let mut on_step = |l: &StepLog, m: &Llama<B>, o: &Optim<B>| {
         let mut row = serde_json::to_value(l).expect("serialisable");
-        if !eval_enc.is_empty()
+        if (!eval_enc.is_empty() || !extras.sets.is_empty())
             && (l.step.is_multiple_of(run.output.eval_steps.max(1))
                 || l.step == run.train.max_steps)
         {
-            let ev = evaluate(&m.valid(), &eval_enc, &refs.eval, run, eos, device);
-            for (k, v) in ev {
-                row[k] = serde_json::json!(v);
+            match full_eval(&m.valid(), &reference, &eval_enc, &refs.eval, run, eos, device, &extras) {
+                Ok((ev, _, _)) => {
+                    for (k, v) in ev {
+                        row[k] = serde_json::json!(v);
+                    }
+                }
+                Err(e) => {
+                    write_err.get_or_insert(e);
+                }
             }
             if matches!(weights, Weights::Adapter) {
                 let norms = crate::lora::adapter_delta_norms(m);
@@ -667,6 +974,14 @@ fn run_job<B: AutodiffBackend>(
         Weights::Full(..) => "model",
     });
     save_checkpoint(&policy, None, run, &weights, &adapter_dir, &last)?;
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    match training_figure(out, &base_row, &rows) {
+        Ok(()) => tracing::info!(figure = %out.join("training.png").display(), "figure written"),
+        Err(e) => tracing::warn!(error = %e, "the training figure could not be drawn"),
+    }
     // A short summary a person can read; the same numbers are the last line of metrics.jsonl.
     let keys = [
         "loss",
