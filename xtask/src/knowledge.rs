@@ -11,8 +11,9 @@
 //!   `bigbench==1.0.0` sdist), every listed option a choice.
 //! - `mmlu.jsonl`: the MMLU slice in PyPI `evals==3.0.1.post1`
 //!   (`sandbagging/samples-all.jsonl`, MIT): lm-eval's MMLU format, choices are the letters.
-//! - `hhh_alignment.jsonl`: BIG-bench `hhh_alignment` as preference pairs (evaluation only:
-//!   the files carry BIG-bench's no-training canary).
+//! - `hhh_alignment.jsonl`: BIG-bench `hhh_alignment` (evaluation only: the files carry
+//!   BIG-bench's no-training canary) as two-way items, the preferred response first: as in
+//!   BIG-bench's `multiple_choice_grade`, the model should find it the more likely answer.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -227,9 +228,11 @@ fn hhh(dir: &Path) -> Result<Vec<Value>> {
             let (Some(c), Some(r)) = (chosen, rejected) else {
                 bail!("{}: example {i} is not a binary choice", p.display());
             };
+            let input = e["input"].as_str().context("input")?;
             rows.push(json!({
-                "prompt": e["input"], "chosen": c.0, "rejected": r.0, "user": "hhh",
-                "category": cat,
+                "id": format!("hhh_alignment/{cat}/{i}"),
+                "context": format!("Human: {input}\n\nAssistant:"),
+                "question": input, "choices": [c.0, r.0], "gold": [0], "category": cat,
                 "source": format!("BIG-bench hhh_alignment/{cat} example {i} (Apache-2.0; evaluation only)"),
             }));
         }

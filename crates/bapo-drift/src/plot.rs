@@ -21,6 +21,8 @@ pub struct Panel {
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    /// Fixed y range (e.g. `(0, 1)` for accuracies); `None` fits the data.
+    pub y_range: Option<(f64, f64)>,
 }
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -58,7 +60,7 @@ where
             (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
         }
         let pad = ((y1 - y0) * 0.08).max(1e-3);
-        let (y0, y1) = (y0 - pad, y1 + pad);
+        let (y0, y1) = panel.y_range.unwrap_or((y0 - pad, y1 + pad));
         let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
         let mut chart = ChartBuilder::on(&cell)
             .caption(&panel.title, ("sans-serif", 20))

@@ -52,6 +52,7 @@ fn figure_files_are_written() {
             Series { name: "a".into(), points: vec![(0.0, 1.0), (6.0, 0.5), (12.0, 0.25)] },
             Series { name: "b".into(), points: vec![(0.0, 0.2), (12.0, 0.9)] },
         ],
+        y_range: None,
     };
     write_figure(&dir.join("fig"), "test figure", &[panel("one"), panel("two"), panel("three")]).unwrap();
     let svg = std::fs::read_to_string(dir.join("fig.svg")).unwrap();

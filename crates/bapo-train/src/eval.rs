@@ -103,12 +103,32 @@ pub fn score_knowledge<B: Backend>(
         pad_id: tok.eos_id().unwrap_or(0),
     };
     let mut ll = vec![0.0; seqs.len()];
+    let pb = indicatif::ProgressBar::new(seqs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {} ({}) choices [{{elapsed}} < {{eta}}]",
+            set.name,
+            format.name()
+        ))
+        .expect("template"),
+    );
+    let t0 = std::time::Instant::now();
+    let tokens: usize = seqs.iter().map(|s| s.1.prompt_ids.len() + s.1.completion_ids.len()).sum();
     for chunk in order.chunks(batch.max(1)) {
         let batch: Vec<EncodedCompletion> = chunk.iter().map(|&k| seqs[k].1.clone()).collect();
         for (&k, (sum, _)) in chunk.iter().zip(scorer.score(&batch)) {
             ll[k] = sum;
         }
+        pb.inc(chunk.len() as u64);
     }
+    pb.finish_and_clear();
+    tracing::debug!(
+        set = set.name,
+        format = format.name(),
+        sequences = seqs.len(),
+        tokens,
+        tokens_per_s = tokens as f64 / t0.elapsed().as_secs_f64(),
+        "knowledge scored"
+    );
     let mut per_item: Vec<Vec<f64>> = vec![Vec::new(); set.items.len()];
     for ((i, _), l) in seqs.iter().zip(ll) {
         per_item[*i].push(l);

@@ -346,6 +346,23 @@ fn full_eval<B: Backend>(
     Ok((m, summaries, results))
 }
 
+/// Frobenius norm of each weight's change from the reference: `‖scale·A·B‖` per adapted
+/// module for LoRA, `‖W − W₀‖` per tensor otherwise.
+fn weight_change_norms<B: Backend>(policy: &Llama<B>, reference: &Llama<B>) -> BTreeMap<String, f64> {
+    let lora = crate::lora::adapter_delta_norms(policy);
+    if !lora.is_empty() {
+        return lora;
+    }
+    let before = bapo_model::export::hf_tensors(reference);
+    bapo_model::export::hf_tensors(policy)
+        .into_iter()
+        .filter_map(|(k, t)| {
+            let b = before.get(&k)?;
+            Some((k, bapo_drift::weights::diff_norm(&t.data, &b.data)))
+        })
+        .collect()
+}
+
 /// PEFT's `adapter_config.json` for the saved adapter.
 fn adapter_config(run: &RunConfig) -> serde_json::Value {
     let l = run.lora.clone().unwrap_or_default();
@@ -483,12 +500,14 @@ fn eval_report<B: Backend>(
         }
         Some(dir) => Some(bapo_model::load_pretrained::<B>(dir, device)?.model),
     };
-    let (metrics, summaries) = match &policy {
+    let (metrics, summaries, distance) = match &policy {
         Some(p) => {
-            let (m, s, _) = full_eval(p, reference, eval_enc, refs, run, eos, device, extras)?;
-            (Some(m), Some(s))
+            let (mut m, s, _) = full_eval(p, reference, eval_enc, refs, run, eos, device, extras)?;
+            let wd = bapo_drift::weights::weight_distance(&weight_change_norms(p, reference));
+            m.insert("eval_weight_distance".into(), wd.global);
+            (Some(m), Some(s), Some(wd))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let mut table = format!("{:<48} {:>12} {:>12}\n", "metric", "base", "policy");
     for (k, v) in base_metrics {
@@ -511,6 +530,7 @@ fn eval_report<B: Backend>(
         "adapter": adapter.map(|a| a.display().to_string()),
         "base": base_metrics,
         "policy": metrics,
+        "weight_distance": distance,
         "knowledge": {
             "base": base_summaries,
             "policy": summaries,
@@ -546,30 +566,34 @@ fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Val
     let panels = vec![
         Panel {
             title: "Knowledge accuracy (multiple choice)".into(),
-            x_label: "optimiser step".into(),
+            x_label: "optimiser step (0 = base model)".into(),
             y_label: "accuracy".into(),
             series: keys.iter().map(|k| series(k, &label(k))).collect(),
+            y_range: Some((0.0, 1.05)),
         },
         Panel {
             title: "Gold answer's margin over best distractor".into(),
-            x_label: "optimiser step".into(),
+            x_label: "optimiser step (0 = base model)".into(),
             y_label: "nats".into(),
             series: keys.iter().map(|k| series(&k.replace("/acc", "/margin"), &label(k))).collect(),
+            y_range: None,
         },
         Panel {
             title: "Drift from the reference (held-out)".into(),
-            x_label: "optimiser step".into(),
+            x_label: "optimiser step (0 = base model)".into(),
             y_label: "nats per token".into(),
             series: vec![
                 series("eval_anchor_drift/per_token", "anchor drift (base responses)"),
                 series("eval_kl/token", "token KL(policy || reference)"),
             ],
+            y_range: None,
         },
         Panel {
             title: "Preference accuracy".into(),
-            x_label: "optimiser step".into(),
+            x_label: "optimiser step (0 = base model)".into(),
             y_label: "fraction of pairs ranked right".into(),
             series: vec![series("eval_rewards/accuracies", "held-out pairs")],
+            y_range: Some((0.0, 1.05)),
         },
     ];
     bapo_drift::plot::write_figure(&out.join("training"), "bapo training: personalisation vs retention", &panels)
@@ -915,11 +939,8 @@ fn run_job<B: AutodiffBackend>(
                     write_err.get_or_insert(e);
                 }
             }
-            if matches!(weights, Weights::Adapter) {
-                let norms = crate::lora::adapter_delta_norms(m);
-                row["eval_weight_distance"] =
-                    serde_json::json!(norms.values().map(|v| v * v).sum::<f64>().sqrt());
-            }
+            let wd = bapo_drift::weights::weight_distance(&weight_change_norms(&m.valid(), &reference));
+            row["eval_weight_distance"] = serde_json::json!(wd.global);
         }
         if let Err(e) = writeln!(log, "{row}").and_then(|_| log.flush()) {
             write_err.get_or_insert(Box::new(e));
