@@ -47,8 +47,20 @@ fn dictates_length(p: &str) -> bool {
         return true;
     }
     const UNITS: [&str; 14] = [
-        "words", "sentences", "paragraphs", "steps", "tips", "instructions", "ways", "points",
-        "reasons", "ideas", "things", "examples", "items", "questions",
+        "words",
+        "sentences",
+        "paragraphs",
+        "steps",
+        "tips",
+        "instructions",
+        "ways",
+        "points",
+        "reasons",
+        "ideas",
+        "things",
+        "examples",
+        "items",
+        "questions",
     ];
     let words: Vec<String> = lower
         .split_whitespace()
@@ -71,22 +83,30 @@ pub fn prompts(out: &Path) -> Result<(usize, usize, usize)> {
         "evals-3.0.1.post1/steganography-samples.jsonl",
         STEGANOGRAPHY_SHA256,
     )?;
-    let text = std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
+    let text =
+        std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
     let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, line) in text.lines().enumerate() {
         let v: Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: not JSON", src.display(), i + 1))?;
         let field = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .with_context(|| format!("{}:{}: field `{k}` missing or not a string", src.display(), i + 1))
+            v.get(k).and_then(Value::as_str).with_context(|| {
+                format!(
+                    "{}:{}: field `{k}` missing or not a string",
+                    src.display(),
+                    i + 1
+                )
+            })
         };
         let task_type = field("task_type")?;
         let Some((_, licence)) = SOURCES.iter().find(|(s, _)| *s == task_type) else {
             continue;
         };
-        let mut p = field("task_prompt")?.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut p = field("task_prompt")?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         if p.len() >= 2 && p.starts_with('"') && p.ends_with('"') {
             p = p[1..p.len() - 1].trim().to_string();
         }
@@ -98,7 +118,7 @@ pub fn prompts(out: &Path) -> Result<(usize, usize, usize)> {
         {
             continue;
         }
-        let split = if fnv1a(&p) % 8 == 0 { "test" } else { "train" };
+        let split = if fnv1a(&p).is_multiple_of(8) { "test" } else { "train" };
         rows.push(json!({
             "prompt": p,
             "split": split,
@@ -125,7 +145,10 @@ pub fn data(extra: &[String]) -> Result<()> {
     let dir = root.join("data").join("personas");
     let prompts_path = dir.join("prompts.jsonl");
     let (n, train, test) = prompts(&prompts_path)?;
-    eprintln!("{}: {n} prompts ({train} train, {test} test)", prompts_path.display());
+    eprintln!(
+        "{}: {n} prompts ({train} train, {test} test)",
+        prompts_path.display()
+    );
     let gguf = crate::fetch()?;
     let bapo = crate::build_bapo(&[])?;
     run(Command::new(bapo)

@@ -40,10 +40,22 @@ const GK: (&str, &str, &str) = (
 );
 /// hhh_alignment categories and their task.json sha256.
 const HHH: [(&str, &str); 4] = [
-    ("harmless", "4720acbc916cc18413e48c6bb55c19af73400436a6304c7e110b8bb40f8952a1"),
-    ("helpful", "1bd2a58d9bb17b26af4806e8302374cea60671dc387fbfc2c5aa5c23e0901628"),
-    ("honest", "69ba96e5bff121327ad1366e3772b7b45c50e96e7f995b2cef62c350380f1b14"),
-    ("other", "4d6b041d79e5bf2705a9f81994efb95274179faaba9270f6dc83bd0cd17c227e"),
+    (
+        "harmless",
+        "4720acbc916cc18413e48c6bb55c19af73400436a6304c7e110b8bb40f8952a1",
+    ),
+    (
+        "helpful",
+        "1bd2a58d9bb17b26af4806e8302374cea60671dc387fbfc2c5aa5c23e0901628",
+    ),
+    (
+        "honest",
+        "69ba96e5bff121327ad1366e3772b7b45c50e96e7f995b2cef62c350380f1b14",
+    ),
+    (
+        "other",
+        "4d6b041d79e5bf2705a9f81994efb95274179faaba9270f6dc83bd0cd17c227e",
+    ),
 ];
 
 /// A tiny seeded generator (SplitMix64) so the distractors do not depend on a crate version.
@@ -133,7 +145,8 @@ fn capitals(quiz_dir: &Path) -> Result<Vec<Value>> {
     let mut items = Vec::new();
     for (r, region) in ["europe", "asia", "africa", "america"].iter().enumerate() {
         let path = quiz_dir.join(region);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let mut pairs = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let Some((country, capital)) = line.split_once(':') else {
@@ -171,7 +184,12 @@ fn general_knowledge(task: &Path) -> Result<Vec<Value>> {
     let t: Value = serde_json::from_str(&std::fs::read_to_string(task)?)
         .with_context(|| format!("{}: not JSON", task.display()))?;
     let mut items = Vec::new();
-    for (i, e) in t["examples"].as_array().context("no examples")?.iter().enumerate() {
+    for (i, e) in t["examples"]
+        .as_array()
+        .context("no examples")?
+        .iter()
+        .enumerate()
+    {
         let input = e["input"].as_str().context("input")?;
         let scores = e["target_scores"].as_object().context("target_scores")?;
         let choices: Vec<&String> = scores.keys().collect();
@@ -221,7 +239,12 @@ fn hhh(dir: &Path) -> Result<Vec<Value>> {
         let p = dir.join(format!("{cat}.json"));
         let t: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
             .with_context(|| format!("{}: not JSON", p.display()))?;
-        for (i, e) in t["examples"].as_array().context("examples")?.iter().enumerate() {
+        for (i, e) in t["examples"]
+            .as_array()
+            .context("examples")?
+            .iter()
+            .enumerate()
+        {
             let s = e["target_scores"].as_object().context("target_scores")?;
             let chosen = s.iter().find(|(_, v)| v.as_f64() == Some(1.0));
             let rejected = s.iter().find(|(_, v)| v.as_f64() == Some(0.0));
@@ -245,11 +268,16 @@ fn bsdgames_quiz() -> Result<PathBuf> {
     let deb = cache.join(BSDGAMES_DEB);
     if !(deb.exists() && sha256(&deb)? == BSDGAMES_SHA256) {
         std::fs::create_dir_all(&cache)?;
-        run(Command::new("apt-get").current_dir(&cache).args(["download", "bsdgames=2.17-29+b1"]))?;
+        run(Command::new("apt-get")
+            .current_dir(&cache)
+            .args(["download", "bsdgames=2.17-29+b1"]))?;
     }
     let got = sha256(&deb)?;
     if got != BSDGAMES_SHA256 {
-        bail!("{}: sha256 {got} differs from the pinned {BSDGAMES_SHA256}", deb.display());
+        bail!(
+            "{}: sha256 {got} differs from the pinned {BSDGAMES_SHA256}",
+            deb.display()
+        );
     }
     let out = cache.join("bsdgames-2.17");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&out))?;
@@ -307,8 +335,17 @@ mod tests {
         assert_eq!(spell("Reykjav['i|i'|i]k"), "Reykjavik");
         assert_eq!(spell("Brussel{s}"), "Brussels");
         assert_eq!(spell("Wars[aw|zawa]"), "Warsaw");
-        assert_eq!(spell("{DR |Democratic Republic of the }Congo"), "Democratic Republic of the Congo");
-        assert_eq!(spell("Central Africa{n Rep{ublic}}"), "Central African Republic");
-        assert_eq!(top_alternatives("Malagasy{ Rep{ublic}}|Madagascar"), ["Malagasy{ Rep{ublic}}", "Madagascar"]);
+        assert_eq!(
+            spell("{DR |Democratic Republic of the }Congo"),
+            "Democratic Republic of the Congo"
+        );
+        assert_eq!(
+            spell("Central Africa{n Rep{ublic}}"),
+            "Central African Republic"
+        );
+        assert_eq!(
+            top_alternatives("Malagasy{ Rep{ublic}}|Madagascar"),
+            ["Malagasy{ Rep{ublic}}", "Madagascar"]
+        );
     }
 }

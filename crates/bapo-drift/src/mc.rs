@@ -92,8 +92,7 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>, McError> {
             line,
             what,
         };
-        let v: Value =
-            serde_json::from_str(raw).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(raw).map_err(|e| err(format!("invalid JSON: {e}")))?;
         let s = |k: &str| {
             v.get(k)
                 .and_then(Value::as_str)
@@ -106,7 +105,10 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>, McError> {
             .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect())
             .ok_or_else(|| err("field `choices` must be a list of strings".into()))?;
         if choices.len() < 2 {
-            return Err(err(format!("field `choices` has {} entries (need 2+)", choices.len())));
+            return Err(err(format!(
+                "field `choices` has {} entries (need 2+)",
+                choices.len()
+            )));
         }
         let gold: Vec<usize> = match v.get("gold") {
             Some(Value::Number(n)) => n.as_u64().map(|g| vec![g as usize]),
@@ -114,7 +116,9 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>, McError> {
             _ => None,
         }
         .filter(|g| !g.is_empty())
-        .ok_or_else(|| err("field `gold` must be an index or a non-empty list of indices".into()))?;
+        .ok_or_else(|| {
+            err("field `gold` must be an index or a non-empty list of indices".into())
+        })?;
         if let Some(&g) = gold.iter().find(|&&g| g >= choices.len()) {
             return Err(err(format!(
                 "field `gold`: index {g} but only {} choices",
@@ -149,14 +153,21 @@ pub struct McItemResult {
 
 fn argmax(x: impl Iterator<Item = f64>) -> usize {
     x.enumerate()
-        .fold((0, f64::NEG_INFINITY), |b, (i, v)| if v > b.1 { (i, v) } else { b })
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |b, (i, v)| if v > b.1 { (i, v) } else { b },
+        )
         .0
 }
 
 impl McItemResult {
     /// Scores `item` from its choices' summed log-likelihoods.
     pub fn new(item: &McItem, logliks: Vec<f64>) -> Self {
-        assert_eq!(logliks.len(), item.choices.len(), "one log-likelihood per choice");
+        assert_eq!(
+            logliks.len(),
+            item.choices.len(),
+            "one log-likelihood per choice"
+        );
         let best = argmax(logliks.iter().copied());
         let best_norm = argmax(
             logliks
@@ -300,7 +311,10 @@ mod tests {
     #[test]
     fn summary_ci_and_deltas() {
         let ci = wilson95(85, 100);
-        assert!((ci[0] - 0.7672).abs() < 1e-3 && (ci[1] - 0.9069).abs() < 1e-3, "{ci:?}");
+        assert!(
+            (ci[0] - 0.7672).abs() < 1e-3 && (ci[1] - 0.9069).abs() < 1e-3,
+            "{ci:?}"
+        );
         let it = item(&["a", "b"], &[0]);
         let base = vec![
             McItemResult::new(&it, vec![-1.0, -2.0]),
@@ -325,6 +339,9 @@ mod tests {
         let p = dir.join("k.jsonl");
         std::fs::write(&p, "{\"id\":\"a\",\"context\":\"c\",\"question\":\"q\",\"choices\":[\"x\",\"y\"],\"gold\":[0]}\n\n{\"id\":\"b\",\"context\":\"c\",\"question\":\"q\",\"choices\":[\"x\",\"y\"],\"gold\":[2]}\n").unwrap();
         let e = read_items(&p).unwrap_err().to_string();
-        assert!(e.contains(":3:") && e.contains("`gold`") && e.contains("index 2"), "{e}");
+        assert!(
+            e.contains(":3:") && e.contains("`gold`") && e.contains("index 2"),
+            "{e}"
+        );
     }
 }

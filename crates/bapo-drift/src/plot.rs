@@ -36,7 +36,11 @@ fn register_font() {
 
 type PlotResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-fn draw<DB: DrawingBackend>(area: DrawingArea<DB, plotters::coord::Shift>, title: &str, panels: &[Panel]) -> PlotResult
+fn draw<DB: DrawingBackend>(
+    area: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    panels: &[Panel],
+) -> PlotResult
 where
     DB::ErrorType: 'static,
 {
@@ -80,10 +84,15 @@ where
         for (i, s) in panel.series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| e.to_string())?
                 .label(&s.name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
             chart
                 .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(|e| e.to_string())?;
@@ -110,11 +119,19 @@ pub fn write_figure(stem: &Path, title: &str, panels: &[Panel]) -> PlotResult {
     let pid = std::process::id();
     let svg = stem.with_extension("svg");
     let svg_tmp = stem.with_extension(format!("tmp{pid}.svg"));
-    draw(SVGBackend::new(&svg_tmp, size).into_drawing_area(), title, panels)?;
+    draw(
+        SVGBackend::new(&svg_tmp, size).into_drawing_area(),
+        title,
+        panels,
+    )?;
     std::fs::rename(&svg_tmp, &svg)?;
     let png = stem.with_extension("png");
     let png_tmp = stem.with_extension(format!("tmp{pid}.png"));
-    draw(BitMapBackend::new(&png_tmp, size).into_drawing_area(), title, panels)?;
+    draw(
+        BitMapBackend::new(&png_tmp, size).into_drawing_area(),
+        title,
+        panels,
+    )?;
     std::fs::rename(&png_tmp, &png)?;
     Ok(())
 }

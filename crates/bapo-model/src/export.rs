@@ -139,7 +139,11 @@ pub fn write_pretrained<B: Backend>(
     };
     std::fs::create_dir_all(tmp).map_err(io(tmp))?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    crate::load::safetensors::write_file(&tmp.join("model.safetensors"), &hf_tensors(model), &meta)?;
+    crate::load::safetensors::write_file(
+        &tmp.join("model.safetensors"),
+        &hf_tensors(model),
+        &meta,
+    )?;
     let write = |name: &str, v: &serde_json::Value| {
         let p = tmp.join(name);
         std::fs::write(&p, serde_json::to_string_pretty(v).expect("json")).map_err(io(&p))
@@ -176,7 +180,11 @@ pub fn stable_id(name: &str) -> ParamId {
 
 fn restamp<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, name: &str, grad: bool) {
     let t = p.val();
-    let t = if grad { t.require_grad() } else { t.set_require_grad(false) };
+    let t = if grad {
+        t.require_grad()
+    } else {
+        t.set_require_grad(false)
+    };
     *p = Param::initialized(stable_id(name), t);
 }
 
@@ -200,7 +208,11 @@ pub fn with_stable_ids<B: Backend>(mut model: Llama<B>, trainable: bool) -> Llam
             ("mlp.up_proj", &mut l.mlp.up_proj),
             ("mlp.down_proj", &mut l.mlp.down_proj),
         ] {
-            restamp(&mut proj.linear.weight, &format!("{p}.{name}.weight"), trainable);
+            restamp(
+                &mut proj.linear.weight,
+                &format!("{p}.{name}.weight"),
+                trainable,
+            );
             if let Some(b) = proj.linear.bias.as_mut() {
                 restamp(b, &format!("{p}.{name}.bias"), trainable);
             }

@@ -383,3 +383,38 @@ fn hf_config_variants() {
         .to_string();
     assert!(e.contains("num_key_value_heads"), "{e}");
 }
+
+#[test]
+fn shared_context_scoring_equals_whole_sequence_scoring() {
+    use burn::tensor::activation::log_softmax;
+    let device = Default::default();
+    let model = config().init::<B>(&device);
+    // Contexts of different lengths; continuations of different lengths, 1 to 4 tokens.
+    let contexts = vec![vec![3u32, 8, 13, 2, 40], vec![7u32, 1], vec![9u32, 9, 9]];
+    let conts = vec![
+        (0usize, vec![5u32, 6, 7]),
+        (0, vec![11]),
+        (1, vec![60, 2, 3, 4]),
+        (2, vec![1, 2]),
+        (1, vec![8]),
+    ];
+    let got = bapo_model::generate::continuation_logps(&model, &contexts, &conts, &device);
+    for (k, (c, cont)) in conts.iter().enumerate() {
+        let seq: Vec<i64> = contexts[*c].iter().chain(cont).map(|&t| t as i64).collect();
+        let lp = log_softmax(model.forward(ids(&seq), None), 2)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let (v, lc) = (64, contexts[*c].len());
+        let want: f64 = cont
+            .iter()
+            .enumerate()
+            .map(|(t, &tok)| lp[(lc + t - 1) * v + tok as usize] as f64)
+            .sum();
+        assert!(
+            (got[k] - want).abs() < 1e-4,
+            "continuation {k}: {} vs {want}",
+            got[k]
+        );
+    }
+}

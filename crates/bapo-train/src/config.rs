@@ -277,7 +277,10 @@ impl RunConfig {
             ));
         }
         if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
-            return Err("data.eval is set, so data.eval_fraction must be 0 (one held-out split, not two)".into());
+            return Err(
+                "data.eval is set, so data.eval_fraction must be 0 (one held-out split, not two)"
+                    .into(),
+            );
         }
         if self.data.users.as_ref().is_some_and(Vec::is_empty) {
             return Err("data.users is empty: list at least one user, or leave it out".into());

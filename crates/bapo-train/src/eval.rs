@@ -11,7 +11,7 @@ use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
 use crate::run::RunError;
-use crate::score::{EncodedCompletion, Scorer};
+use crate::score::EncodedCompletion;
 
 /// A named knowledge set.
 #[derive(Debug, Clone)]
@@ -28,7 +28,9 @@ pub fn load_knowledge(paths: &[PathBuf], max_items: usize) -> Result<Vec<Knowled
         let items = read_items(p)?;
         let n = items.len();
         let items = if max_items > 0 && max_items < n {
-            (0..max_items).map(|i| items[i * n / max_items].clone()).collect()
+            (0..max_items)
+                .map(|i| items[i * n / max_items].clone())
+                .collect()
         } else {
             items
         };
@@ -84,7 +86,9 @@ fn mc_sequences(
     Ok(out)
 }
 
-/// Scores every item of `set` in `format` (sequences sorted by length, `batch` per forward).
+/// Scores every item of `set` in `format`. Each context is computed once and shared by its
+/// choices ([`bapo_model::generate::continuation_logps`]); items are sorted by context length
+/// and grouped so that a forward pass holds about `batch` choices.
 pub fn score_knowledge<B: Backend>(
     model: &Llama<B>,
     set: &KnowledgeSet,
@@ -95,48 +99,63 @@ pub fn score_knowledge<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<McItemResult>, RunError> {
     let seqs = mc_sequences(&set.items, format, tok, template)?;
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&k| seqs[k].1.prompt_ids.len() + seqs[k].1.completion_ids.len());
-    let scorer = Scorer {
-        model,
-        device: device.clone(),
-        pad_id: tok.eos_id().unwrap_or(0),
-    };
-    let mut ll = vec![0.0; seqs.len()];
-    let pb = indicatif::ProgressBar::new(seqs.len() as u64).with_style(
+    let mut per_item: Vec<(Vec<u32>, Vec<Vec<u32>>)> =
+        vec![(Vec::new(), Vec::new()); set.items.len()];
+    for (i, s) in seqs {
+        per_item[i].0 = s.prompt_ids;
+        per_item[i].1.push(s.completion_ids);
+    }
+    let mut order: Vec<usize> = (0..per_item.len()).collect();
+    order.sort_by_key(|&i| per_item[i].0.len());
+    let pb = indicatif::ProgressBar::new(order.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(&format!(
-            "{{bar:40}} {{pos}}/{{len}} {} ({}) choices [{{elapsed}} < {{eta}}]",
+            "{{bar:40}} {{pos}}/{{len}} {} ({}) items [{{elapsed}} < {{eta}}]",
             set.name,
             format.name()
         ))
         .expect("template"),
     );
     let t0 = std::time::Instant::now();
-    let tokens: usize = seqs.iter().map(|s| s.1.prompt_ids.len() + s.1.completion_ids.len()).sum();
-    for chunk in order.chunks(batch.max(1)) {
-        let batch: Vec<EncodedCompletion> = chunk.iter().map(|&k| seqs[k].1.clone()).collect();
-        for (&k, (sum, _)) in chunk.iter().zip(scorer.score(&batch)) {
-            ll[k] = sum;
+    let mut lls: Vec<Vec<f64>> = vec![Vec::new(); per_item.len()];
+    let mut start = 0;
+    while start < order.len() {
+        // Items until about `batch` choices.
+        let (mut end, mut choices) = (start, 0);
+        while end < order.len()
+            && (end == start || choices + per_item[order[end]].1.len() <= batch.max(1))
+        {
+            choices += per_item[order[end]].1.len();
+            end += 1;
         }
-        pb.inc(chunk.len() as u64);
+        let group = &order[start..end];
+        let contexts: Vec<Vec<u32>> = group.iter().map(|&i| per_item[i].0.clone()).collect();
+        let conts: Vec<(usize, Vec<u32>)> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(g, &i)| per_item[i].1.iter().map(move |c| (g, c.clone())))
+            .collect();
+        let scores = bapo_model::generate::continuation_logps(model, &contexts, &conts, device);
+        let mut k = 0;
+        for &i in group {
+            let n = per_item[i].1.len();
+            lls[i] = scores[k..k + n].to_vec();
+            k += n;
+        }
+        pb.inc(group.len() as u64);
+        start = end;
     }
     pb.finish_and_clear();
     tracing::debug!(
         set = set.name,
         format = format.name(),
-        sequences = seqs.len(),
-        tokens,
-        tokens_per_s = tokens as f64 / t0.elapsed().as_secs_f64(),
+        items = per_item.len(),
+        secs = t0.elapsed().as_secs_f64(),
         "knowledge scored"
     );
-    let mut per_item: Vec<Vec<f64>> = vec![Vec::new(); set.items.len()];
-    for ((i, _), l) in seqs.iter().zip(ll) {
-        per_item[*i].push(l);
-    }
     Ok(set
         .items
         .iter()
-        .zip(per_item)
+        .zip(lls)
         .map(|(item, l)| McItemResult::new(item, l))
         .collect())
 }

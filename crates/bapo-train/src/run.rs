@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{expand_path, RunConfig};
 use crate::train::{
-    reference_logps, reference_of, train, Normalisation, Optim, OptimRecord,
-    ReferenceLogps, Resume, StepLog,
+    reference_logps, reference_of, train, Normalisation, Optim, OptimRecord, ReferenceLogps,
+    Resume, StepLog,
 };
 
 /// Any failure of the job, with its context.
@@ -165,16 +165,25 @@ fn generate_bases<B: Backend>(
     tok: &bapo_model::Tokenizer,
     device: &B::Device,
 ) -> Result<(Vec<String>, Vec<usize>), RunError> {
-    let g = generate_texts(reference, prompts, cfg, batch, tok, device, "base responses")?;
+    let g = generate_texts(
+        reference,
+        prompts,
+        cfg,
+        batch,
+        tok,
+        device,
+        "base responses",
+    )?;
     Ok(g.into_iter().map(|g| (g.text, g.tokens)).unzip())
 }
 
 /// Eval metrics (prefixed `eval_`) of `model` on held-out examples: the preference and anchor
 /// metrics of the objective, anchor drift of the base responses (`eval_anchor_drift/*`) and the
-/// exact token-level KL(policy‖reference) over every completion token (`eval_kl/token`).
+/// exact token-level KL(policy‖reference) over the base responses' tokens (`eval_kl/token`;
+/// `reference = None` when `model` is the reference itself).
 fn evaluate<B: Backend>(
     model: &Llama<B>,
-    reference: &Llama<B>,
+    reference: Option<&Llama<B>>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
     run: &RunConfig,
@@ -185,7 +194,33 @@ fn evaluate<B: Backend>(
     let (mut c, mut r, mut b, mut b_sum) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut base_tokens = Vec::new();
     let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
-    for chunk in examples.chunks(run.train.batch_size.max(1) * 2) {
+    // The reference scored against itself: its cached log-probs are the policy's, no forward.
+    let chunk_size = if reference.is_none() {
+        usize::MAX
+    } else {
+        run.train.batch_size.max(1) * 2
+    };
+    if reference.is_none() {
+        let pick = |k: usize| {
+            refs.iter().map(move |x| {
+                if norm == Normalisation::Sum {
+                    x.sum[k]
+                } else {
+                    x.mean[k]
+                }
+            })
+        };
+        c.extend(pick(0));
+        r.extend(pick(1));
+        b.extend(pick(2));
+        b_sum.extend(refs.iter().map(|x| x.sum[2]));
+        base_tokens.extend(
+            examples
+                .iter()
+                .map(|e| e.base_ids.as_ref().map_or(0, Vec::len)),
+        );
+    }
+    for chunk in examples.chunks(chunk_size).filter(|_| reference.is_some()) {
         let refs_: Vec<&EncodedExample> = chunk.iter().collect();
         let batch = PreferenceBatch::collate(&refs_, pad);
         let shape = [batch.rows, batch.len];
@@ -202,24 +237,37 @@ fn evaluate<B: Backend>(
             device,
         );
         let logits = model.forward(tokens.clone(), Some(attn.clone()));
-        let ref_logits = reference.forward(tokens.clone(), Some(attn));
-        // Position t predicts token t+1: count t where token t+1 is a completion token.
-        let mut next = batch.completion_mask[..].to_vec();
-        for row in next.chunks_mut(batch.len) {
-            row.rotate_left(1);
-            *row.last_mut().expect("len > 0") = 0.0;
+        let n = chunk.len();
+        // Token KL on the base-response rows (the reference's own answers): position t
+        // predicts token t+1, so count t where token t+1 is a completion token. Without a
+        // separate reference the model is the reference: KL 0, no second forward.
+        if let Some(reference) = reference {
+            let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
+            let ref_logits =
+                reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
+            let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
+            for row in next.chunks_mut(batch.len) {
+                row.rotate_left(1);
+                *row.last_mut().expect("len > 0") = 0.0;
+            }
+            let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
+            let kl = bapo_drift::token_kl(
+                logits.clone().narrow(0, 2 * n, n),
+                ref_logits,
+                kl_mask,
+                run.eval.kl_vocab_chunk,
+            );
+            kl_sum += kl.mean_per_token * kl.tokens as f64;
+            kl_tokens += kl.tokens;
         }
-        let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, shape), device);
-        let kl = bapo_drift::token_kl(
-            logits.clone(),
-            ref_logits,
-            kl_mask,
-            run.eval.kl_vocab_chunk,
-        );
-        kl_sum += kl.mean_per_token * kl.tokens as f64;
-        kl_tokens += kl.tokens;
         let out = bapo_objective::sequence_logps(logits, tokens, mask);
-        let sum: Vec<f64> = out.sum.clone().into_data().convert::<f64>().to_vec().expect("f64");
+        let sum: Vec<f64> = out
+            .sum
+            .clone()
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64");
         let v: Vec<f64> = match norm {
             Normalisation::Sum => out.sum,
             Normalisation::Mean => out.mean,
@@ -228,7 +276,6 @@ fn evaluate<B: Backend>(
         .convert::<f64>()
         .to_vec()
         .expect("f64");
-        let n = chunk.len();
         c.extend_from_slice(&v[..n]);
         r.extend_from_slice(&v[n..2 * n]);
         b.extend_from_slice(&v[2 * n..3 * n]);
@@ -278,9 +325,15 @@ fn evaluate<B: Backend>(
     m.insert("anchor_drift/fell_fraction".into(), drift.fell_fraction);
     m.insert(
         "kl/token".into(),
-        if kl_tokens > 0 { kl_sum / kl_tokens as f64 } else { 0.0 },
+        if kl_tokens > 0 {
+            kl_sum / kl_tokens as f64
+        } else {
+            0.0
+        },
     );
-    m.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect()
+    m.into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v))
+        .collect()
 }
 
 /// What the evaluation passes need besides the held-out pairs: knowledge sets, output-drift
@@ -297,25 +350,25 @@ struct EvalExtras<'a> {
     template: &'a bapo_data::ChatTemplate,
 }
 
+/// Flat `eval_` metrics, knowledge summaries, per-item knowledge results.
+type EvalOutcome = (
+    BTreeMap<String, f64>,
+    BTreeMap<String, bapo_drift::McSummary>,
+    crate::eval::KnowledgeResults,
+);
+
 /// Every eval metric (`eval_`-prefixed) of `model`, and the knowledge summaries.
 #[allow(clippy::too_many_arguments)]
 fn full_eval<B: Backend>(
     model: &Llama<B>,
-    reference: &Llama<B>,
+    reference: Option<&Llama<B>>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
     run: &RunConfig,
     pad: u32,
     device: &B::Device,
     x: &EvalExtras,
-) -> Result<
-    (
-        BTreeMap<String, f64>,
-        BTreeMap<String, bapo_drift::McSummary>,
-        crate::eval::KnowledgeResults,
-    ),
-    RunError,
-> {
+) -> Result<EvalOutcome, RunError> {
     let mut m = if examples.is_empty() {
         BTreeMap::new()
     } else {
@@ -335,12 +388,16 @@ fn full_eval<B: Backend>(
         m.insert(format!("eval_{k}"), v);
     }
     if !x.out_prompts.is_empty() {
-        let o = crate::eval::output_stats(model, &x.out_prompts, x.max_new_tokens, &x.eos_ids, device);
+        let o =
+            crate::eval::output_stats(model, &x.out_prompts, x.max_new_tokens, &x.eos_ids, device);
         m.insert("eval_output/mean_length".into(), o.mean_length);
         m.insert("eval_output/eos_rate".into(), o.eos_rate);
         m.insert("eval_output/distinct_2".into(), o.distinct_2);
         if let Some(b) = &x.base_output {
-            m.insert("eval_output/delta_mean_length".into(), o.mean_length - b.mean_length);
+            m.insert(
+                "eval_output/delta_mean_length".into(),
+                o.mean_length - b.mean_length,
+            );
         }
     }
     Ok((m, summaries, results))
@@ -348,7 +405,10 @@ fn full_eval<B: Backend>(
 
 /// Frobenius norm of each weight's change from the reference: `‖scale·A·B‖` per adapted
 /// module for LoRA, `‖W − W₀‖` per tensor otherwise.
-fn weight_change_norms<B: Backend>(policy: &Llama<B>, reference: &Llama<B>) -> BTreeMap<String, f64> {
+fn weight_change_norms<B: Backend>(
+    policy: &Llama<B>,
+    reference: &Llama<B>,
+) -> BTreeMap<String, f64> {
     let lora = crate::lora::adapter_delta_norms(policy);
     if !lora.is_empty() {
         return lora;
@@ -460,8 +520,13 @@ pub fn run_anchors<B: AutodiffBackend>(
 /// What `run_job` does after the shared preparation (data, anchors, reference log-probs).
 enum Mode {
     Anchors,
-    Train { resume: bool },
-    Eval { adapter: Option<PathBuf>, report: PathBuf },
+    Train {
+        resume: bool,
+    },
+    Eval {
+        adapter: Option<PathBuf>,
+        report: PathBuf,
+    },
 }
 
 /// `bapo eval`: the base model and (with `adapter`: a LoRA adapter directory or a full
@@ -502,7 +567,8 @@ fn eval_report<B: Backend>(
     };
     let (metrics, summaries, distance) = match &policy {
         Some(p) => {
-            let (mut m, s, _) = full_eval(p, reference, eval_enc, refs, run, eos, device, extras)?;
+            let (mut m, s, _) =
+                full_eval(p, Some(reference), eval_enc, refs, run, eos, device, extras)?;
             let wd = bapo_drift::weights::weight_distance(&weight_change_norms(p, reference));
             m.insert("eval_weight_distance".into(), wd.global);
             (Some(m), Some(s), Some(wd))
@@ -511,7 +577,10 @@ fn eval_report<B: Backend>(
     };
     let mut table = format!("{:<48} {:>12} {:>12}\n", "metric", "base", "policy");
     for (k, v) in base_metrics {
-        let p = metrics.as_ref().and_then(|m| m.get(k)).map_or(String::from("-"), |p| format!("{p:.4}"));
+        let p = metrics
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .map_or(String::from("-"), |p| format!("{p:.4}"));
         table.push_str(&format!("{k:<48} {v:>12.4} {p:>12}\n"));
     }
     for (k, s) in base_summaries {
@@ -546,10 +615,18 @@ fn eval_report<B: Backend>(
 /// The training figure (`training.svg` / `.png` in the run directory): knowledge accuracy, the
 /// gold answer's margin, drift from the reference and preference accuracy against steps, with
 /// the base model as step 0.
-fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Value]) -> Result<(), RunError> {
+fn training_figure(
+    out: &Path,
+    base: &serde_json::Value,
+    rows: &[serde_json::Value],
+) -> Result<(), RunError> {
     use bapo_drift::plot::{Panel, Series};
     let evals: Vec<&serde_json::Value> = std::iter::once(base)
-        .chain(rows.iter().filter(|r| r.get("eval_rewards/accuracies").is_some() || r.as_object().is_some_and(|o| o.keys().any(|k| k.starts_with("eval_knowledge/")))))
+        .chain(rows.iter().filter(|r| {
+            r.get("eval_rewards/accuracies").is_some()
+                || r.as_object()
+                    .is_some_and(|o| o.keys().any(|k| k.starts_with("eval_knowledge/")))
+        }))
         .collect();
     let series = |key: &str, name: &str| Series {
         name: name.to_string(),
@@ -560,9 +637,18 @@ fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Val
     };
     let keys: Vec<String> = base
         .as_object()
-        .map(|o| o.keys().filter(|k| k.starts_with("eval_knowledge/") && k.ends_with("/acc")).cloned().collect())
+        .map(|o| {
+            o.keys()
+                .filter(|k| k.starts_with("eval_knowledge/") && k.ends_with("/acc"))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
-    let label = |k: &str| k.trim_start_matches("eval_knowledge/").trim_end_matches("/acc").replace('/', " ");
+    let label = |k: &str| {
+        k.trim_start_matches("eval_knowledge/")
+            .trim_end_matches("/acc")
+            .replace('/', " ")
+    };
     let panels = vec![
         Panel {
             title: "Knowledge accuracy (multiple choice)".into(),
@@ -575,7 +661,10 @@ fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Val
             title: "Gold answer's margin over best distractor".into(),
             x_label: "optimiser step (0 = base model)".into(),
             y_label: "nats".into(),
-            series: keys.iter().map(|k| series(&k.replace("/acc", "/margin"), &label(k))).collect(),
+            series: keys
+                .iter()
+                .map(|k| series(&k.replace("/acc", "/margin"), &label(k)))
+                .collect(),
             y_range: None,
         },
         Panel {
@@ -583,7 +672,10 @@ fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Val
             x_label: "optimiser step (0 = base model)".into(),
             y_label: "nats per token".into(),
             series: vec![
-                series("eval_anchor_drift/per_token", "anchor drift (base responses)"),
+                series(
+                    "eval_anchor_drift/per_token",
+                    "anchor drift (base responses)",
+                ),
                 series("eval_kl/token", "token KL(policy || reference)"),
             ],
             y_range: None,
@@ -592,11 +684,18 @@ fn training_figure(out: &Path, base: &serde_json::Value, rows: &[serde_json::Val
             title: "Preference accuracy".into(),
             x_label: "optimiser step (0 = base model)".into(),
             y_label: "fraction of pairs ranked right".into(),
-            series: vec![series("eval_rewards/accuracies", "held-out pairs")],
+            series: vec![series(
+                "eval_rewards/accuracies",
+                "held-out pairs (TRL counts margin > 0: 0 at the base)",
+            )],
             y_range: Some((0.0, 1.05)),
         },
     ];
-    bapo_drift::plot::write_figure(&out.join("training"), "bapo training: personalisation vs retention", &panels)
+    bapo_drift::plot::write_figure(
+        &out.join("training"),
+        "bapo training: personalisation vs retention",
+        &panels,
+    )
 }
 
 fn run_job<B: AutodiffBackend>(
@@ -625,7 +724,11 @@ fn run_job<B: AutodiffBackend>(
         if let Some(users) = &run.data.users {
             v.retain(|e| e.user.as_ref().is_some_and(|u| users.contains(u)));
             if v.is_empty() {
-                return Err(format!("{}: no pair has a `user` in data.users {users:?}", path.display()).into());
+                return Err(format!(
+                    "{}: no pair has a `user` in data.users {users:?}",
+                    path.display()
+                )
+                .into());
             }
         }
         Ok(v)
@@ -633,14 +736,14 @@ fn run_job<B: AutodiffBackend>(
     let mut examples = keep(read_preferences(&run.data.train)?, &run.data.train)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(run.train.seed);
     examples.shuffle(&mut rng);
-    let (eval_ex, train_ex): (Vec<PreferenceExample>, Vec<PreferenceExample>) =
-        match &run.data.eval {
-            Some(p) => (keep(read_preferences(p)?, p)?, examples.clone()),
-            None => {
-                let n_eval = ((examples.len() as f64) * run.data.eval_fraction).round() as usize;
-                (examples[..n_eval].to_vec(), examples[n_eval..].to_vec())
-            }
-        };
+    let (eval_ex, train_ex): (Vec<PreferenceExample>, Vec<PreferenceExample>) = match &run.data.eval
+    {
+        Some(p) => (keep(read_preferences(p)?, p)?, examples.clone()),
+        None => {
+            let n_eval = ((examples.len() as f64) * run.data.eval_fraction).round() as usize;
+            (examples[..n_eval].to_vec(), examples[n_eval..].to_vec())
+        }
+    };
     let users: std::collections::BTreeSet<&str> =
         examples.iter().filter_map(|e| e.user.as_deref()).collect();
     tracing::info!(
@@ -805,7 +908,11 @@ fn run_job<B: AutodiffBackend>(
     let mut extras = EvalExtras {
         sets: crate::eval::load_knowledge(
             &run.eval.knowledge,
-            if all_items { 0 } else { run.eval.knowledge_items },
+            if all_items {
+                0
+            } else {
+                run.eval.knowledge_items
+            },
         )?,
         formats: run.eval.formats()?,
         out_prompts: eval_ex
@@ -822,7 +929,7 @@ fn run_job<B: AutodiffBackend>(
     };
     let t0 = std::time::Instant::now();
     let (base_metrics, base_summaries, base_results) = full_eval(
-        &reference, &reference, &eval_enc, &refs.eval, run, eos, device, &extras,
+        &reference, None, &eval_enc, &refs.eval, run, eos, device, &extras,
     )?;
     if !extras.out_prompts.is_empty() {
         extras.base_output = Some(crate::eval::output_stats(
@@ -845,8 +952,18 @@ fn run_job<B: AutodiffBackend>(
     )?;
     if let Mode::Eval { adapter, report } = &mode {
         return eval_report(
-            run, device, model.valid(), &reference, adapter.as_deref(), report, &eval_enc, &refs.eval,
-            eos, &extras, &base_metrics, &base_summaries,
+            run,
+            device,
+            model.valid(),
+            &reference,
+            adapter.as_deref(),
+            report,
+            &eval_enc,
+            &refs.eval,
+            eos,
+            &extras,
+            &base_metrics,
+            &base_summaries,
         );
     }
     let resume = matches!(mode, Mode::Train { resume: true });
@@ -929,7 +1046,16 @@ fn run_job<B: AutodiffBackend>(
             && (l.step.is_multiple_of(run.output.eval_steps.max(1))
                 || l.step == run.train.max_steps)
         {
-            match full_eval(&m.valid(), &reference, &eval_enc, &refs.eval, run, eos, device, &extras) {
+            match full_eval(
+                &m.valid(),
+                Some(&reference),
+                &eval_enc,
+                &refs.eval,
+                run,
+                eos,
+                device,
+                &extras,
+            ) {
                 Ok((ev, _, _)) => {
                     for (k, v) in ev {
                         row[k] = serde_json::json!(v);
@@ -939,7 +1065,8 @@ fn run_job<B: AutodiffBackend>(
                     write_err.get_or_insert(e);
                 }
             }
-            let wd = bapo_drift::weights::weight_distance(&weight_change_norms(&m.valid(), &reference));
+            let wd =
+                bapo_drift::weights::weight_distance(&weight_change_norms(&m.valid(), &reference));
             row["eval_weight_distance"] = serde_json::json!(wd.global);
         }
         if let Err(e) = writeln!(log, "{row}").and_then(|_| log.flush()) {
@@ -1012,6 +1139,11 @@ fn run_job<B: AutodiffBackend>(
         "eval_rewards/accuracies",
         "eval_rewards/margins",
         "eval_anchor/violation_rate",
+        "eval_anchor_drift/mean",
+        "eval_kl/token",
+        "eval_knowledge/capitals/chat/acc",
+        "eval_knowledge/capitals/chat/delta_margin",
+        "eval_output/mean_length",
         "eval_logps/base",
         "tokens_per_s",
     ];

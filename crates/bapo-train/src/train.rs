@@ -420,7 +420,10 @@ pub fn train<B: AutodiffBackend>(
     for step in first_step..cfg.max_steps {
         // Dropout masks come from the backend's RNG: reseed it per step, so a resumed run draws
         // the same masks as the uninterrupted one without saving the RNG state.
-        B::seed(device, cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        B::seed(
+            device,
+            cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
         let t0 = std::time::Instant::now();
         let mut step_tokens = 0usize;
         let mut acc = GradientsAccumulator::<Llama<B>>::new();

@@ -86,4 +86,3 @@ fn resumed_training_matches_the_uninterrupted_run() {
         assert_eq!(r.1, f.1);
     }
 }
-

@@ -2,10 +2,10 @@
 //! at the reference, DPO learns the preference, the anchor limits drift of the base responses,
 //! adapters round-trip through safetensors.
 
+use bapo_data::EncodedExample;
 use bapo_model::Llama;
 use bapo_train::lora::{adapter_delta_norms, load_adapter, save_adapter};
 use bapo_train::train::Normalisation;
-use bapo_data::EncodedExample;
 use bapo_train::{train, ReferenceLogps, TrainConfig};
 
 mod common;
@@ -170,19 +170,37 @@ fn merged_export_reloads_with_the_adapted_log_probs() {
     let loaded = bapo_model::load_pretrained::<AD>(&fixture(), &device).unwrap();
     let dir = std::env::temp_dir().join(format!("bapo-export-{}", std::process::id()));
     bapo_model::export::save_pretrained(&trained, &loaded.config, &loaded.tokenizer, &dir).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let back = bapo_model::load_pretrained::<AD>(&dir, &device).unwrap();
     assert_eq!(back.config, loaded.config);
     assert_eq!(back.tokenizer.chat_template, loaded.tokenizer.chat_template);
     let text = "Hello there, how are you? 123";
-    assert_eq!(back.tokenizer.encode(text).unwrap(), loaded.tokenizer.encode(text).unwrap());
+    assert_eq!(
+        back.tokenizer.encode(text).unwrap(),
+        loaded.tokenizer.encode(text).unwrap()
+    );
     let (a, b) = (logps(&trained, &enc, eos), logps(&back.model, &enc, eos));
     let base = logps(&loaded.model, &enc, eos);
-    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    assert!(worst < 1e-3, "merged export differs by {worst}: {a:?} vs {b:?}");
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-3,
+        "merged export differs by {worst}: {a:?} vs {b:?}"
+    );
     // The adapter did move the model, so the check above is not vacuous.
-    assert!(a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-2), "{a:?} vs {base:?}");
+    assert!(
+        a.iter().zip(&base).any(|(x, y)| (x - y).abs() > 1e-2),
+        "{a:?} vs {base:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -76,7 +76,9 @@ pub fn setup() -> (Llama<AD>, Vec<EncodedExample>, Vec<ReferenceLogps>, u32) {
     setup_with_dropout(0.0)
 }
 
-pub fn setup_with_dropout(dropout: f64) -> (Llama<AD>, Vec<EncodedExample>, Vec<ReferenceLogps>, u32) {
+pub fn setup_with_dropout(
+    dropout: f64,
+) -> (Llama<AD>, Vec<EncodedExample>, Vec<ReferenceLogps>, u32) {
     let device = Default::default();
     let loaded = bapo_model::load_pretrained::<AD>(&fixture(), &device).unwrap();
     let (enc, eos) = data(&loaded);
@@ -97,4 +99,3 @@ pub fn logps(model: &Llama<AD>, enc: &[EncodedExample], pad: u32) -> Vec<f64> {
     let (sum, _) = batch_logps(&model.valid(), &batch, &Default::default());
     sum.into_data().convert::<f64>().to_vec::<f64>().unwrap()
 }
-
