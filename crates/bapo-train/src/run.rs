@@ -946,10 +946,6 @@ fn run_job<B: AutodiffBackend>(
     for (k, v) in &base_metrics {
         base_row[k] = serde_json::json!(v);
     }
-    write_atomic(
-        &out.join("eval_base.json"),
-        serde_json::to_string_pretty(&base_row)?.as_bytes(),
-    )?;
     if let Mode::Eval { adapter, report } = &mode {
         return eval_report(
             run,
@@ -967,6 +963,10 @@ fn run_job<B: AutodiffBackend>(
         );
     }
     let resume = matches!(mode, Mode::Train { resume: true });
+    write_atomic(
+        &out.join("eval_base.json"),
+        serde_json::to_string_pretty(&base_row)?.as_bytes(),
+    )?;
 
     // Policy: LoRA on the frozen base, or (no [lora] section) every weight trainable, with ids
     // derived from the HF names so a saved optimiser state applies after a restart.
