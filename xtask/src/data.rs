@@ -118,7 +118,11 @@ pub fn prompts(out: &Path) -> Result<(usize, usize, usize)> {
         {
             continue;
         }
-        let split = if fnv1a(&p).is_multiple_of(8) { "test" } else { "train" };
+        let split = if fnv1a(&p).is_multiple_of(8) {
+            "test"
+        } else {
+            "train"
+        };
         rows.push(json!({
             "prompt": p,
             "split": split,
