@@ -110,11 +110,11 @@ impl LoraConfig {
                 .collect();
             proj.lora = Some(Lora {
                 a: Param::initialized(
-                    stable_id(&format!("{name}.lora_A")),
+                    bapo_model::export::stable_id(&format!("{name}.lora_A")),
                     Tensor::from_data(TensorData::new(a, [d_in, self.rank]), device).require_grad(),
                 ),
                 b: Param::initialized(
-                    stable_id(&format!("{name}.lora_B")),
+                    bapo_model::export::stable_id(&format!("{name}.lora_B")),
                     Tensor::zeros([self.rank, d_out], device).require_grad(),
                 ),
                 scale: self.alpha / self.rank as f64,
@@ -123,15 +123,6 @@ impl LoraConfig {
         }
         model
     }
-}
-
-/// A parameter id derived from the module path (FNV-1a), so that an adapter attached in a
-/// later process has the same ids and a saved optimiser state (keyed by id) applies to it.
-fn stable_id(name: &str) -> burn::module::ParamId {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    burn::module::ParamId::from(h)
 }
 
 /// The model without adapters (the reference: frozen base weights, shared, not copied).
