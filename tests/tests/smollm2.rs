@@ -92,3 +92,20 @@ fn smollm2_gguf_matches_transformers_on_ndarray() {
     );
     eprintln!("smollm2 ndarray: worst token |Δ log p| = {worst:.2e}");
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn smollm2_gguf_matches_transformers_on_cuda() {
+    let device = burn::backend::cuda::CudaDevice::default();
+    let loaded = bapo_model::load_pretrained::<burn::backend::Cuda>(&gguf_path(), &device).unwrap();
+    let worst = check_model(
+        &loaded,
+        &golden("smollm2"),
+        Tolerance {
+            token: 0.01,
+            sum: 0.05,
+        },
+        &device,
+    );
+    eprintln!("smollm2 cuda: worst token |Δ log p| = {worst:.2e}");
+}

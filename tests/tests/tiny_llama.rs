@@ -28,3 +28,14 @@ fn tiny_llama_matches_transformers_on_wgpu() {
     let worst = check_model(&loaded, &golden("tiny-llama"), TOL, &device);
     eprintln!("tiny-llama wgpu: worst token |Δ log p| = {worst:.2e}");
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn tiny_llama_matches_transformers_on_cuda() {
+    let device = burn::backend::cuda::CudaDevice::default();
+    let loaded =
+        bapo_model::load_pretrained::<burn::backend::Cuda>(&fixture("tiny-llama"), &device)
+            .unwrap();
+    let worst = check_model(&loaded, &golden("tiny-llama"), TOL, &device);
+    eprintln!("tiny-llama cuda: worst token |Δ log p| = {worst:.2e}");
+}

@@ -70,6 +70,39 @@ enum Cmd {
         #[arg(long)]
         resume: bool,
     },
+    /// The forgetting experiment: DPO, DPO with β 0.5, DPO + NLL and BAPO (λ 0.5, 1, 2) on the
+    /// same data, seed and budget at each heterogeneity level; writes compare.json,
+    /// compare.md and compare.{png,svg} (retention vs preference accuracy).
+    Compare {
+        /// Base run configuration (configs/compare.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// A small version for a first look (~20 min on 2 CPU cores): the `opposing` level,
+        /// DPO and BAPO λ 1, 24 training / 12 held-out pairs, 6 steps, chat-format knowledge.
+        #[arg(long)]
+        quick: bool,
+        /// Seeds 0..N per level and method.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// Levels to run (default: all; known: one_user, three_users, opposing).
+        #[arg(long, value_delimiter = ',')]
+        levels: Vec<String>,
+        /// Methods to run (default: all; known: dpo, dpo_beta0.5, dpo_nll, bapo_l0.5, bapo_l1, bapo_l2).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Output directory (default: runs/compare, or runs/compare-quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Training pairs per level, balanced over its users (default: all; --quick: 24).
+        #[arg(long)]
+        max_train_pairs: Option<usize>,
+        /// Held-out pairs per level (default: all; --quick: 12).
+        #[arg(long)]
+        max_eval_pairs: Option<usize>,
+        /// Override any base config value for every run.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Only the base responses: the frozen reference answers every training prompt; writes
     /// `anchors.jsonl` (prompt, base response, token count, reference log-prob) and the caches
     /// `bapo train` reuses.
@@ -214,6 +247,26 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// `want` (by name) out of `all`; everything when `want` is empty.
+fn pick<T: Clone>(
+    all: Vec<T>,
+    want: &[String],
+    kind: &str,
+    name: fn(&T) -> &str,
+) -> Result<Vec<T>> {
+    if want.is_empty() {
+        return Ok(all);
+    }
+    want.iter()
+        .map(|w| {
+            all.iter().find(|x| name(x) == w).cloned().ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(name).collect();
+                anyhow::anyhow!("unknown {kind} `{w}` (known: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
 /// The autodiff-backed jobs `infer` hands back to `run`.
 enum Job {
     Anchors,
@@ -224,6 +277,10 @@ enum Job {
     Train {
         resume: bool,
     },
+    Compare {
+        config: PathBuf,
+        spec: bapo_train::compare::CompareSpec,
+    },
 }
 
 /// Every command, generic over an autodiff backend; inference uses its inner backend.
@@ -233,6 +290,12 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
             Job::Anchors => run_anchors::<A>(cfg, device),
             Job::Eval { adapter, report } => run_eval::<A>(cfg, device, adapter, report),
             Job::Train { resume } => run_training::<A>(cfg, device, resume),
+            Job::Compare { config, spec } => {
+                bapo_train::compare::run_compare::<A>(&config, &spec, device).map(|md| {
+                    println!("{md}");
+                    spec.out.join("compare.md")
+                })
+            }
         };
         res.map_err(|e| anyhow::anyhow!("{e}"))
     })
@@ -277,6 +340,83 @@ fn infer<B: Backend>(
             println!(
                 "{}",
                 trainer(&cfg, &device, Job::Eval { adapter, report })?.display()
+            );
+            Ok(())
+        }
+        Cmd::Compare {
+            config,
+            quick,
+            seeds,
+            levels,
+            methods,
+            out,
+            max_train_pairs,
+            max_eval_pairs,
+            set,
+        } => {
+            use bapo_train::compare::{default_levels, default_methods, CompareSpec};
+            let (def_levels, def_methods, mut overrides, caps) = if quick {
+                (
+                    vec!["opposing".to_string()],
+                    vec!["dpo".to_string(), "bapo_l1".to_string()],
+                    [
+                        "train.max_steps=6",
+                        "train.warmup_steps=1",
+                        "train.grad_accum=1",
+                        "eval.knowledge_items=24",
+                        "eval.formats=[\"chat\"]",
+                        "eval.output_prompts=4",
+                        "anchor.max_new_tokens=32",
+                        "output.eval_steps=6",
+                        "output.save_steps=6",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    (Some(24), Some(12)),
+                )
+            } else {
+                (Vec::new(), Vec::new(), Vec::new(), (None, None))
+            };
+            overrides.extend(set);
+            let levels = pick(
+                default_levels(),
+                if levels.is_empty() {
+                    &def_levels
+                } else {
+                    &levels
+                },
+                "level",
+                |l| l.name.as_str(),
+            )?;
+            let methods = pick(
+                default_methods(),
+                if methods.is_empty() {
+                    &def_methods
+                } else {
+                    &methods
+                },
+                "method",
+                |m| m.name.as_str(),
+            )?;
+            let spec = CompareSpec {
+                levels,
+                methods,
+                seeds: (0..seeds.max(1)).collect(),
+                out: out.unwrap_or_else(|| {
+                    PathBuf::from(if quick {
+                        "runs/compare-quick"
+                    } else {
+                        "runs/compare"
+                    })
+                }),
+                max_train_pairs: max_train_pairs.or(caps.0),
+                max_eval_pairs: max_eval_pairs.or(caps.1),
+                overrides,
+            };
+            let cfg = RunConfig::from_file_with(&config, &spec.overrides)?;
+            println!(
+                "{}",
+                trainer(&cfg, &device, Job::Compare { config, spec })?.display()
             );
             Ok(())
         }

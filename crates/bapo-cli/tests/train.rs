@@ -446,8 +446,145 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
 }
 
 #[test]
+fn compare_trains_each_method_on_per_level_data_and_reports() {
+    let dir = std::env::temp_dir().join(format!("bapo-compare-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "");
+    let r = root();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            &format!("train = \"{}\"", r.join("data/demo/concise.jsonl").display()),
+            &format!(
+                "train = \"{}\"\neval = \"{}\"",
+                r.join("data/personas/train.jsonl").display(),
+                r.join("data/personas/test.jsonl").display()
+            ),
+        )
+        .replace("eval_fraction = 0.125", "eval_fraction = 0.0")
+        .replace(
+            "[output]",
+            &format!(
+                "[eval]\nknowledge = [\"{}\"]\nknowledge_items = 6\noutput_prompts = 2\nkl_vocab_chunk = 4096\n[output]",
+                r.join("data/knowledge/capitals.jsonl").display()
+            ),
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let out = dir.join("cmp");
+    let args = [
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--levels",
+        "one_user",
+        "--methods",
+        "dpo,bapo_l1",
+        "--max-train-pairs",
+        "6",
+        "--max-eval-pairs",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "output.eval_steps=2",
+    ];
+    let res = bapo(&args);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let md = String::from_utf8_lossy(&res.stdout);
+    assert!(md.contains("| one_user | dpo | 1 |"), "{md}");
+    assert!(md.contains("| one_user | bapo_l1 | 1 |"), "{md}");
+    assert!(md.contains("| one_user | base model | - |"), "{md}");
+    // Per-level data: the level's user only, capped, the profile as a system turn.
+    let train = std::fs::read_to_string(out.join("data/one_user/train.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = train
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["user"] == "concise"
+        && r["prompt"][0]["role"] == "system"
+        && r["prompt"][1]["role"] == "user"));
+    // Each method's config: its own anchor weight, the level's data; shared anchor cache.
+    let runs = out.join("runs/one_user");
+    let weight = |m: &str| {
+        let c: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(runs.join(m).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        (c["train"]["anchor_weight"].as_f64().unwrap(), c)
+    };
+    let (wd, cd) = weight("dpo-seed0");
+    let (wb, _) = weight("bapo_l1-seed0");
+    assert_eq!((wd, wb), (0.0, 1.0));
+    assert_eq!(cd["data"]["users"], serde_json::json!(["concise"]));
+    assert_eq!(
+        std::fs::read(runs.join("dpo-seed0/anchors.cache.json")).unwrap(),
+        std::fs::read(runs.join("bapo_l1-seed0/anchors.cache.json")).unwrap()
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 2);
+    for run in doc["runs"].as_array().unwrap() {
+        let m = &run["metrics"];
+        for key in [
+            "eval_rewards/accuracies",
+            "eval_anchor_drift/mean",
+            "eval_kl/token",
+            "knowledge/retention",
+            "knowledge/delta_margin",
+        ] {
+            assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key}: {m}");
+        }
+    }
+    assert_eq!(
+        &std::fs::read(out.join("compare.png")).unwrap()[1..4],
+        b"PNG"
+    );
+    // A rerun reuses the finished runs (no training: metrics.jsonl untouched).
+    let metrics = runs.join("dpo-seed0/metrics.jsonl");
+    let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
+    let res = bapo(&args);
+    assert!(res.status.success());
+    assert_eq!(
+        std::fs::metadata(&metrics).unwrap().modified().unwrap(),
+        before
+    );
+    // A level whose users are not in the data is a clear error.
+    let only = dir.join("only-concise.jsonl");
+    std::fs::write(
+        &only,
+        "{\"prompt\": \"Hi?\", \"chosen\": \"Hello.\", \"rejected\": \"Hello there, friend.\", \"user\": \"concise\"}\n",
+    )
+    .unwrap();
+    let res = bapo(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--levels",
+        "three_users",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &format!("data.train=\"{}\"", only.display()),
+        "--set",
+        &format!("data.eval=\"{}\"", only.display()),
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("needs user `expert`"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn shipped_configs_parse_and_their_data_reads() {
-    for name in ["default.toml", "dpo-baseline.toml"] {
+    for name in ["default.toml", "dpo-baseline.toml", "compare.toml"] {
         let path = root().join("configs").join(name);
         let cfg = bapo_train::RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
         let users = cfg.data.users.clone().unwrap_or_default();

@@ -229,6 +229,45 @@ pub struct McSummary {
     pub delta_acc: Option<f64>,
     pub delta_gold_loglik: Option<f64>,
     pub delta_margin: Option<f64>,
+    /// Items the base model was unsure of (`|base margin| < BOUNDARY_NATS`): where forgetting
+    /// shows first. Set when a base is given.
+    pub boundary: Option<McSubset>,
+    /// Items the base model answered confidently right (`base margin >= BOUNDARY_NATS`).
+    pub easy: Option<McSubset>,
+}
+
+/// Half-width, in nats, of the band of base-model margins that counts as the decision boundary.
+pub const BOUNDARY_NATS: f64 = 1.0;
+
+/// Accuracy and margin on a subset of items chosen by the base model's margin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McSubset {
+    pub n: usize,
+    pub acc: f64,
+    pub base_acc: f64,
+    pub margin: f64,
+    pub base_margin: f64,
+}
+
+impl McSubset {
+    fn new(pairs: &[(&McItemResult, &McItemResult)]) -> Self {
+        let n = pairs.len().max(1) as f64;
+        let sum = |f: &dyn Fn(&McItemResult) -> f64, which: usize| {
+            pairs
+                .iter()
+                .map(|p| f(if which == 0 { p.0 } else { p.1 }))
+                .sum::<f64>()
+                / n
+        };
+        let acc = |r: &McItemResult| f64::from(u8::from(r.correct));
+        Self {
+            n: pairs.len(),
+            acc: sum(&acc, 0),
+            base_acc: sum(&acc, 1),
+            margin: sum(&|r| r.margin, 0),
+            base_margin: sum(&|r| r.margin, 1),
+        }
+    }
 }
 
 impl McSummary {
@@ -260,6 +299,8 @@ impl McSummary {
             delta_acc: None,
             delta_gold_loglik: None,
             delta_margin: None,
+            boundary: None,
+            easy: None,
         };
         if let Some(b) = base {
             assert!(
@@ -271,6 +312,12 @@ impl McSummary {
             s.delta_acc = Some(acc - base_acc);
             s.delta_gold_loglik = Some(gold - mean(&|r| r.gold_loglik, b));
             s.delta_margin = Some(margin - mean(&|r| r.margin, b));
+            let pairs: Vec<(&McItemResult, &McItemResult)> = results.iter().zip(b).collect();
+            let pick = |f: &dyn Fn(f64) -> bool| -> Vec<(&McItemResult, &McItemResult)> {
+                pairs.iter().filter(|p| f(p.1.margin)).copied().collect()
+            };
+            s.boundary = Some(McSubset::new(&pick(&|m| m.abs() < BOUNDARY_NATS)));
+            s.easy = Some(McSubset::new(&pick(&|m| m >= BOUNDARY_NATS)));
         }
         s
     }
@@ -343,5 +390,36 @@ mod tests {
             e.contains(":3:") && e.contains("`gold`") && e.contains("index 2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn boundary_and_easy_subsets_follow_the_base_margin() {
+        let it = |id: &str| McItem {
+            id: id.into(),
+            ..item(&["a", "b"], &[0])
+        };
+        let score = |id: &str, gold: f64, other: f64| McItemResult::new(&it(id), vec![gold, other]);
+        // Base margins: +0.5 (boundary), +2 (easy), -0.3 (boundary), -3 (neither).
+        let base = [
+            score("1", -1.0, -1.5),
+            score("2", -1.0, -3.0),
+            score("3", -1.3, -1.0),
+            score("4", -4.0, -1.0),
+        ];
+        // The policy loses item 1 (margin -0.5) and keeps item 2 (margin +1).
+        let pol = [
+            score("1", -2.0, -1.5),
+            score("2", -1.0, -2.0),
+            score("3", -1.3, -1.0),
+            score("4", -4.0, -1.0),
+        ];
+        let s = McSummary::new(&pol, Some(&base));
+        let b = s.boundary.unwrap();
+        assert_eq!(b.n, 2);
+        assert!((b.base_acc - 0.5).abs() < 1e-12 && b.acc.abs() < 1e-12);
+        assert!((b.base_margin - 0.1).abs() < 1e-12 && (b.margin + 0.4).abs() < 1e-12);
+        let e = s.easy.unwrap();
+        assert_eq!(e.n, 1);
+        assert!((e.acc - 1.0).abs() < 1e-12 && (e.margin - 1.0).abs() < 1e-12);
     }
 }

@@ -211,6 +211,14 @@ pub fn knowledge_metrics(summaries: &BTreeMap<String, McSummary>) -> BTreeMap<St
         if let Some(v) = s.delta_margin {
             put("delta_margin", v);
         }
+        for (name, sub) in [("boundary", &s.boundary), ("easy", &s.easy)] {
+            if let Some(x) = sub.as_ref().filter(|x| x.n > 0) {
+                put(&format!("{name}_n"), x.n as f64);
+                put(&format!("{name}_acc"), x.acc);
+                put(&format!("{name}_delta_acc"), x.acc - x.base_acc);
+                put(&format!("{name}_delta_margin"), x.margin - x.base_margin);
+            }
+        }
     }
     m
 }

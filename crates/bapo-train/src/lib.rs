@@ -3,6 +3,7 @@
 //! Composes `bapo-model`, `bapo-data` and `bapo-objective`: the scoring pass behind
 //! `bapo score`, LoRA adapters, reference log-probs and the BAPO training loop.
 
+pub mod compare;
 pub mod config;
 pub mod eval;
 pub mod lora;

@@ -1,0 +1,273 @@
+//! Criterion benchmarks, one binary for every compiled backend: `cargo xtask bench [--backend X]`.
+//!
+//! The backend is picked at run time by `BAPO_BENCH_BACKEND` (`ndarray`, `wgpu`, `cuda`; the
+//! cargo feature must be compiled in) and prefixes every group name, so reports of different
+//! backends sit side by side in `target/criterion`. Every timed closure ends with a read back to
+//! the host (or `B::sync`), so asynchronous devices are measured to completion. Throughput is in
+//! tokens. SmolLM2 groups need the GGUF (`cargo xtask fetch`); without it they are skipped with a
+//! message. `BAPO_BENCH_ONLY_TINY=1` skips them on purpose; `BAPO_BENCH_QUICK=1` measures each
+//! group for 3 s instead of 20–30 s.
+
+use std::time::Duration;
+
+use bapo_data::{EncodedExample, PreferenceBatch};
+use bapo_model::generate::{generate, GenerationConfig};
+use bapo_model::{load_pretrained, Llama};
+use bapo_objective::{bapo_loss, AnchorLogps, ObjectiveConfig, PairLogps};
+use bapo_tests::{fixture, smollm2_gguf};
+use bapo_train::train::batch_logps;
+use bapo_train::{train, LoraConfig, ReferenceLogps, TrainConfig};
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+/// Pairs per BAPO step and tokens per sequence: the headline step (12 sequences of 128).
+const PAIRS: usize = 4;
+const SEQ: usize = 128;
+
+/// Deterministic pseudo-random token ids in `[3, vocab)`.
+fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            3 + (x % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// `PAIRS` examples whose prompt and three completions each fill half of `SEQ`.
+fn examples(vocab: usize) -> Vec<EncodedExample> {
+    (0..PAIRS)
+        .map(|i| {
+            let s = i as u64 * 4;
+            EncodedExample {
+                prompt_ids: ids(SEQ / 2, vocab, s + 1),
+                chosen_ids: ids(SEQ / 2, vocab, s + 2),
+                rejected_ids: ids(SEQ / 2, vocab, s + 3),
+                base_ids: Some(ids(SEQ / 2, vocab, s + 4)),
+                line: i + 1,
+            }
+        })
+        .collect()
+}
+
+/// `BAPO_BENCH_QUICK=1` shortens every group (a device check with a time budget).
+fn quick() -> bool {
+    std::env::var("BAPO_BENCH_QUICK").as_deref() == Ok("1")
+}
+
+/// Measurement time: `secs`, or 3 s in quick mode.
+fn budget(secs: u64) -> Duration {
+    Duration::from_secs(if quick() { 3 } else { secs })
+}
+
+fn sync<B: Backend>(device: &B::Device) {
+    B::sync(device).expect("device sync");
+}
+
+struct Model<B: Backend> {
+    name: &'static str,
+    model: Llama<B>,
+    vocab: usize,
+    eos: Vec<u32>,
+}
+
+fn models<B: Backend>(device: &B::Device) -> Vec<Model<B>> {
+    let mut out = Vec::new();
+    let tiny = load_pretrained::<B>(&fixture("tiny-llama"), device).expect("tiny fixture");
+    out.push(Model {
+        name: "tiny",
+        vocab: tiny.config.vocab_size,
+        eos: Vec::new(),
+        model: tiny.model,
+    });
+    let gguf = smollm2_gguf();
+    if std::env::var("BAPO_BENCH_ONLY_TINY").as_deref() == Ok("1") {
+        eprintln!("BAPO_BENCH_ONLY_TINY=1: SmolLM2 groups skipped");
+    } else if gguf.exists() {
+        let m = load_pretrained::<B>(&gguf, device).expect("SmolLM2 GGUF");
+        out.push(Model {
+            name: "smollm2",
+            vocab: m.config.vocab_size,
+            eos: Vec::new(),
+            model: m.model,
+        });
+    } else {
+        eprintln!(
+            "{} is missing (cargo xtask fetch): SmolLM2 groups skipped",
+            gguf.display()
+        );
+    }
+    out
+}
+
+/// Forward + completion log-probs of the `[chosen; rejected; base]` batch (no gradient).
+fn bench_forward<B: Backend>(
+    c: &mut Criterion,
+    backend: &str,
+    ms: &[Model<B>],
+    device: &B::Device,
+) {
+    let mut g = c.benchmark_group(format!("{backend}/forward_logps"));
+    g.sample_size(10).measurement_time(budget(20));
+    for m in ms {
+        let ex = examples(m.vocab);
+        let refs: Vec<&EncodedExample> = ex.iter().collect();
+        let batch = PreferenceBatch::collate(&refs, 0);
+        g.throughput(Throughput::Elements((batch.rows * batch.len) as u64));
+        g.bench_function(
+            BenchmarkId::new(m.name, format!("{}x{}", batch.rows, batch.len)),
+            |b| {
+                b.iter(|| {
+                    let (sum, _) = batch_logps(&m.model, &batch, device);
+                    sum.into_data()
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+/// One BAPO step: LoRA r 8 on every projection, forward + backward over 12 sequences of 128,
+/// the loss, gradient clipping and the AdamW update. Reference log-probs are precomputed.
+fn bench_step<A: AutodiffBackend>(
+    c: &mut Criterion,
+    backend: &str,
+    ms: &[Model<A::InnerBackend>],
+    device: &A::Device,
+) {
+    let mut g = c.benchmark_group(format!("{backend}/bapo_step"));
+    g.sample_size(10).measurement_time(budget(30));
+    for m in ms {
+        let ex = examples(m.vocab);
+        let refs = vec![
+            ReferenceLogps {
+                sum: [-150.0, -160.0, -155.0],
+                mean: [-2.3, -2.5, -2.4],
+            };
+            ex.len()
+        ];
+        let cfg = TrainConfig {
+            max_steps: 1,
+            warmup_steps: 0,
+            batch_size: PAIRS,
+            grad_accum: 1,
+            learning_rate: 1e-4,
+            ..TrainConfig::default()
+        };
+        let policy: Llama<A> =
+            LoraConfig::default().attach(Llama::<A>::from_inner(m.model.clone()), 0, device);
+        g.throughput(Throughput::Elements((3 * PAIRS * SEQ) as u64));
+        g.bench_function(BenchmarkId::new(m.name, "lora_r8_4pairs_seq128"), |b| {
+            b.iter_batched(
+                || policy.clone(),
+                |p| {
+                    let p =
+                        train(p, &ex, &refs, &cfg, 0, device, None, |_, _, _| {}).expect("step");
+                    sync::<A>(device);
+                    p
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+/// Greedy KV-cache decoding of 64 new tokens after a 32-token prompt, batch 1 and 8.
+fn bench_generate<B: Backend>(
+    c: &mut Criterion,
+    backend: &str,
+    ms: &[Model<B>],
+    device: &B::Device,
+) {
+    let mut g = c.benchmark_group(format!("{backend}/generate"));
+    g.sample_size(10).measurement_time(budget(20));
+    let new = 64;
+    for m in ms {
+        for batch in [1usize, 8] {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|i| ids(32, m.vocab, 100 + i as u64))
+                .collect();
+            let cfg = GenerationConfig {
+                max_new_tokens: new,
+                eos_ids: m.eos.clone(),
+                ..GenerationConfig::default()
+            };
+            g.throughput(Throughput::Elements((batch * new) as u64));
+            g.bench_function(
+                BenchmarkId::new(m.name, format!("batch{batch}_new{new}")),
+                |b| b.iter(|| generate(&m.model, &prompts, &cfg, device)),
+            );
+        }
+    }
+    g.finish();
+}
+
+/// The objective alone (DPO sigmoid + hinge anchor + metrics) on 4 pairs, and token KL over a
+/// SmolLM2-sized vocabulary in chunks of 8192.
+fn bench_objective_kl<B: Backend>(c: &mut Criterion, backend: &str, device: &B::Device) {
+    let mut g = c.benchmark_group(format!("{backend}/objective"));
+    let t = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), device);
+    let pairs = PairLogps {
+        policy_chosen: t(&[-10.0, -12.0, -9.0, -11.0]),
+        policy_rejected: t(&[-11.0, -10.0, -13.0, -12.5]),
+        reference_chosen: t(&[-10.5, -11.0, -9.5, -11.0]),
+        reference_rejected: t(&[-10.0, -10.5, -12.0, -12.0]),
+    };
+    let anchor = AnchorLogps {
+        policy: t(&[-20.0, -21.0, -19.0, -25.0]),
+        reference: t(&[-19.0, -22.0, -19.5, -24.0]),
+    };
+    let cfg = ObjectiveConfig::default();
+    g.throughput(Throughput::Elements(PAIRS as u64));
+    g.bench_function("bapo_loss_4pairs", |b| {
+        b.iter(|| {
+            let out = bapo_loss(&cfg, &pairs, Some(&anchor), None);
+            out.metrics(&cfg, &pairs, Some(&anchor))
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("{backend}/token_kl"));
+    g.sample_size(10);
+    let (b_, s, v) = (4, 128, 49152);
+    let p = Tensor::<B, 3>::random([b_, s, v], Distribution::Normal(0.0, 2.0), device);
+    let q = Tensor::<B, 3>::random([b_, s, v], Distribution::Normal(0.0, 2.0), device);
+    let mask = Tensor::<B, 2>::ones([b_, s], device);
+    g.throughput(Throughput::Elements((b_ * s) as u64));
+    g.bench_function(BenchmarkId::new("vocab49152", "chunk8192"), |bch| {
+        bch.iter(|| bapo_drift::kl::token_kl(p.clone(), q.clone(), mask.clone(), 8192))
+    });
+    g.finish();
+}
+
+fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) {
+    let ms = models::<A::InnerBackend>(&device);
+    bench_forward(c, backend, &ms, &device);
+    bench_step::<A>(c, backend, &ms, &device);
+    bench_generate(c, backend, &ms, &device);
+    bench_objective_kl::<A::InnerBackend>(c, backend, &device);
+}
+
+fn benches(c: &mut Criterion) {
+    let backend = std::env::var("BAPO_BENCH_BACKEND").unwrap_or_else(|_| "ndarray".into());
+    match backend.as_str() {
+        "ndarray" => run::<Autodiff<burn::backend::NdArray>>(c, "ndarray", Default::default()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<Autodiff<burn::backend::Wgpu>>(c, "wgpu", Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<Autodiff<burn::backend::Cuda>>(c, "cuda", Default::default()),
+        other => panic!(
+            "BAPO_BENCH_BACKEND={other}: not compiled into this bench (features: wgpu, cuda; `cargo xtask bench --backend {other}` builds it)"
+        ),
+    }
+}
+
+criterion_group!(bapo, benches);
+criterion_main!(bapo);
