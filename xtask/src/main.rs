@@ -7,6 +7,9 @@
 //!   driver is installed (`BAPO_WGPU=0` skips, `BAPO_WGPU=1` insists).
 //! - `train [--config FILE] [bapo train args...]`: `fetch`, build the release binary, run
 //!   `bapo train` (default config: `configs/default.toml`).
+//! - `compare [--quick] [bapo compare args...]`: the DPO-vs-BAPO forgetting experiment
+//!   (`configs/compare.toml`; writes `runs/compare*/compare.{json,md,png,svg}`).
+//! - `bench [--backend ndarray|wgpu|cuda] [criterion args...]`: the criterion benches.
 //! - `data [bapo synth args...]`: rebuild `data/personas/` from pinned sources (see `data.rs`).
 //! - `data knowledge`: rebuild `data/knowledge/` from pinned packages (see `knowledge.rs`).
 
@@ -32,9 +35,11 @@ fn main() -> Result<()> {
         Some("fetch") => fetch().map(|p| println!("{}", p.display())),
         Some("test") => test(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("compare") => compare(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("data") => data::data(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <fetch|test|train|data> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo\n  data    rebuild data/personas: extract the pinned prompts, then `bapo synth` (extra args go to it)");
+            eprintln!("usage: cargo xtask <fetch|test|train|compare|bench|data> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo\n  compare fetch, build, run `bapo compare` (default --config configs/compare.toml; --quick: ~20 min on 2 cores)\n  bench   criterion benches (--backend ndarray|wgpu|cuda; extra args go to criterion)\n  data    rebuild data/personas: extract the pinned prompts, then `bapo synth` (extra args go to it)");
             std::process::exit(2)
         }
     }
@@ -243,6 +248,53 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn train(extra: &[String]) -> Result<()> {
+    bapo_job("train", "configs/default.toml", extra)
+}
+
+/// `cargo xtask compare [--quick] [bapo compare args]`: the forgetting experiment.
+fn compare(extra: &[String]) -> Result<()> {
+    bapo_job("compare", "configs/compare.toml", extra)
+}
+
+/// `cargo xtask bench [--backend ndarray|wgpu|cuda] [criterion args]`: the criterion benches
+/// (`tests/benches/bapo.rs`) on one backend, with the cargo feature it needs.
+fn bench(extra: &[String]) -> Result<()> {
+    let gguf = fetch()?;
+    let mut backend = "ndarray".to_string();
+    let mut rest = Vec::new();
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        if a == "--backend" {
+            backend = it.next().context("--backend needs a value")?.clone();
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    if !["ndarray", "wgpu", "cuda"].contains(&backend.as_str()) {
+        bail!("--backend {backend}: expected ndarray, wgpu or cuda");
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root())
+        .args(["bench", "-p", "bapo-tests", "--bench", "bapo"]);
+    if backend != "ndarray" {
+        cmd.args(["--features", &format!("bapo-tests/{backend}")]);
+    }
+    if backend == "wgpu" && std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("bapo-xdg");
+        std::fs::create_dir_all(&dir)?;
+        cmd.env("XDG_RUNTIME_DIR", dir);
+    }
+    cmd.env("BAPO_BENCH_BACKEND", &backend)
+        .env("BAPO_CACHE", gguf.parent().expect("cache dir"))
+        .arg("--")
+        .args(&rest);
+    run(&mut cmd)
+}
+
+/// Fetches the model, builds `bapo` (with the `--backend`'s feature), runs `bapo <job>` with
+/// `--config default_config` unless the arguments name one.
+fn bapo_job(job: &str, default_config: &str, extra: &[String]) -> Result<()> {
     let gguf = fetch()?;
     let mut features: Vec<String> = Vec::new();
     let mut args: Vec<String> = Vec::new();
@@ -266,9 +318,9 @@ fn train(extra: &[String]) -> Result<()> {
         .map(|i| args.drain(i..i + 2).collect())
         .unwrap_or_default();
     let mut cmd = Command::new(bapo);
-    cmd.current_dir(root()).args(&global).arg("train");
+    cmd.current_dir(root()).args(&global).arg(job);
     if !args.iter().any(|a| a == "--config") {
-        cmd.args(["--config", "configs/default.toml"]);
+        cmd.args(["--config", default_config]);
     }
     cmd.args(&args);
     if std::env::var_os("BAPO_CACHE").is_none() {

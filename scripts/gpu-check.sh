@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The CUDA device check (issue 6), for a machine with an NVIDIA GPU and no registry access.
+#
+# Build here, with no CUDA toolkit needed (cubecl compiles kernels at run time):
+#   CARGO_TARGET_DIR=target-cuda cargo build --release -p bapo-cli --features cuda
+#   CARGO_TARGET_DIR=target-cuda cargo test  --release -p bapo-tests --features cuda --no-run
+#   CARGO_TARGET_DIR=target-cuda cargo bench -p bapo-tests --features cuda --no-run
+# and copy `bapo`, the `tiny_llama-*` and `smollm2-*` test executables and the `bapo-*` bench
+# executable into BIN_DIR as bapo, tiny_llama, smollm2, bench.
+#
+# Usage: scripts/gpu-check.sh BIN_DIR MODEL_GGUF OUT_DIR
+# Runs, each under its own time limit, appending everything to OUT_DIR/gpu-check.log:
+#   1. nvidia-smi;
+#   2. parity against the HF transformers fixtures on cuda: the tiny Llama and SmolLM2;
+#   3. the criterion benches on cuda (quick mode: 3 s per group): forward log-probs, one BAPO
+#      training step (LoRA r 8, 4 pairs, 12 x 128 tokens), KV-cache generation (batch 1 and 8),
+#      the objective and the chunked token KL. Criterion's reports go to OUT_DIR/criterion.
+set -u
+BIN=$(cd "$1" && pwd); MODEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); OUT=$(mkdir -p "$3" && cd "$3" && pwd)
+LOG=$OUT/gpu-check.log
+cd "$(dirname "$0")/.."
+export BAPO_CACHE=$(dirname "$MODEL") BAPO_FIXTURES=$PWD/tests/fixtures RUST_LOG=${RUST_LOG:-info}
+stage() {
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*" >> "$LOG"
+  local t0=$(date +%s%N)
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc, $(( ($(date +%s%N) - t0) / 1000000 )) ms" >> "$LOG"
+}
+echo "gpu-check $(date -u +%FT%TZ) commit ${BAPO_COMMIT:-unknown}" >> "$LOG"
+stage nvidia-smi 20 nvidia-smi
+stage parity-tiny 90 "$BIN/tiny_llama" cuda --nocapture
+stage parity-smollm2 120 "$BIN/smollm2" cuda --nocapture
+stage bench 240 env BAPO_BENCH_BACKEND=cuda BAPO_BENCH_QUICK=1 CRITERION_HOME="$OUT/criterion" \
+  "$BIN/bench" --bench --warm-up-time 1
+grep -E "^=== |test result|worst token|time:|thrpt:|^cuda/" "$LOG" > "$OUT/gpu-check.summary" || true
