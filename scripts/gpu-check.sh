@@ -5,13 +5,14 @@
 #   CARGO_TARGET_DIR=target-cuda cargo build --release -p bapo-cli --features cuda
 #   CARGO_TARGET_DIR=target-cuda cargo test  --release -p bapo-tests --features cuda --no-run
 #   CARGO_TARGET_DIR=target-cuda cargo bench -p bapo-tests --features cuda --no-run
-# and copy `bapo`, the `tiny_llama-*` and `smollm2-*` test executables and the `bapo-*` bench
-# executable into BIN_DIR as bapo, tiny_llama, smollm2, bench.
+# and copy `bapo`, the `tiny_llama-*`, `smollm2-*` and `train_step-*` test executables and the
+# `bapo-*` bench executable into BIN_DIR as bapo, tiny_llama, smollm2, train_step, bench.
 #
 # Usage: scripts/gpu-check.sh BIN_DIR MODEL_GGUF OUT_DIR
 # Runs, each under its own time limit, appending everything to OUT_DIR/gpu-check.log:
 #   1. nvidia-smi;
-#   2. parity against the HF transformers fixtures on cuda: the tiny Llama and SmolLM2;
+#   2. parity against the HF transformers fixtures on cuda: the tiny Llama and SmolLM2; then a
+#      3-step BAPO training run (LoRA) on the tiny Llama whose loss curve must equal ndarray's;
 #   3. the criterion benches on cuda (quick mode: 3 s per group): forward log-probs, one BAPO
 #      training step (LoRA r 8, 4 pairs, 12 x 128 tokens), KV-cache generation (batch 1 and 8),
 #      the objective and the chunked token KL. Criterion's reports go to OUT_DIR/criterion.
@@ -32,6 +33,7 @@ echo "gpu-check $(date -u +%FT%TZ) commit ${BAPO_COMMIT:-unknown}" >> "$LOG"
 stage nvidia-smi 20 nvidia-smi
 stage parity-tiny 90 "$BIN/tiny_llama" cuda --nocapture
 stage parity-smollm2 120 "$BIN/smollm2" cuda --nocapture
+stage train-parity 120 "$BIN/train_step" --nocapture
 stage bench 240 env BAPO_BENCH_BACKEND=cuda BAPO_BENCH_QUICK=1 CRITERION_HOME="$OUT/criterion" \
   "$BIN/bench" --bench --warm-up-time 1
 grep -E "^=== |test result|worst token|time:|thrpt:|^cuda/" "$LOG" > "$OUT/gpu-check.summary" || true
