@@ -78,7 +78,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
         /// A small version for a first look (~20 min on 2 CPU cores): the `opposing` level,
-        /// DPO and BAPO λ 1, 24 training / 12 held-out pairs, 6 steps, chat-format knowledge.
+        /// DPO and BAPO λ 1, 24 training / 12 held-out pairs, 8 steps of 2 pairs at a 4× higher
+        /// learning rate, chat-format knowledge (24 items per set).
         #[arg(long)]
         quick: bool,
         /// Seeds 0..N per level and method.
@@ -360,15 +361,16 @@ fn infer<B: Backend>(
                     vec!["opposing".to_string()],
                     vec!["dpo".to_string(), "bapo_l1".to_string()],
                     [
-                        "train.max_steps=6",
+                        "train.max_steps=8",
                         "train.warmup_steps=1",
                         "train.grad_accum=1",
+                        "train.learning_rate=2e-3",
                         "eval.knowledge_items=24",
                         "eval.formats=[\"chat\"]",
                         "eval.output_prompts=4",
                         "anchor.max_new_tokens=32",
-                        "output.eval_steps=6",
-                        "output.save_steps=6",
+                        "output.eval_steps=8",
+                        "output.save_steps=8",
                     ]
                     .map(String::from)
                     .to_vec(),
