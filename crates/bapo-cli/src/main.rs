@@ -20,9 +20,10 @@ use indicatif::{ProgressBar, ProgressStyle};
     about = "Base-anchored preference optimisation for Llama-family models, on any Burn backend"
 )]
 struct Cli {
-    /// Compute backend (must be compiled in: cargo features `wgpu`, `cuda`).
-    #[arg(long, value_enum, default_value_t = BackendKind::Ndarray, global = true)]
-    backend: BackendKind,
+    /// Compute backend (must be compiled in: cargo features `wgpu`, `cuda`). Default: the
+    /// config's top-level `backend` key, else ndarray.
+    #[arg(long, value_enum, global = true)]
+    backend: Option<BackendKind>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -210,8 +211,47 @@ fn main() {
     }
 }
 
+/// The `--config` file of the command, if it has one.
+fn config_path(cmd: &Cmd) -> Option<&PathBuf> {
+    match cmd {
+        Cmd::Train { config, .. }
+        | Cmd::Eval { config, .. }
+        | Cmd::Anchor { config, .. }
+        | Cmd::Compare { config, .. } => Some(config),
+        _ => None,
+    }
+}
+
+/// `--backend`, else the config's `backend` key, else ndarray.
+fn backend(cli: &Cli) -> Result<BackendKind> {
+    if let Some(b) = cli.backend {
+        return Ok(b);
+    }
+    let Some(path) = config_path(&cli.command) else {
+        return Ok(BackendKind::Ndarray);
+    };
+    // A missing or malformed file is reported by the command itself with line numbers.
+    let Ok(table) = std::fs::read_to_string(path)
+        .map_err(|_| ())
+        .and_then(|t| t.parse::<toml::Table>().map_err(|_| ()))
+    else {
+        return Ok(BackendKind::Ndarray);
+    };
+    match table.get("backend") {
+        None => Ok(BackendKind::Ndarray),
+        Some(toml::Value::String(s)) => BackendKind::from_str(s, true).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: `backend = \"{s}\"`: expected ndarray, flex, wgpu or cuda",
+                path.display()
+            )
+        }),
+        Some(v) => bail!("{}: `backend` must be a string, got a {}", path.display(), v.type_str()),
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
-    match cli.backend {
+    let kind = backend(&cli)?;
+    match kind {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
             return run::<burn::backend::Autodiff<burn::backend::NdArray>>(
@@ -243,7 +283,7 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
     #[allow(unreachable_code)]
     {
-        let feature = format!("{:?}", cli.backend).to_lowercase();
+        let feature = format!("{kind:?}").to_lowercase();
         bail!("backend `{feature}` is not compiled into this binary: rebuild with `cargo build --release -p bapo-cli --features {feature}`")
     }
 }

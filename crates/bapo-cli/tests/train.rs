@@ -257,6 +257,36 @@ fn config_errors_name_file_line_and_key() {
         err.contains("concise.jsonl") && err.contains("no pair has a `user`"),
         "{err}"
     );
+    // The backend: from `--backend` or the config's `backend` key; one not compiled in names
+    // its cargo feature, an unknown one the file.
+    let with_backend = |b: &str| {
+        let p = dir.join(format!("backend-{b}.toml"));
+        let text = std::fs::read_to_string(dir.join("cfg.toml")).unwrap();
+        std::fs::write(&p, format!("backend = \"{b}\"\n{text}")).unwrap();
+        p
+    };
+    if !cfg!(feature = "cuda") {
+        let p = with_backend("cuda");
+        let err =
+            String::from_utf8_lossy(&bapo(&["train", "--config", p.to_str().unwrap()]).stderr)
+                .to_string();
+        assert!(
+            err.contains("`cuda` is not compiled into this binary")
+                && err.contains("--features cuda"),
+            "{err}"
+        );
+        let err =
+            String::from_utf8_lossy(&bapo(&["--backend", "cuda", "train", "--config", c]).stderr)
+                .to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    let p = with_backend("gpu");
+    let err = String::from_utf8_lossy(&bapo(&["train", "--config", p.to_str().unwrap()]).stderr)
+        .to_string();
+    assert!(
+        err.contains("backend-gpu.toml") && err.contains("expected ndarray, flex, wgpu or cuda"),
+        "{err}"
+    );
 }
 
 #[test]

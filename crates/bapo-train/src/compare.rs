@@ -310,6 +310,12 @@ pub fn run_compare<B: AutodiffBackend>(
     spec: &CompareSpec,
     device: &B::Device,
 ) -> Result<String, RunError> {
+    // Per-run paths go into `--set` overrides, which resolve against the config's folder:
+    // make them absolute first.
+    let spec = &CompareSpec {
+        out: std::path::absolute(&spec.out)?,
+        ..spec.clone()
+    };
     let base_cfg = RunConfig::from_file_with(config, &spec.overrides)?;
     let eval_src = base_cfg
         .data

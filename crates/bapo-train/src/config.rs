@@ -13,6 +13,10 @@ use crate::train::TrainConfig;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
+    /// Compute backend the `bapo` binary runs this config on (`ndarray`, `flex`, `wgpu`,
+    /// `cuda`) unless `--backend` says otherwise; the library ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     pub model: ModelSection,
     pub data: DataSection,
     #[serde(default)]
