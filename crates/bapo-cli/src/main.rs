@@ -245,7 +245,11 @@ fn backend(cli: &Cli) -> Result<BackendKind> {
                 path.display()
             )
         }),
-        Some(v) => bail!("{}: `backend` must be a string, got a {}", path.display(), v.type_str()),
+        Some(v) => bail!(
+            "{}: `backend` must be a string, got a {}",
+            path.display(),
+            v.type_str()
+        ),
     }
 }
 

@@ -418,3 +418,98 @@ fn shared_context_scoring_equals_whole_sequence_scoring() {
         );
     }
 }
+
+/// A GGUF v3 byte image: metadata `(key, string value)` pairs and tensors `(name, dims,
+/// ggml type, offset)`, followed by `data` at 32-byte alignment.
+fn gguf_bytes(kv: &[(&str, &str)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((kv.len() as u64).to_le_bytes());
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    for (k, v) in kv {
+        s(&mut b, k);
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, v);
+    }
+    for (name, dims, ty, off) in tensors {
+        s(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(off.to_le_bytes());
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend(data);
+    b
+}
+
+#[test]
+fn hostile_gguf_files_are_refused_with_file_offset_and_field() {
+    use bapo_model::load::gguf::GgufFile;
+    let dir = std::env::temp_dir().join(format!("bapo-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("evil.gguf");
+    let open = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open(&path).map(|_| ()).unwrap_err().to_string()
+    };
+    // A valid file first: one 4x8 F32 tensor.
+    let ok = gguf_bytes(
+        &[("general.architecture", "llama")],
+        &[("token_embd.weight", &[8, 4], 0, 0)],
+        &[0u8; 128],
+    );
+    std::fs::write(&path, &ok).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.architecture().unwrap(), "llama");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GGML\x03\0\0\0".to_vec(), "magic is not `GGUF`"),
+        ({ let mut b = ok.clone(); b[4] = 1; b }, "GGUF version 1"),
+        (ok[..30].to_vec(), "file ends inside"),
+        (
+            // The value's string length (bytes 37..45) claims a terabyte.
+            {
+                let mut b = gguf_bytes(&[("k", "v")], &[], &[]);
+                b[37..45].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                b
+            },
+            "metadata `k`: string length 1099511627776 runs past the end of the file (at byte offset 37)",
+        ),
+        (
+            { let mut b = ok.clone(); b[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); b },
+            "absurd counts",
+        ),
+        (
+            gguf_bytes(&[], &[("t", &[1 << 40, 1 << 30], 0, 0)], &[0u8; 64]),
+            "absurd dimensions",
+        ),
+        (
+            gguf_bytes(&[], &[("t", &[8, 4], 0, 0), ("u", &[8, 4], 0, 1 << 20)], &[0u8; 128]),
+            "tensor `u`: 128 bytes at offset 1048576 run past the end of the file",
+        ),
+        (
+            gguf_bytes(&[], &[("q", &[256, 1], 14, 0)], &[0u8; 256]),
+            "tensor `q` is quantised as Q6_K",
+        ),
+        (
+            gguf_bytes(&[], &[("t", &[8, 4, 1, 1, 1], 0, 0)], &[0u8; 128]),
+            "5 dimensions",
+        ),
+    ];
+    for (bytes, want) in cases {
+        let e = open(&bytes);
+        assert!(
+            e.contains("evil.gguf") && e.contains(want),
+            "wanted {want:?}, got: {e}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
