@@ -636,3 +636,104 @@ fn shipped_configs_parse_and_their_data_reads() {
         }
     }
 }
+
+/// Losses by step from `metrics.jsonl`.
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
+    let dir = std::env::temp_dir().join(format!("bapo-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let extra = "max_steps = 6";
+    let cfg = config(&dir, extra);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_steps = 3\n", "")
+        .replace(
+            "eval_steps = 2\nsave_steps = 2",
+            "eval_steps = 100\nsave_steps = 1",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    // The uninterrupted run.
+    let full = dir.join("full");
+    let res = bapo(&["train", "--config", c, "--output", full.to_str().unwrap()]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let want = losses(&full);
+    assert_eq!(want.len(), 6);
+    // Killed runs: SIGKILL after a pseudo-random delay past the first checkpoint (so at any point
+    // of a step, a checkpoint write or a metrics append), then `--resume`, twice in a row.
+    let run = dir.join("killed");
+    let out = run.to_str().unwrap();
+    let mut seed = std::process::id() as u64;
+    let mut interrupted = 0;
+    for round in 0..2 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bapo"))
+            .args(["train", "--config", c, "--output", out])
+            .args(if round == 0 { vec![] } else { vec!["--resume"] })
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let first = run.join(format!("checkpoint-{}", round * 2 + 1));
+        let t0 = std::time::Instant::now();
+        while !first.exists() && t0.elapsed().as_secs() < 300 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(std::time::Duration::from_millis(50 + (seed >> 33) % 1500));
+        let finished = child.try_wait().unwrap().is_some();
+        child.kill().unwrap(); // SIGKILL on Unix
+        child.wait().unwrap();
+        interrupted += usize::from(!finished);
+        // Whatever the kill interrupted, no half-written checkpoint is visible under its name.
+        for e in std::fs::read_dir(&run).unwrap() {
+            let e = e.unwrap().path();
+            if e.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+                && e.extension().is_none()
+            {
+                assert!(e.join("trainer_state.json").exists(), "{}", e.display());
+                assert!(
+                    e.join("adapter_model.safetensors").exists(),
+                    "{}",
+                    e.display()
+                );
+            }
+        }
+    }
+    let res = bapo(&["train", "--config", c, "--output", out, "--resume"]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let got = losses(&run);
+    assert_eq!(
+        got.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<u64>>(),
+        "every step exactly once: {got:?}"
+    );
+    for ((s, a), (_, b)) in got.iter().zip(&want) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {s}: resumed {a} vs uninterrupted {b}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
