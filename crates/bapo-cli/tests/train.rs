@@ -717,6 +717,7 @@ fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
             }
         }
     }
+    assert!(interrupted > 0, "no run was killed before it finished");
     let res = bapo(&["train", "--config", c, "--output", out, "--resume"]);
     assert!(
         res.status.success(),
