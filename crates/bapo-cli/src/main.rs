@@ -205,9 +205,25 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Ctrl-C during training: finish the step, save a checkpoint, exit 130. Outside training
+    // (or a second Ctrl-C) exit at once: every file is written through a temp file and a rename,
+    // so nothing is left half-written.
+    let _ = ctrlc::set_handler(|| {
+        static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst)
+            || !bapo_train::train::request_stop()
+        {
+            eprintln!("interrupted");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let interrupted = format!("{e}").starts_with("interrupted after step");
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }
 

@@ -738,3 +738,61 @@ fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes() {
+    let dir = std::env::temp_dir().join(format!("bapo-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_steps = 3", "max_steps = 8")
+        .replace(
+            "eval_steps = 2\nsave_steps = 2",
+            "eval_steps = 100\nsave_steps = 100",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let run = dir.join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_bapo"))
+        .args(["train", "--config", c])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 1
+        && t0.elapsed().as_secs() < 300
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!((1..8).contains(&steps), "{steps} steps logged: {err}");
+    let ckpt = run.join(format!("checkpoint-{steps}"));
+    assert!(
+        err.contains("continue with --resume") && ckpt.join("trainer_state.json").exists(),
+        "{err}"
+    );
+    assert!(
+        !run.join("adapter").exists(),
+        "no final adapter after an interruption"
+    );
+    let res = bapo(&["train", "--config", c, "--resume"]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(losses(&run).len(), 8);
+    assert!(run.join("adapter/adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

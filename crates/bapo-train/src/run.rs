@@ -1086,8 +1086,9 @@ fn run_job<B: AutodiffBackend>(
             l.tokens_per_s
         ));
         last = row.clone();
-        if run.output.save_steps > 0
-            && l.step.is_multiple_of(run.output.save_steps)
+        // Ctrl-C: the loop stops before the next step; save this one so `--resume` continues.
+        if (crate::train::stop_requested()
+            || (run.output.save_steps > 0 && l.step.is_multiple_of(run.output.save_steps)))
             && l.step < run.train.max_steps
         {
             if let Err(e) = save_checkpoint(
@@ -1103,7 +1104,7 @@ fn run_job<B: AutodiffBackend>(
         }
         pb.inc(1);
     };
-    let policy = train(
+    let policy = match train(
         policy,
         &train_enc,
         &refs.train,
@@ -1112,7 +1113,25 @@ fn run_job<B: AutodiffBackend>(
         device,
         resume_state,
         &mut on_step,
-    )?;
+    ) {
+        Err(crate::train::TrainError::Interrupted { step }) => {
+            pb.finish_and_clear();
+            if let Some(e) = write_err {
+                return Err(e);
+            }
+            let ckpt = out.join(format!("checkpoint-{step}"));
+            return Err(if ckpt.exists() {
+                format!(
+                    "interrupted after step {step}: {} saved; continue with --resume",
+                    ckpt.display()
+                )
+            } else {
+                format!("interrupted after step {step}: no new checkpoint")
+            }
+            .into());
+        }
+        other => other?,
+    };
     pb.finish_and_clear();
     if let Some(e) = write_err {
         return Err(e);

@@ -240,6 +240,39 @@ pub enum TrainError {
         what: String,
         lines: Vec<usize>,
     },
+    /// [`request_stop`] was called (Ctrl-C): the loop stopped after step `step`, whose
+    /// `on_step` call (which saves the checkpoint) had completed.
+    #[error("interrupted after step {step}")]
+    Interrupted { step: usize },
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the running [`train`] loop to stop after the step in progress (a signal handler may
+/// call it). Returns whether a loop is running to honour it: if not, the caller should exit.
+pub fn request_stop() -> bool {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    TRAINING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Whether a stop was requested (checked by `on_step` callbacks to save a checkpoint).
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Marks the training loop as running for [`request_stop`] while alive.
+struct TrainingGuard;
+impl TrainingGuard {
+    fn new() -> Self {
+        TRAINING.store(true, std::sync::atomic::Ordering::SeqCst);
+        Self
+    }
+}
+impl Drop for TrainingGuard {
+    fn drop(&mut self) {
+        TRAINING.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// What one optimiser step reports.
@@ -417,7 +450,11 @@ pub fn train<B: AutodiffBackend>(
             device,
         )
     };
+    let _guard = TrainingGuard::new();
     for step in first_step..cfg.max_steps {
+        if stop_requested() {
+            return Err(TrainError::Interrupted { step });
+        }
         // Dropout masks come from the backend's RNG: reseed it per step, so a resumed run draws
         // the same masks as the uninterrupted one without saving the RNG state.
         B::seed(
