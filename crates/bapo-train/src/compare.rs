@@ -502,8 +502,7 @@ fn report(spec: &CompareSpec, results: &[RunResult], secs: f64) -> Result<String
     write_atomic(&spec.out.join("compare.md"), md.as_bytes())?;
     use bapo_drift::plot::{write_figure, Panel, Series};
     let panel = Panel {
-        title: "Knowledge kept vs preference learned (points: heterogeneity levels, in order)"
-            .into(),
+        title: "Knowledge kept vs preference learned".into(),
         x_label: "held-out preference accuracy".into(),
         y_label: "knowledge retention (policy acc / base acc)".into(),
         series: points
