@@ -178,3 +178,100 @@ fn generate_is_deterministic_for_a_seed() {
         .iter()
         .all(|l| l["ids"].as_array().unwrap().len() <= 6));
 }
+
+/// A copy of the tiny-Llama fixture directory that a test may break.
+fn model_copy(name: &str) -> PathBuf {
+    let dir = tmpdir(name).join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixtures().join("tiny-llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn score_error(model: &Path) -> (String, PathBuf) {
+    let output = model.with_file_name("scores.jsonl");
+    let res = bapo(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        fixtures().join("tiny-llama/pairs.jsonl").to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    assert!(!output.exists(), "no partial output may be left");
+    (String::from_utf8_lossy(&res.stderr).into_owned(), output)
+}
+
+#[test]
+fn tokenizer_that_does_not_fit_the_vocabulary_is_refused() {
+    let model = model_copy("vocab");
+    // An added token beyond the embedding matrix (49152 rows): a tokenizer from another model,
+    // or one extended without resizing the model.
+    let path = model.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 49152, "content": "<|extra|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let (err, _) = score_error(&model);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("49153") && err.contains("49152"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files_are_named() {
+    for (file, want) in [
+        ("tokenizer.json", "tokenizer.json"),
+        ("model.safetensors", "no model.safetensors"),
+        ("config.json", "config.json"),
+    ] {
+        let model = model_copy(&format!("missing-{file}"));
+        std::fs::remove_file(model.join(file)).unwrap();
+        let (err, _) = score_error(&model);
+        assert!(err.contains(want) && err.contains("model"), "{file}: {err}");
+    }
+    // A shard index naming a shard that is not there, or one outside the directory.
+    for (shard, want) in [
+        (
+            "model-00001-of-00002.safetensors",
+            "model-00001-of-00002.safetensors",
+        ),
+        ("../../etc/passwd", "not a file name in this directory"),
+    ] {
+        let model = model_copy("shards");
+        std::fs::remove_file(model.join("model.safetensors")).unwrap();
+        let index = serde_json::json!({"weight_map": {"model.norm.weight": shard}});
+        std::fs::write(
+            model.join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let (err, _) = score_error(&model);
+        assert!(err.contains(want), "{shard}: {err}");
+    }
+    // The input file of `bapo score`.
+    let dir = tmpdir("missing-input");
+    let res = bapo(&[
+        "score",
+        "--model",
+        fixtures().join("tiny-llama").to_str().unwrap(),
+        "--input",
+        dir.join("nope.jsonl").to_str().unwrap(),
+        "--output",
+        dir.join("o.jsonl").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("nope.jsonl"), "{err}");
+    assert!(!dir.join("o.jsonl").exists());
+}

@@ -257,6 +257,54 @@ fn config_errors_name_file_line_and_key() {
         err.contains("concise.jsonl") && err.contains("no pair has a `user`"),
         "{err}"
     );
+    // A prompt that alone fills max_length: an error naming the file and line, before any
+    // base response is generated; with drop_long_prompts the run skips them (all, here).
+    let err = run("data.max_length=8");
+    assert!(
+        err.contains("concise.jsonl:1: field `prompt` alone is longer than data.max_length = 8")
+            && !err.contains("base responses generated"),
+        "{err}"
+    );
+    let res = bapo(&[
+        "train",
+        "--config",
+        c,
+        "--set",
+        "data.max_length=8",
+        "--set",
+        "data.drop_long_prompts=true",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success()
+            && err.contains("examples dropped")
+            && err.contains("no training examples left"),
+        "{err}"
+    );
+    // Missing files: the config itself, the training data, the held-out data.
+    let err =
+        String::from_utf8_lossy(&bapo(&["train", "--config", "/nonexistent/cfg.toml"]).stderr)
+            .to_string();
+    assert!(err.contains("/nonexistent/cfg.toml"), "{err}");
+    let err = run("data.train=\"no-such.jsonl\"");
+    assert!(
+        err.contains("no-such.jsonl") && err.contains("No such file"),
+        "{err}"
+    );
+    let res = bapo(&[
+        "train",
+        "--config",
+        c,
+        "--set",
+        "data.eval_fraction=0.0",
+        "--set",
+        "data.eval=\"held-out.jsonl\"",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("held-out.jsonl"),
+        "{err}"
+    );
     // The backend: from `--backend` or the config's `backend` key; one not compiled in names
     // its cargo feature, an unknown one the file.
     let with_backend = |b: &str| {
@@ -794,5 +842,194 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes() {
     );
     assert_eq!(losses(&run).len(), 8);
     assert!(run.join("adapter/adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `bapo` under `sh` with `ulimit -f` (RLIMIT_FSIZE, 512-byte blocks) and SIGXFSZ
+/// ignored: any write past `limit_kib` fails in the kernel with EFBIG, exactly where a full
+/// disk fails with ENOSPC, without root or a small filesystem.
+fn bapo_with_file_size_limit(limit_kib: u64, args: &[&str]) -> std::process::Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {}; exec \"$0\" \"$@\"",
+            limit_kib * 2
+        ))
+        .arg(env!("CARGO_BIN_EXE_bapo"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_write_failing_mid_checkpoint_stops_cleanly_and_keeps_earlier_checkpoints() {
+    let dir = std::env::temp_dir().join(format!("bapo-diskfull-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Full fine-tuning: a checkpoint holds the 6.3 MB model, far bigger than any other output.
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[lora]\nrank = 4\nalpha = 8.0\n", "")
+        .replace("learning_rate = 1e-2", "learning_rate = 1e-3");
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let run = dir.join("run");
+    assert!(bapo(&["train", "--config", c]).status.success());
+    let ckpt2 = std::fs::read(run.join("checkpoint-2/model.safetensors")).unwrap();
+    let ckpt2_state = std::fs::read(run.join("checkpoint-2/trainer_state.json")).unwrap();
+
+    // Resume towards step 6 with writes capped at 1 MiB: checkpoint-4 cannot be written.
+    let res = bapo_with_file_size_limit(
+        1024,
+        &["train", "--config", c, "--resume", "--max-steps", "6"],
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{err}");
+    assert!(
+        err.contains("checkpoint-4") && err.contains("File too large"),
+        "the error must name the checkpoint and the cause: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-") && n != "checkpoint-2")
+        .collect();
+    assert!(left.is_empty(), "half-written checkpoints left: {left:?}");
+    // The run stopped at the failed save (step 4), not after more unsaved steps.
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    // checkpoint-2 is byte for byte what it was, and a resume without the limit finishes.
+    assert_eq!(
+        std::fs::read(run.join("checkpoint-2/model.safetensors")).unwrap(),
+        ckpt2
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint-2/trainer_state.json")).unwrap(),
+        ckpt2_state
+    );
+    let res = bapo(&["train", "--config", c, "--resume", "--max-steps", "6"]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    assert!(run.join("checkpoint-4/model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn stale_mismatched_or_corrupt_caches_are_detected_and_rebuilt() {
+    let dir = std::env::temp_dir().join(format!("bapo-cache-fp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Own copies of the data and the model, to change them under the caches.
+    let data = dir.join("pairs.jsonl");
+    std::fs::copy(root().join("data/demo/concise.jsonl"), &data).unwrap();
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(root().join("tests/fixtures/tiny-llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            &root().join("data/demo/concise.jsonl").display().to_string(),
+            &data.display().to_string(),
+        )
+        .replace(
+            &root()
+                .join("tests/fixtures/tiny-llama")
+                .display()
+                .to_string(),
+            &model.display().to_string(),
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let cache = dir.join("run/anchors.cache.json");
+    let anchor = || {
+        let res = bapo(&["anchor", "--config", c]);
+        let err = String::from_utf8_lossy(&res.stderr).into_owned();
+        assert!(res.status.success(), "{err}");
+        (err, std::fs::read_to_string(&cache).unwrap())
+    };
+    let fp = |cache: &str| -> String {
+        serde_json::from_str::<serde_json::Value>(cache).unwrap()["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (err, first) = anchor();
+    assert!(err.contains("base responses generated"), "{err}");
+    let (err, same) = anchor();
+    assert!(
+        err.contains("reusing 32 cached base responses") && same == first,
+        "{err}"
+    );
+
+    // Different data: one rejected answer edited.
+    let edited = std::fs::read_to_string(&data).unwrap().replacen(
+        "\"rejected\": \"",
+        "\"rejected\": \"Well, ",
+        1,
+    );
+    std::fs::write(&data, edited).unwrap();
+    let (err, after_data) = anchor();
+    assert!(
+        err.contains("cache fingerprint differs") && err.contains("base responses generated"),
+        "{err}"
+    );
+    assert_ne!(fp(&after_data), fp(&first));
+
+    // A different model: the same architecture with other numbers in config.json.
+    let cfg_json = std::fs::read_to_string(model.join("config.json"))
+        .unwrap()
+        .replace("\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": 1e-06");
+    std::fs::write(model.join("config.json"), cfg_json).unwrap();
+    let (err, after_model) = anchor();
+    assert!(err.contains("cache fingerprint differs"), "{err}");
+    assert_ne!(fp(&after_model), fp(&after_data));
+
+    // Different settings: the reference-log-prob cache depends on max_length too.
+    let res = bapo(&["anchor", "--config", c, "--set", "data.max_length=64"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(
+        err.contains("reusing 32 cached base responses")
+            && err.contains("reference_logps.cache.json")
+            && err.contains("fingerprint differs"),
+        "anchors stay valid, reference log-probs are rebuilt: {err}"
+    );
+
+    // A truncated (corrupt) cache file is reported and rebuilt, never half-used.
+    let text = std::fs::read_to_string(&cache).unwrap();
+    std::fs::write(&cache, &text[..text.len() / 2]).unwrap();
+    let (err, rebuilt) = anchor();
+    assert!(
+        err.contains("not a valid cache file") && err.contains("base responses generated"),
+        "{err}"
+    );
+    assert_eq!(rebuilt, after_model);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -68,8 +68,20 @@ pub(crate) fn kind(v: &serde_json::Value) -> &'static str {
 /// Reads a scoring file. Blank lines are skipped; anything else must be a JSON object with
 /// string `prompt`, `chosen`, `rejected` and optional `base`.
 pub fn read_score_file(path: &Path) -> Result<Vec<ScoreExample>, DataError> {
+    score_examples(path, objects(path)?)
+}
+
+/// [`read_score_file`] over bytes already in memory; `path` only names them in errors.
+pub fn parse_score_file(path: &Path, bytes: &[u8]) -> Result<Vec<ScoreExample>, DataError> {
+    score_examples(path, objects_in(path, bytes)?)
+}
+
+fn score_examples(
+    path: &Path,
+    objects: Vec<(usize, Object)>,
+) -> Result<Vec<ScoreExample>, DataError> {
     let mut out = Vec::new();
-    for (line, obj) in objects(path)? {
+    for (line, obj) in objects {
         let get = |f, req| string_field(&obj, f, path, line, req);
         out.push(ScoreExample {
             prompt: get("prompt", true)?.expect("required"),
@@ -86,23 +98,35 @@ pub fn read_score_file(path: &Path) -> Result<Vec<ScoreExample>, DataError> {
 pub(crate) type Object = serde_json::Map<String, serde_json::Value>;
 
 /// Every non-blank line of a JSONL file as a JSON object, with its 1-based line number; the
-/// first line that is not valid JSON or not an object is an error naming `file:line`.
+/// first line that is not UTF-8, not valid JSON or not an object is an error naming `file:line`.
 pub(crate) fn objects(path: &Path) -> Result<Vec<(usize, Object)>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.into(),
         source,
     })?;
+    objects_in(path, &bytes)
+}
+
+/// [`objects`] over bytes already in memory; `path` only names them in errors.
+pub(crate) fn objects_in(path: &Path, bytes: &[u8]) -> Result<Vec<(usize, Object)>, DataError> {
     let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
         let err = |what: String| DataError::Line {
             path: path.into(),
             line,
             what,
         };
+        let raw = std::str::from_utf8(raw).map_err(|e| {
+            err(format!(
+                "not valid UTF-8 (bad byte at column {})",
+                e.valid_up_to() + 1
+            ))
+        })?;
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        if raw.trim().is_empty() {
+            continue;
+        }
         let value: serde_json::Value = serde_json::from_str(raw)
             .map_err(|e| err(format!("invalid JSON at column {}: {e}", e.column())))?;
         let serde_json::Value::Object(obj) = value else {
@@ -154,5 +178,23 @@ mod tests {
             e.contains(":1:") && e.contains("`rejected` is missing"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn non_utf8_line_is_named_and_crlf_is_accepted() {
+        let ok = b"{\"prompt\":\"p\",\"chosen\":\"c\",\"rejected\":\"r\"}\r\n";
+        let mut bytes = ok.to_vec();
+        bytes.extend_from_slice(b"{\"prompt\":\"caf\xe9\",\"chosen\":\"c\",\"rejected\":\"r\"}\n");
+        let e = parse_score_file(Path::new("latin1.jsonl"), &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("latin1.jsonl:2:")
+                && e.contains("not valid UTF-8")
+                && e.contains("column 15"),
+            "{e}"
+        );
+        let ex = parse_score_file(Path::new("crlf.jsonl"), &ok.repeat(2)).unwrap();
+        assert_eq!((ex.len(), ex[1].line, ex[1].rejected.as_str()), (2, 2, "r"));
     }
 }

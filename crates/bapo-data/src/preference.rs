@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::chat::{ChatTemplate, Message, TemplateError};
-use crate::jsonl::{kind, objects, DataError};
+use crate::jsonl::{kind, objects, objects_in, DataError};
 
 /// One preference pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,8 +125,20 @@ fn prompt(
 
 /// Reads a preference JSONL file (blank lines skipped).
 pub fn read_preferences(path: &Path) -> Result<Vec<PreferenceExample>, DataError> {
+    preference_examples(path, objects(path)?)
+}
+
+/// [`read_preferences`] over bytes already in memory; `path` only names them in errors.
+pub fn parse_preferences(path: &Path, bytes: &[u8]) -> Result<Vec<PreferenceExample>, DataError> {
+    preference_examples(path, objects_in(path, bytes)?)
+}
+
+fn preference_examples(
+    path: &Path,
+    objects: Vec<(usize, crate::jsonl::Object)>,
+) -> Result<Vec<PreferenceExample>, DataError> {
     let mut out = Vec::new();
-    for (line, obj) in objects(path)? {
+    for (line, obj) in objects {
         let err = |what: String| DataError::Line {
             path: path.into(),
             line,

@@ -134,11 +134,17 @@ impl Tokenizer {
                 "length differs from tokenizer.ggml.tokens",
             ));
         }
-        let vocab: serde_json::Map<String, Json> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), json!(i)))
-            .collect();
+        // Ids must map one-to-one to token strings: a repeated token would leave an id the
+        // vocabulary cannot hold (found by fuzzing).
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(first) = vocab.insert(t.to_string(), json!(i)) {
+                return Err(bad(
+                    "tokenizer.ggml.tokens",
+                    &format!("token {t:?} appears twice (ids {first} and {i})"),
+                ));
+            }
+        }
         // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
         let added: Vec<Json> = tokens
             .iter()
@@ -231,8 +237,15 @@ impl Tokenizer {
 
     /// Fails when the tokenizer can produce ids the model has no embedding for.
     pub fn check_vocab(&self, model_vocab: usize) -> Result<()> {
-        if self.vocab_size() > model_vocab {
-            return Err(self.err(format!("has {} tokens but the model's vocabulary has {model_vocab}: they do not belong together", self.vocab_size())));
+        let ids = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1)
+            .max(self.vocab_size());
+        if ids > model_vocab {
+            return Err(self.err(format!("has {ids} token ids but the model's vocabulary has {model_vocab} rows: they do not belong together")));
         }
         Ok(())
     }

@@ -60,6 +60,11 @@ pub struct DataSection {
     pub max_prompt_length: Option<usize>,
     #[serde(default = "default_truncation")]
     pub truncation_mode: String,
+    /// A pair whose prompt alone leaves no room for a completion token within `max_length`
+    /// is an error (naming the file and lines) unless this is set: then it is skipped with a
+    /// warning. Setting `max_prompt_length` instead truncates such prompts (TRL's behaviour).
+    #[serde(default)]
+    pub drop_long_prompts: bool,
 }
 
 fn default_eval_fraction() -> f64 {

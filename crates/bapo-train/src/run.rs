@@ -50,10 +50,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
-    if res.is_err() {
+    res.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-    }
-    res
+        std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+    })
 }
 
 /// sha256 of a file, or of every file in a directory (sorted by name).
@@ -100,8 +100,21 @@ fn read_cache<T: for<'de> Deserialize<'de>>(
     fingerprint: &str,
     get: impl Fn(&T) -> &str,
 ) -> Option<T> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let cache: T = serde_json::from_str(&text).ok()?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(cache = %path.display(), "cache unreadable ({e}): rebuilding it");
+            return None;
+        }
+    };
+    let cache: T = match serde_json::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(cache = %path.display(), "cache is not a valid cache file ({e}): rebuilding it");
+            return None;
+        }
+    };
     if get(&cache) == fingerprint {
         Some(cache)
     } else {
@@ -451,35 +464,43 @@ fn save_checkpoint<B: AutodiffBackend>(
 ) -> Result<(), RunError> {
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    match weights {
-        Weights::Adapter => {
-            crate::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
-            write_atomic(
-                &tmp.join("adapter_config.json"),
-                serde_json::to_string_pretty(&adapter_config(run))?.as_bytes(),
+    let res = (|| -> Result<(), RunError> {
+        std::fs::create_dir_all(&tmp)?;
+        match weights {
+            Weights::Adapter => {
+                crate::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
+                write_atomic(
+                    &tmp.join("adapter_config.json"),
+                    serde_json::to_string_pretty(&adapter_config(run))?.as_bytes(),
+                )?;
+            }
+            Weights::Full(config, tok) => {
+                bapo_model::export::write_pretrained(&model.valid(), config, tok, &tmp)?
+            }
+        }
+        if let Some(o) = optim {
+            Recorder::<B>::record(
+                &BinFileRecorder::<FullPrecisionSettings>::new(),
+                o.to_record(),
+                tmp.join("optimizer"),
             )?;
         }
-        Weights::Full(config, tok) => {
-            bapo_model::export::write_pretrained(&model.valid(), config, tok, &tmp)?
-        }
-    }
-    if let Some(o) = optim {
-        Recorder::<B>::record(
-            &BinFileRecorder::<FullPrecisionSettings>::new(),
-            o.to_record(),
-            tmp.join("optimizer"),
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
-    }
-    write_atomic(
-        &tmp.join("trainer_state.json"),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    Ok(())
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&tmp, dir)?;
+        Ok(())
+    })();
+    // A failed save (a full disk, say) leaves no half-written directory behind, and the
+    // error names the checkpoint; earlier checkpoints are untouched.
+    res.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        format!("saving {}: {e}", dir.display()).into()
+    })
 }
 
 /// Runs the whole job described by `run`.
@@ -771,6 +792,39 @@ fn run_job<B: AutodiffBackend>(
     h.update(run.data.eval_fraction.to_le_bytes());
     let anchor_fp = hex(h.clone());
 
+    // A prompt that alone fills max_length is an error unless dropping is asked for: checked
+    // before the (slow) base responses, by a dry tokenisation without them.
+    let enc_cfg = EncodeConfig {
+        max_length: run.data.max_length,
+        max_prompt_length: run.data.max_prompt_length,
+        truncation_mode: run.data.truncation()?,
+    };
+    if !run.data.drop_long_prompts {
+        let eval_file = run.data.eval.as_ref().unwrap_or(&run.data.train);
+        for (split, ex, file) in [
+            ("train", &train_ex, &run.data.train),
+            ("eval", &eval_ex, eval_file),
+        ] {
+            let (_, s) =
+                encode_examples(ex, None, &template, &crate::encoder(&tok), eos, &enc_cfg)?;
+            let mut lines = s.dropped_prompt_too_long;
+            lines.sort_unstable();
+            if let Some(first) = lines.first() {
+                return Err(format!(
+                    "{}:{first}: field `prompt` alone is longer than data.max_length = {} tokens \
+                     ({} such line(s) in the {split} split: {:?}); raise data.max_length, set \
+                     data.max_prompt_length to truncate prompts, or data.drop_long_prompts = \
+                     true to skip them",
+                    file.display(),
+                    enc_cfg.max_length,
+                    lines.len(),
+                    lines
+                )
+                .into());
+            }
+        }
+    }
+
     let reference = reference_of(&model);
     let all: Vec<&PreferenceExample> = train_ex.iter().chain(&eval_ex).collect();
     let anchor_path = out.join("anchors.cache.json");
@@ -816,11 +870,6 @@ fn run_job<B: AutodiffBackend>(
     };
 
     // Tokenise with the base responses; reference log-probs (cached).
-    let enc_cfg = EncodeConfig {
-        max_length: run.data.max_length,
-        max_prompt_length: run.data.max_prompt_length,
-        truncation_mode: run.data.truncation()?,
-    };
     let encode = crate::encoder(&tok);
     let (train_bases, eval_bases) = anchors.bases.split_at(train_ex.len());
     let (train_enc, ts) = encode_examples(
@@ -839,9 +888,10 @@ fn run_job<B: AutodiffBackend>(
         eos,
         &enc_cfg,
     )?;
-    for (split, s) in [("train", &ts), ("eval", &es)] {
+    let eval_file = run.data.eval.as_ref().unwrap_or(&run.data.train);
+    for (split, s, file) in [("train", &ts, &run.data.train), ("eval", &es, eval_file)] {
         if !s.dropped_prompt_too_long.is_empty() {
-            tracing::warn!(split, dropped = s.dropped_prompt_too_long.len(), lines = ?s.dropped_prompt_too_long, max_length = enc_cfg.max_length, "examples dropped: the prompt alone exceeds max_length");
+            tracing::warn!(split, file = %file.display(), dropped = s.dropped_prompt_too_long.len(), lines = ?s.dropped_prompt_too_long, max_length = enc_cfg.max_length, "examples dropped: the prompt alone exceeds max_length");
         }
         if s.examples_truncated > 0 {
             tracing::info!(
@@ -1103,8 +1153,14 @@ fn run_job<B: AutodiffBackend>(
             }
         }
         pb.inc(1);
+        // A write that failed (a full disk): stop now rather than train on without saving.
+        if write_err.is_some() {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
     };
-    let policy = match train(
+    let trained = match train(
         policy,
         &train_enc,
         &refs.train,
@@ -1114,11 +1170,17 @@ fn run_job<B: AutodiffBackend>(
         resume_state,
         &mut on_step,
     ) {
-        Err(crate::train::TrainError::Interrupted { step }) => {
-            pb.finish_and_clear();
-            if let Some(e) = write_err {
-                return Err(e);
-            }
+        Ok(policy) => Ok(policy),
+        Err(crate::train::TrainError::Interrupted { step }) => Err(step),
+        Err(other) => return Err(other.into()),
+    };
+    pb.finish_and_clear();
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    let policy = match trained {
+        Ok(policy) => policy,
+        Err(step) => {
             let ckpt = out.join(format!("checkpoint-{step}"));
             return Err(if ckpt.exists() {
                 format!(
@@ -1130,12 +1192,7 @@ fn run_job<B: AutodiffBackend>(
             }
             .into());
         }
-        other => other?,
     };
-    pb.finish_and_clear();
-    if let Some(e) = write_err {
-        return Err(e);
-    }
     let adapter_dir = out.join(match weights {
         Weights::Adapter => "adapter",
         Weights::Full(..) => "model",

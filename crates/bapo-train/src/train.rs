@@ -246,6 +246,21 @@ pub enum TrainError {
     Interrupted { step: usize },
 }
 
+/// What a [`train`] callback returns: `()` goes on; a `ControlFlow` stops on `Break`.
+pub trait StepControl {
+    fn stop(&self) -> bool;
+}
+impl StepControl for () {
+    fn stop(&self) -> bool {
+        false
+    }
+}
+impl StepControl for std::ops::ControlFlow<()> {
+    fn stop(&self) -> bool {
+        self.is_break()
+    }
+}
+
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static TRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -404,9 +419,11 @@ pub struct Resume<B: AutodiffBackend> {
 
 /// Trains `model` (adapters attached, or fully trainable) on `examples` up to `cfg.max_steps`
 /// optimiser steps (from `resume.step` when given); `on_step` receives each step's log, the
-/// model and the optimiser (for checkpoints).
+/// model and the optimiser (for checkpoints), and returns `()` to go on or a
+/// [`ControlFlow`](std::ops::ControlFlow): `Break` (a checkpoint that could not be written, say)
+/// stops the loop, and `train` returns [`TrainError::Interrupted`] for that step.
 #[allow(clippy::too_many_arguments)] // data, references, settings, device, resume point, callback: all distinct
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: AutodiffBackend, C: StepControl>(
     mut model: Llama<B>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
@@ -414,7 +431,7 @@ pub fn train<B: AutodiffBackend>(
     pad_id: u32,
     device: &B::Device,
     resume: Option<Resume<B>>,
-    mut on_step: impl FnMut(&StepLog, &Llama<B>, &Optim<B>),
+    mut on_step: impl FnMut(&StepLog, &Llama<B>, &Optim<B>) -> C,
 ) -> Result<Llama<B>, TrainError> {
     let objective = cfg
         .objective()
@@ -527,7 +544,9 @@ pub fn train<B: AutodiffBackend>(
             tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             metrics: sums,
         };
-        on_step(&log, &model, &optim);
+        if on_step(&log, &model, &optim).stop() {
+            return Err(TrainError::Interrupted { step: step + 1 });
+        }
     }
     Ok(model)
 }

@@ -67,10 +67,26 @@ pub struct TensorInfo {
     pub offset: u64,
 }
 
-/// An opened, validated GGUF file (memory-mapped).
+/// Where a GGUF file's bytes live: a read-only memory map, or a buffer handed in.
+enum Bytes {
+    Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// An opened, validated GGUF file (memory-mapped, or parsed from a buffer).
 pub struct GgufFile {
     pub path: PathBuf,
-    map: memmap2::Mmap,
+    map: Bytes,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
@@ -258,6 +274,15 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: read-only mapping of a file we do not modify; every access is bounds-checked.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        Self::parse(path, Bytes::Map(map))
+    }
+
+    /// Parses and validates GGUF bytes already in memory; `path` only names them in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(path, Bytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Bytes) -> Result<Self> {
         let mut c = Cursor {
             bytes: &map,
             pos: 0,

@@ -29,7 +29,12 @@ pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify; all offsets are checked below.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    let bytes: &[u8] = &map;
+    read_bytes(path, &map, out)
+}
+
+/// Reads every tensor of safetensors bytes already in memory into `out`; `path` only names
+/// them in errors.
+pub fn read_bytes(path: &Path, bytes: &[u8], out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
     if bytes.len() < 8 {
         return Err(ModelError::format(
             path,
@@ -50,11 +55,8 @@ pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<
     }
     let header: BTreeMap<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..8 + n as usize]).map_err(|e| {
-            ModelError::format(
-                path,
-                Some(8 + e.column() as u64),
-                format!("header JSON: {e}"),
-            )
+            let at = json_offset(&bytes[8..8 + n as usize], e.line(), e.column());
+            ModelError::format(path, Some(8 + at), format!("header JSON: {e}"))
         })?;
     let data = &bytes[8 + n as usize..];
     for (name, value) in header {
@@ -89,7 +91,7 @@ pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<
         if begin > end || end > data.len() as u64 || end - begin != (numel * width) as u64 {
             return Err(ModelError::format(
                 path,
-                Some(8 + n + begin),
+                Some((8 + n).saturating_add(begin)),
                 format!("tensor `{name}`: data_offsets [{begin}, {end}] do not fit the data block ({} bytes) or its {:?} {} shape", data.len(), entry.shape, entry.dtype),
             ));
         }
@@ -119,6 +121,16 @@ pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<
     Ok(())
 }
 
+/// Byte offset of serde_json's 1-based `line`/`column` inside `text` (0 when unknown).
+fn json_offset(text: &[u8], line: usize, column: usize) -> u64 {
+    let line_start: usize = text
+        .split(|&b| b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(|l| l.len() + 1)
+        .sum();
+    (line_start + column.saturating_sub(1)).min(text.len()) as u64
+}
+
 #[derive(Deserialize)]
 struct ShardIndex {
     weight_map: BTreeMap<String, String>,
@@ -138,6 +150,14 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<HostTensors> {
             .map_err(|e| ModelError::format(&index, None, format!("line {}: {e}", e.line())))?;
         let shards: std::collections::BTreeSet<&String> = idx.weight_map.values().collect();
         for shard in shards {
+            // A shard is a file next to the index: no directories, no `..`, no absolute path.
+            if shard.is_empty() || shard.contains(['/', '\\']) || shard == ".." || shard == "." {
+                return Err(ModelError::format(
+                    &index,
+                    None,
+                    format!("weight_map names shard `{shard}`, which is not a file name in this directory"),
+                ));
+            }
             read_file(&dir.join(shard), &mut tensors)?;
         }
         for name in idx.weight_map.keys() {

@@ -1,0 +1,71 @@
+//! Replays every committed fuzz input (`fuzz/seeds/<target>/`, and `fuzz/regressions/<target>/`:
+//! inputs that once crashed a target) through the same harness the libFuzzer targets run, so a
+//! fixed crash stays fixed without a fuzzer in CI. The seeds, written by independent tools
+//! (llama.cpp's gguf-py, HF's safetensors), must also parse completely.
+
+#[path = "../../fuzz/harness.rs"]
+mod harness;
+
+use std::path::PathBuf;
+
+fn inputs(kind: &str, target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz")
+        .join(kind)
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Vec<u8>)> = entries
+        .map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn jsonl_seeds_parse_and_regressions_do_not_panic() {
+    let seeds = inputs("seeds", "jsonl");
+    assert!(seeds.len() >= 3, "seeds missing");
+    for (name, bytes) in &seeds {
+        let pairs = harness::jsonl(bytes);
+        assert!(pairs.is_some_and(|n| n >= 1), "seed {name} did not parse");
+    }
+    for (_, bytes) in inputs("regressions", "jsonl") {
+        harness::jsonl(&bytes);
+    }
+}
+
+#[test]
+fn gguf_seeds_from_gguf_py_load_and_regressions_do_not_panic() {
+    let seeds = inputs("seeds", "gguf");
+    assert!(seeds.len() >= 3, "seeds missing");
+    for (name, bytes) in &seeds {
+        let passed = harness::gguf(bytes);
+        let want: &[&str] = if name.contains("no-tokenizer") {
+            &["header", "llama"]
+        } else {
+            &["header", "llama", "tokenizer"]
+        };
+        assert_eq!(passed, want, "seed {name}");
+    }
+    for (_, bytes) in inputs("regressions", "gguf") {
+        harness::gguf(&bytes);
+    }
+}
+
+#[test]
+fn safetensors_seeds_parse_and_regressions_do_not_panic() {
+    let seeds = inputs("seeds", "safetensors");
+    assert!(seeds.len() >= 3, "seeds missing");
+    for (name, bytes) in &seeds {
+        assert!(harness::safetensors(bytes).is_some(), "seed {name}");
+    }
+    for (_, bytes) in inputs("regressions", "safetensors") {
+        harness::safetensors(&bytes);
+    }
+}
