@@ -1,7 +1,9 @@
-//! Replays every committed fuzz input (`fuzz/seeds/<target>/`, and `fuzz/regressions/<target>/`:
-//! inputs that once crashed a target) through the same harness the libFuzzer targets run, so a
-//! fixed crash stays fixed without a fuzzer in CI. The seeds, written by independent tools
-//! (llama.cpp's gguf-py, HF's safetensors), must also parse completely.
+//! Replays every committed fuzz input (`fuzz/seeds/<target>/`; `fuzz/corpus/<target>/`, the
+//! minimised corpus the fuzzers grew; `fuzz/regressions/<target>/`, inputs that once crashed a
+//! target) through the same harness the libFuzzer targets run, so a fixed crash stays fixed
+//! and every parser branch the fuzzers reached is exercised in CI without a fuzzer. The seeds,
+//! written by independent tools (llama.cpp's gguf-py, HF's safetensors), must also parse
+//! completely.
 
 #[path = "../../fuzz/harness.rs"]
 mod harness;
@@ -35,7 +37,9 @@ fn jsonl_seeds_parse_and_regressions_do_not_panic() {
         let pairs = harness::jsonl(bytes);
         assert!(pairs.is_some_and(|n| n >= 1), "seed {name} did not parse");
     }
-    for (_, bytes) in inputs("regressions", "jsonl") {
+    let replay = [inputs("corpus", "jsonl"), inputs("regressions", "jsonl")].concat();
+    assert!(replay.len() > 100, "the committed corpus is missing");
+    for (_, bytes) in replay {
         harness::jsonl(&bytes);
     }
 }
@@ -53,7 +57,9 @@ fn gguf_seeds_from_gguf_py_load_and_regressions_do_not_panic() {
         };
         assert_eq!(passed, want, "seed {name}");
     }
-    for (_, bytes) in inputs("regressions", "gguf") {
+    let replay = [inputs("corpus", "gguf"), inputs("regressions", "gguf")].concat();
+    assert!(replay.len() > 100, "the committed corpus is missing");
+    for (_, bytes) in replay {
         harness::gguf(&bytes);
     }
 }
@@ -65,7 +71,9 @@ fn safetensors_seeds_parse_and_regressions_do_not_panic() {
     for (name, bytes) in &seeds {
         assert!(harness::safetensors(bytes).is_some(), "seed {name}");
     }
-    for (_, bytes) in inputs("regressions", "safetensors") {
+    let replay = [inputs("corpus", "safetensors"), inputs("regressions", "safetensors")].concat();
+    assert!(replay.len() > 100, "the committed corpus is missing");
+    for (_, bytes) in replay {
         harness::safetensors(&bytes);
     }
 }
