@@ -71,9 +71,43 @@ fn safetensors_seeds_parse_and_regressions_do_not_panic() {
     for (name, bytes) in &seeds {
         assert!(harness::safetensors(bytes).is_some(), "seed {name}");
     }
-    let replay = [inputs("corpus", "safetensors"), inputs("regressions", "safetensors")].concat();
+    let replay = [
+        inputs("corpus", "safetensors"),
+        inputs("regressions", "safetensors"),
+    ]
+    .concat();
     assert!(replay.len() > 100, "the committed corpus is missing");
     for (_, bytes) in replay {
         harness::safetensors(&bytes);
     }
+}
+
+/// The bug the GGUF target found, as a named case: a repeated token string in
+/// `tokenizer.ggml.tokens` left an id the vocabulary did not count. Built from the gguf-py seed
+/// by renaming token 31 (`er`) to `re`, which token 32 already is.
+#[test]
+fn gguf_tokenizer_with_a_repeated_token_is_refused() {
+    use bapo_model::load::gguf::GgufFile;
+    let (_, seed) = inputs("seeds", "gguf")
+        .into_iter()
+        .find(|(n, _)| n == "tiny-llama-quantised.gguf")
+        .unwrap();
+    let from = b"\x02\0\0\0\0\0\0\0er";
+    let at = seed.windows(from.len()).position(|w| w == from).unwrap();
+    let mut bytes = seed.clone();
+    bytes[at + 8..at + 10].copy_from_slice(b"re");
+    let path = std::path::Path::new("dup.gguf");
+    let ok = GgufFile::from_bytes(path, seed).unwrap();
+    assert!(bapo_model::Tokenizer::from_gguf(&ok).is_ok());
+    let file = GgufFile::from_bytes(path, bytes).unwrap();
+    let err = bapo_model::Tokenizer::from_gguf(&file)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("dup.gguf")
+            && err.contains("tokenizer.ggml.tokens")
+            && err.contains("token \"re\" appears twice (ids 31 and 32)"),
+        "{err}"
+    );
 }
