@@ -444,7 +444,7 @@ fn gguf_bytes(kv: &[(&str, &str)], tensors: &[(&str, &[u64], u32, u64)], data: &
         b.extend(ty.to_le_bytes());
         b.extend(off.to_le_bytes());
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend(data);

@@ -201,8 +201,11 @@ pub struct RunResult {
     pub metrics: BTreeMap<String, f64>,
 }
 
-/// The last row of `metrics.jsonl` that holds held-out metrics, and the base row.
-fn read_run(dir: &Path) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>), RunError> {
+/// Metric name → value.
+type Metrics = BTreeMap<String, f64>;
+
+/// The base row, and the last row of `metrics.jsonl` that holds held-out metrics.
+fn read_run(dir: &Path) -> Result<(Metrics, Metrics), RunError> {
     let nums = |v: &Value| -> BTreeMap<String, f64> {
         v.as_object()
             .map(|o| {
@@ -216,9 +219,9 @@ fn read_run(dir: &Path) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let last = text
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("eval_rewards/accuracies").is_some())
-        .last()
+        .find(|v| v.get("eval_rewards/accuracies").is_some())
         .ok_or_else(|| format!("{}: no evaluation row", path.display()))?;
     let base_path = dir.join("eval_base.json");
     let base: Value = serde_json::from_str(
