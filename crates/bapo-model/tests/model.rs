@@ -298,6 +298,36 @@ fn safetensors_roundtrip_and_corruption() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("header length"), "{e}");
+    // Header JSON that is bad, an absurd shape, an unknown dtype, offsets at u64::MAX.
+    let file = |header: &str, data: usize| {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; data]);
+        b
+    };
+    for (header, want) in [
+        (
+            "{\"a\":\n {\"dtype\": F32}}",
+            "header JSON: expected value at line 2 column 12 (at byte offset 25)",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,16]}}"#,
+            "tensor `a`: absurd shape",
+        ),
+        (
+            r#"{"a":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}}"#,
+            "tensor `a` has dtype I8 (only F32, BF16, F16)",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[18446744073709551615,16]}}"#,
+            "tensor `a`: data_offsets [18446744073709551615, 16] do not fit",
+        ),
+    ] {
+        let e = safetensors::read_bytes(&path, &file(header, 16), &mut BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.safetensors") && e.contains(want), "{e}");
+    }
 }
 
 #[test]
