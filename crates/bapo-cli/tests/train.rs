@@ -44,6 +44,17 @@ save_steps = 2
     p
 }
 
+/// [`config`] without the `[lora]` section (every weight trains) at a full-fine-tuning rate.
+fn full_ft_config(dir: &Path) -> PathBuf {
+    let cfg = config(dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[lora]\nrank = 4\nalpha = 8.0\n", "")
+        .replace("learning_rate = 1e-2", "learning_rate = 1e-3");
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
 fn bapo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_bapo"))
         .args(args)
@@ -342,13 +353,7 @@ fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
     let dir = std::env::temp_dir().join(format!("bapo-full-ft-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = config(&dir, "");
-    // No [lora] section: every weight trains.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("[lora]\nrank = 4\nalpha = 8.0\n", "")
-        .replace("learning_rate = 1e-2", "learning_rate = 1e-3");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = full_ft_config(&dir);
     let c = cfg.to_str().unwrap();
     let res = bapo(&["train", "--config", c]);
     assert!(
@@ -867,12 +872,7 @@ fn a_write_failing_mid_checkpoint_stops_cleanly_and_keeps_earlier_checkpoints() 
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // Full fine-tuning: a checkpoint holds the 6.3 MB model, far bigger than any other output.
-    let cfg = config(&dir, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("[lora]\nrank = 4\nalpha = 8.0\n", "")
-        .replace("learning_rate = 1e-2", "learning_rate = 1e-3");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = full_ft_config(&dir);
     let c = cfg.to_str().unwrap();
     let run = dir.join("run");
     assert!(bapo(&["train", "--config", c]).status.success());
@@ -898,15 +898,7 @@ fn a_write_failing_mid_checkpoint_stops_cleanly_and_keeps_earlier_checkpoints() 
         .collect();
     assert!(left.is_empty(), "half-written checkpoints left: {left:?}");
     // The run stopped at the failed save (step 4), not after more unsaved steps.
-    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps: Vec<u64> = losses(&run).into_iter().map(|(step, _)| step).collect();
     assert_eq!(steps, [1, 2, 3, 4]);
     // checkpoint-2 is byte for byte what it was, and a resume without the limit finishes.
     assert_eq!(
@@ -923,15 +915,7 @@ fn a_write_failing_mid_checkpoint_stops_cleanly_and_keeps_earlier_checkpoints() 
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps: Vec<u64> = losses(&run).into_iter().map(|(step, _)| step).collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
     assert!(run.join("checkpoint-4/model.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();
