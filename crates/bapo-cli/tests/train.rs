@@ -55,6 +55,14 @@ fn full_ft_config(dir: &Path) -> PathBuf {
     cfg
 }
 
+/// An empty per-process temporary directory `<tmp>/<name>-<pid>`.
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn bapo(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_bapo"))
         .args(args)
@@ -64,9 +72,7 @@ fn bapo(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
-    let dir = std::env::temp_dir().join(format!("bapo-train-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-train-cli");
     // With the NLL-on-chosen term on, so that path (training and eval) runs end to end too.
     let cfg = config(&dir, "nll_weight = 0.1");
     let res = bapo(&["train", "--config", cfg.to_str().unwrap()]);
@@ -350,9 +356,7 @@ fn config_errors_name_file_line_and_key() {
 
 #[test]
 fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
-    let dir = std::env::temp_dir().join(format!("bapo-full-ft-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-full-ft");
     let cfg = full_ft_config(&dir);
     let c = cfg.to_str().unwrap();
     let res = bapo(&["train", "--config", c]);
@@ -427,9 +431,7 @@ fn full_fine_tuning_checkpoints_resumes_and_exports_an_hf_directory() {
 
 #[test]
 fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
-    let dir = std::env::temp_dir().join(format!("bapo-drift-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-drift-cli");
     let cfg = config(&dir, "");
     let knowledge = root().join("data/knowledge/capitals.jsonl");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
@@ -530,9 +532,7 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
 
 #[test]
 fn compare_trains_each_method_on_per_level_data_and_reports() {
-    let dir = std::env::temp_dir().join(format!("bapo-compare-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-compare-cli");
     let cfg = config(&dir, "");
     let r = root();
     let text = std::fs::read_to_string(&cfg)
@@ -702,9 +702,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 
 #[test]
 fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
-    let dir = std::env::temp_dir().join(format!("bapo-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-kill");
     let extra = "max_steps = 6";
     let cfg = config(&dir, extra);
     let text = std::fs::read_to_string(&cfg)
@@ -794,9 +792,7 @@ fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
 
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes() {
-    let dir = std::env::temp_dir().join(format!("bapo-sigint-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-sigint");
     let cfg = config(&dir, "");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -868,9 +864,7 @@ fn bapo_with_file_size_limit(limit_kib: u64, args: &[&str]) -> std::process::Out
 
 #[test]
 fn a_write_failing_mid_checkpoint_stops_cleanly_and_keeps_earlier_checkpoints() {
-    let dir = std::env::temp_dir().join(format!("bapo-diskfull-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-diskfull");
     // Full fine-tuning: a checkpoint holds the 6.3 MB model, far bigger than any other output.
     let cfg = full_ft_config(&dir);
     let c = cfg.to_str().unwrap();
@@ -923,9 +917,7 @@ fn a_write_failing_mid_checkpoint_stops_cleanly_and_keeps_earlier_checkpoints() 
 
 #[test]
 fn stale_mismatched_or_corrupt_caches_are_detected_and_rebuilt() {
-    let dir = std::env::temp_dir().join(format!("bapo-cache-fp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("bapo-cache-fp");
     // Own copies of the data and the model, to change them under the caches.
     let data = dir.join("pairs.jsonl");
     std::fs::copy(root().join("data/demo/concise.jsonl"), &data).unwrap();

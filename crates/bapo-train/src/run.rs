@@ -799,8 +799,9 @@ fn run_job<B: AutodiffBackend>(
         max_prompt_length: run.data.max_prompt_length,
         truncation_mode: run.data.truncation()?,
     };
+    // The file each split's line numbers refer to.
+    let eval_file = run.data.eval.as_ref().unwrap_or(&run.data.train);
     if !run.data.drop_long_prompts {
-        let eval_file = run.data.eval.as_ref().unwrap_or(&run.data.train);
         for (split, ex, file) in [
             ("train", &train_ex, &run.data.train),
             ("eval", &eval_ex, eval_file),
@@ -888,7 +889,6 @@ fn run_job<B: AutodiffBackend>(
         eos,
         &enc_cfg,
     )?;
-    let eval_file = run.data.eval.as_ref().unwrap_or(&run.data.train);
     for (split, s, file) in [("train", &ts, &run.data.train), ("eval", &es, eval_file)] {
         if !s.dropped_prompt_too_long.is_empty() {
             tracing::warn!(split, file = %file.display(), dropped = s.dropped_prompt_too_long.len(), lines = ?s.dropped_prompt_too_long, max_length = enc_cfg.max_length, "examples dropped: the prompt alone exceeds max_length");
