@@ -1,7 +1,7 @@
 //! Criterion benchmarks, one binary for every compiled backend: `cargo xtask bench [--backend X]`.
 //!
-//! The backend is picked at run time by `BAPO_BENCH_BACKEND` (`ndarray`, `wgpu`, `cuda`; the
-//! cargo feature must be compiled in) and prefixes every group name, so reports of different
+//! The backend is picked at run time by `BAPO_BENCH_BACKEND` (`flex`, the default, `ndarray`,
+//! `wgpu`, `cuda`; the GPU ones need their cargo feature) and prefixes every group name, so reports of different
 //! backends sit side by side in `target/criterion`. Every timed closure ends with a read back to
 //! the host (or `B::sync`), so asynchronous devices are measured to completion. Throughput is in
 //! tokens. SmolLM2 groups need the GGUF (`cargo xtask fetch`); without it they are skipped with a
@@ -256,8 +256,9 @@ fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) 
 }
 
 fn benches(c: &mut Criterion) {
-    let backend = std::env::var("BAPO_BENCH_BACKEND").unwrap_or_else(|_| "ndarray".into());
+    let backend = std::env::var("BAPO_BENCH_BACKEND").unwrap_or_else(|_| "flex".into());
     match backend.as_str() {
+        "flex" => run::<Autodiff<burn::backend::Flex>>(c, "flex", Default::default()),
         "ndarray" => run::<Autodiff<burn::backend::NdArray>>(c, "ndarray", Default::default()),
         #[cfg(feature = "wgpu")]
         "wgpu" => run::<Autodiff<burn::backend::Wgpu>>(c, "wgpu", Default::default()),

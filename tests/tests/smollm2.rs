@@ -92,6 +92,16 @@ fn smollm2_gguf_matches_transformers_on_ndarray() {
     eprintln!("smollm2 ndarray: worst token |Δ log p| = {worst:.2e}");
 }
 
+/// The default CPU backend (burn-flex with rayon threads and SIMD kernels).
+#[test]
+fn smollm2_gguf_matches_transformers_on_flex() {
+    let device = Default::default();
+    let loaded =
+        bapo_model::load_pretrained::<burn::backend::Flex>(&gguf_path(), &device).unwrap();
+    let worst = check_model(&loaded, &golden("smollm2"), TOL, &device);
+    eprintln!("smollm2 flex: worst token |Δ log p| = {worst:.2e}");
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn smollm2_gguf_matches_transformers_on_cuda() {

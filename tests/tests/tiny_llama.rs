@@ -18,6 +18,16 @@ fn tiny_llama_matches_transformers_on_ndarray() {
     eprintln!("tiny-llama ndarray: worst token |Δ log p| = {worst:.2e}");
 }
 
+#[test]
+fn tiny_llama_matches_transformers_on_flex() {
+    let device = Default::default();
+    let loaded =
+        bapo_model::load_pretrained::<burn::backend::Flex>(&fixture("tiny-llama"), &device)
+            .unwrap();
+    let worst = check_model(&loaded, &golden("tiny-llama"), TOL, &device);
+    eprintln!("tiny-llama flex: worst token |Δ log p| = {worst:.2e}");
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn tiny_llama_matches_transformers_on_wgpu() {

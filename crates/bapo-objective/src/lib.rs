@@ -21,7 +21,7 @@
 mod logps;
 mod losses;
 
-pub use logps::{sequence_logps, SequenceLogps};
+pub use logps::{scatter_logps, sequence_logps, target_logps, CompletionRows, SequenceLogps};
 pub use losses::{
     bapo_loss, Anchor, AnchorLogps, LossType, Metrics, ObjectiveConfig, ObjectiveOutput, PairLogps,
 };

@@ -2,7 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 /// Per-sequence completion log-probabilities.
 ///
@@ -60,11 +60,116 @@ pub fn sequence_logps<B: Backend>(
     }
 }
 
+/// The logits rows a right-padded batch really needs: position `i` of row `r` is needed only
+/// when token `i + 1` is a completion token (shift-by-one, as in [`sequence_logps`]). Prompt and
+/// padding positions need no logits, so a training or scoring pass projects only these rows
+/// through the LM head (with SmolLM2's 49,152-column head that is most of the head's work).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRows {
+    /// Batch rows `b` and positions per row `s` of the unshifted batch.
+    pub rows: usize,
+    pub len: usize,
+    /// Flat index `r * s + i` of every needed position, row-major (so rows stay contiguous).
+    pub positions: Vec<i64>,
+    /// The token each needed position predicts: `tokens[r, i + 1]`.
+    pub targets: Vec<i64>,
+}
+
+impl CompletionRows {
+    /// From host copies of `tokens` and `completion_mask`, both `[rows, len]` row-major.
+    ///
+    /// # Panics
+    /// When the slices are not `rows * len` long (a caller's bug, never an input's).
+    pub fn new(tokens: &[i64], completion_mask: &[f32], rows: usize, len: usize) -> Self {
+        assert!(
+            tokens.len() == rows * len && completion_mask.len() == rows * len,
+            "CompletionRows: {} tokens and {} mask entries for {rows} x {len}",
+            tokens.len(),
+            completion_mask.len()
+        );
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for r in 0..rows {
+            for i in 1..len {
+                if completion_mask[r * len + i] != 0.0 {
+                    positions.push((r * len + i - 1) as i64);
+                    targets.push(tokens[r * len + i]);
+                }
+            }
+        }
+        Self {
+            rows,
+            len,
+            positions,
+            targets,
+        }
+    }
+
+    /// Number of needed positions (completion tokens in the batch).
+    pub fn count(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+/// `log softmax(logits)[target]` of each row, as `logit[target] − logsumexp(row)`.
+///
+/// The row maximum is detached (it cancels in value and gradient), so the graph keeps one
+/// shifted copy and its exponential: no `[n, v]` log-softmax is materialised, and the gradient
+/// is `onehot(target) − softmax(row)`.
+///
+/// # Shapes
+/// `logits`: `[n, v]`; `targets`: `[n]` → `[n]`.
+pub fn target_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let [n, _] = logits.dims();
+    let max = logits.clone().detach().max_dim(1); // [n, 1]
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let picked = logits.gather(1, targets.reshape([n, 1]));
+    (picked - lse).reshape([n])
+}
+
+/// [`SequenceLogps`] from the log-probs of the needed positions only ([`CompletionRows`]):
+/// scattered back into `[b, s - 1]` and summed per row, exactly as [`sequence_logps`] sums.
+///
+/// # Shapes
+/// `token_logps`: `[n]` with `n = plan.count()`; outputs as in [`SequenceLogps`].
+pub fn scatter_logps<B: Backend>(
+    token_logps: Tensor<B, 1>,
+    plan: &CompletionRows,
+    device: &B::Device,
+) -> SequenceLogps<B> {
+    let (b, s) = (plan.rows, plan.len);
+    assert!(s >= 2, "sequence log-probs need at least two positions, got {s}");
+    // Position r*s + i (i < s - 1) of the flat logits is entry r*(s-1) + i of `token`.
+    let idx: Vec<i64> = plan
+        .positions
+        .iter()
+        .map(|&p| p - p / s as i64)
+        .collect();
+    let n = idx.len();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), device);
+    let token = Tensor::<B, 1>::zeros([b * (s - 1)], device)
+        .select_assign(0, idx.clone(), token_logps, IndexingUpdateOp::Add)
+        .reshape([b, s - 1]);
+    let ones = Tensor::<B, 1>::ones([n], device);
+    let count = Tensor::<B, 1>::zeros([b * (s - 1)], device)
+        .select_assign(0, idx, ones, IndexingUpdateOp::Add)
+        .reshape([b, s - 1])
+        .sum_dim(1)
+        .reshape([b]);
+    let sum = token.clone().sum_dim(1).reshape([b]);
+    let mean = sum.clone() / count.clone().clamp_min(1.0);
+    SequenceLogps {
+        sum,
+        mean,
+        count,
+        token,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::NdArray;
-    use burn::tensor::TensorData;
 
     type B = NdArray;
 
@@ -117,5 +222,62 @@ mod tests {
         let sum = out.sum.into_data().to_vec::<f32>().unwrap()[0] as f64;
         assert!((sum - expect).abs() < 1e-6, "{sum} vs {expect}");
         assert_eq!(out.count.into_data().to_vec::<f32>().unwrap(), vec![1.0]);
+    }
+
+    /// Only the needed rows, projected and reduced, give `sequence_logps`'s numbers — values
+    /// and the gradient with respect to the logits — on a padded batch with prompts.
+    #[test]
+    fn completion_rows_path_equals_full_log_softmax() {
+        use burn::backend::Autodiff;
+        type A = Autodiff<NdArray>;
+        let device = Default::default();
+        let (b, s, v) = (3, 6, 7);
+        let vals: Vec<f32> = (0..b * s * v)
+            .map(|i| ((i * 37 % 101) as f32 / 17.0).sin() * 4.0)
+            .collect();
+        let tokens: Vec<i64> = (0..b * s).map(|i| (i * 5 % v) as i64).collect();
+        // Row 0: prompt 2 + completion 4; row 1: prompt 3 + completion 2 + pad; row 2: one token.
+        let mask: Vec<f32> = [
+            [0., 0., 1., 1., 1., 1.],
+            [0., 0., 0., 1., 1., 0.],
+            [0., 1., 0., 0., 0., 0.],
+        ]
+        .concat();
+        let plan = CompletionRows::new(&tokens, &mask, b, s);
+        assert_eq!(plan.count(), 7);
+        let full = Tensor::<A, 3>::from_data(TensorData::new(vals.clone(), [b, s, v]), &device)
+            .require_grad();
+        let tok = Tensor::<A, 2, Int>::from_data(TensorData::new(tokens.clone(), [b, s]), &device);
+        let m = Tensor::<A, 2>::from_data(TensorData::new(mask.clone(), [b, s]), &device);
+        let want = sequence_logps(full.clone(), tok, m);
+        let g_want = want.sum.clone().sum().backward();
+        let g_want = full.grad(&g_want).unwrap().into_data().to_vec::<f32>().unwrap();
+
+        let full2 = Tensor::<A, 3>::from_data(TensorData::new(vals, [b, s, v]), &device)
+            .require_grad();
+        let n = plan.count();
+        let pos = Tensor::<A, 1, Int>::from_data(TensorData::new(plan.positions.clone(), [n]), &device);
+        let tg = Tensor::<A, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), &device);
+        let rows = full2.clone().reshape([b * s, v]).select(0, pos);
+        let got = scatter_logps(target_logps(rows, tg), &plan, &device);
+        let g_got = got.sum.clone().sum().backward();
+        let g_got = full2.grad(&g_got).unwrap().into_data().to_vec::<f32>().unwrap();
+
+        let close = |x: Vec<f32>, y: Vec<f32>, what: &str| {
+            assert_eq!(x.len(), y.len());
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() < 1e-5, "{what}[{i}]: {a} vs {b}");
+            }
+        };
+        let host = |t: Tensor<A, 1>| t.into_data().to_vec::<f32>().unwrap();
+        close(host(got.sum), host(want.sum), "sum");
+        close(host(got.mean), host(want.mean), "mean");
+        assert_eq!(host(got.count), vec![4.0, 2.0, 1.0]);
+        close(
+            got.token.into_data().to_vec::<f32>().unwrap(),
+            want.token.into_data().to_vec::<f32>().unwrap(),
+            "token",
+        );
+        close(g_got, g_want, "grad");
     }
 }

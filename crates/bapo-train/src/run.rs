@@ -81,9 +81,37 @@ fn hex(h: Sha256) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How a cache's numbers were computed: the backend (its Burn name) and the version of the
+/// log-prob computation. Log-probs from another backend differ at float precision, and at
+/// step 1 (policy = reference) the anchor's hinge sits exactly on its kink, so any such
+/// difference switches the anchor on for part of the batch: a cache is only reused by the
+/// backend that made it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Numerics {
+    pub backend: String,
+    /// Bumped when the log-prob or generation code changes its floating-point results.
+    pub logps: String,
+    /// Worker threads when the cache was made (recorded, not compared: results do not depend
+    /// on it on the CPU backends).
+    pub threads: usize,
+}
+
+impl Numerics {
+    /// This process's numerics on backend `B`.
+    pub fn of<B: Backend>(device: &B::Device) -> Self {
+        Self {
+            backend: B::name(device),
+            logps: "f32, completion rows only, logit - logsumexp (v2)".into(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct AnchorCache {
     fingerprint: String,
+    #[serde(default)]
+    numerics: Numerics,
     bases: Vec<String>,
     tokens: Vec<usize>,
 }
@@ -91,6 +119,8 @@ struct AnchorCache {
 #[derive(Serialize, Deserialize)]
 struct ReferenceCache {
     fingerprint: String,
+    #[serde(default)]
+    numerics: Numerics,
     train: Vec<ReferenceLogps>,
     eval: Vec<ReferenceLogps>,
 }
@@ -98,7 +128,8 @@ struct ReferenceCache {
 fn read_cache<T: for<'de> Deserialize<'de>>(
     path: &Path,
     fingerprint: &str,
-    get: impl Fn(&T) -> &str,
+    numerics: &Numerics,
+    get: impl Fn(&T) -> (&str, &Numerics),
 ) -> Option<T> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -115,11 +146,22 @@ fn read_cache<T: for<'de> Deserialize<'de>>(
             return None;
         }
     };
-    if get(&cache) == fingerprint {
-        Some(cache)
-    } else {
+    let (fp, made) = get(&cache);
+    if fp != fingerprint {
         tracing::warn!(cache = %path.display(), "cache fingerprint differs from this run's model/data/settings: rebuilding it");
         None
+    } else if made.backend != numerics.backend || made.logps != numerics.logps {
+        tracing::warn!(
+            cache = %path.display(),
+            made_on = %made.backend,
+            made_with = %made.logps,
+            this_run = %numerics.backend,
+            "cache was computed on another backend or by other log-prob code: rebuilding it \
+             (reusing it would put the anchor off its kink at step 1)"
+        );
+        None
+    } else {
+        Some(cache)
     }
 }
 
@@ -829,7 +871,10 @@ fn run_job<B: AutodiffBackend>(
     let reference = reference_of(&model);
     let all: Vec<&PreferenceExample> = train_ex.iter().chain(&eval_ex).collect();
     let anchor_path = out.join("anchors.cache.json");
-    let anchors = match read_cache::<AnchorCache>(&anchor_path, &anchor_fp, |c| &c.fingerprint) {
+    let numerics = Numerics::of::<B::InnerBackend>(device);
+    let anchors = match read_cache::<AnchorCache>(&anchor_path, &anchor_fp, &numerics, |c| {
+        (&c.fingerprint, &c.numerics)
+    }) {
         Some(c) if c.bases.len() == all.len() => {
             tracing::info!("reusing {} cached base responses", c.bases.len());
             c
@@ -862,6 +907,7 @@ fn run_job<B: AutodiffBackend>(
             );
             let c = AnchorCache {
                 fingerprint: anchor_fp.clone(),
+                numerics: numerics.clone(),
                 bases,
                 tokens,
             };
@@ -913,7 +959,9 @@ fn run_job<B: AutodiffBackend>(
     ))?);
     let ref_fp = hex(h);
     let ref_path = out.join("reference_logps.cache.json");
-    let refs = match read_cache::<ReferenceCache>(&ref_path, &ref_fp, |c| &c.fingerprint) {
+    let refs = match read_cache::<ReferenceCache>(&ref_path, &ref_fp, &numerics, |c| {
+        (&c.fingerprint, &c.numerics)
+    }) {
         Some(c) if c.train.len() == train_enc.len() && c.eval.len() == eval_enc.len() => c,
         _ => {
             let pb = bar(train_enc.len() + eval_enc.len(), "reference log-probs");
@@ -927,6 +975,7 @@ fn run_job<B: AutodiffBackend>(
             pb.finish_and_clear();
             let c = ReferenceCache {
                 fingerprint: ref_fp,
+                numerics: numerics.clone(),
                 train,
                 eval,
             };

@@ -86,11 +86,17 @@ impl<B: Backend> Scorer<'_, B> {
             .collect();
         let batch = PreferenceBatch::from_sequences(&rows, self.pad_id, 0, false);
         let (d, len) = (&self.device, batch.len);
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens, [b, len]), d);
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), [b, len]), d);
         let attn = Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention, [b, len]), d);
-        let comp = Tensor::<B, 2>::from_data(TensorData::new(batch.completion_mask, [b, len]), d);
-        let logits = self.model.forward(tokens.clone(), Some(attn));
-        let out = bapo_objective::sequence_logps(logits, tokens, comp);
+        let out = crate::train::completion_logps(
+            self.model,
+            tokens,
+            attn,
+            &batch.tokens,
+            &batch.completion_mask,
+            d,
+        );
         let sums = out.sum.into_data().to_vec::<f32>().expect("f32");
         let tok = out.token.into_data().to_vec::<f32>().expect("f32");
         seqs.iter()

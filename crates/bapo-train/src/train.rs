@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use bapo_data::{EncodedExample, PreferenceBatch};
 use bapo_model::Llama;
 use bapo_objective::{
-    bapo_loss, sequence_logps, Anchor, AnchorLogps, LossType, ObjectiveConfig, PairLogps,
+    bapo_loss, scatter_logps, sequence_logps, target_logps, Anchor, AnchorLogps, CompletionRows,
+    LossType, ObjectiveConfig, PairLogps, SequenceLogps,
 };
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -183,12 +184,44 @@ pub fn batch_logps<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), shape), device);
     let attn =
         Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), shape), device);
-    let mask = Tensor::<B, 2>::from_data(
-        TensorData::new(batch.completion_mask.clone(), shape),
-        device,
-    );
-    let out = sequence_logps(model.forward(tokens.clone(), Some(attn)), tokens, mask);
+    let out = completion_logps(model, tokens, attn, &batch.tokens, &batch.completion_mask, device);
     (out.sum, out.mean)
+}
+
+/// Completion log-probs of a right-padded batch with the LM head applied only where a logit is
+/// used: the final hidden states of the positions that predict a completion token are gathered
+/// (`[n, e]`, `n` = completion tokens), projected, and reduced to `logit[target] − logsumexp`.
+/// Prompt and padding positions never reach the head. Same values and shift-by-one convention
+/// as `sequence_logps(model.forward(..))`.
+///
+/// # Shapes
+/// `tokens`, `attn`: `[b, s]`; `host_tokens`, `host_mask`: the same, row-major on the host.
+pub fn completion_logps<B: Backend>(
+    model: &Llama<B>,
+    tokens: Tensor<B, 2, Int>,
+    attn: Tensor<B, 2, Bool>,
+    host_tokens: &[i64],
+    host_mask: &[f32],
+    device: &B::Device,
+) -> SequenceLogps<B> {
+    let [b, s] = tokens.dims();
+    let plan = CompletionRows::new(host_tokens, host_mask, b, s);
+    if plan.count() == 0 {
+        // Nothing to score: keep the full path (zero sums, still a graph through the model).
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(host_mask.to_vec(), [b, s]), device);
+        return sequence_logps(model.forward(tokens.clone(), Some(attn)), tokens, mask);
+    }
+    let hidden = model.forward_hidden(tokens, Some(attn));
+    let e = hidden.dims()[2];
+    let n = plan.count();
+    let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(plan.positions.clone(), [n]), device);
+    let picked = hidden.reshape([b * s, e]).select(0, pos);
+    let logits = model.logits(picked.reshape([1, n, e]));
+    let v = logits.dims()[2];
+    let logits = logits.reshape([n, v]);
+    let targets =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), device);
+    scatter_logps(target_logps(logits, targets), &plan, device)
 }
 
 fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
@@ -482,6 +515,7 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
         let mut step_tokens = 0usize;
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let (mut forward_s, mut backward_s) = (0.0, 0.0);
         for _ in 0..cfg.grad_accum {
             let idx = sampler.next(cfg.batch_size);
             let batch_ex: Vec<&EncodedExample> = idx.iter().map(|&i| &examples[i]).collect();
@@ -489,6 +523,7 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
             let batch = PreferenceBatch::collate(&batch_ex, pad_id);
             step_tokens += batch.attention.iter().filter(|&&a| a).count();
             let n = batch.pairs;
+            let tf = std::time::Instant::now();
             let (sum, mean) = batch_logps(&model, &batch, device);
             let picked = match cfg.normalisation {
                 Normalisation::Sum => sum,
@@ -521,10 +556,17 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
             for (k, v) in metrics {
                 *sums.entry(k).or_default() += v / cfg.grad_accum as f64;
             }
+            // The metrics' read-back synchronised the device: the forward pass ends here.
+            forward_s += tf.elapsed().as_secs_f64();
+            let tb = std::time::Instant::now();
             let grads = out.loss.div_scalar(cfg.grad_accum as f64).backward();
             acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            backward_s += tb.elapsed().as_secs_f64();
         }
+        let tb = std::time::Instant::now();
         let (grads, grad_norm) = clip_global_norm(&model, acc.grads(), cfg.max_grad_norm);
+        // The norm's read-back waits for the backward pass on asynchronous devices.
+        backward_s += tb.elapsed().as_secs_f64();
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 step,
@@ -533,8 +575,16 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
             });
         }
         let lr = cfg.lr_at(step);
+        let to = std::time::Instant::now();
         model = optim.step(lr, model, grads);
+        let optimizer_s = to.elapsed().as_secs_f64();
         num_tokens += step_tokens;
+        // Where the step's time went (seconds; on GPUs the optimiser's kernels may still run
+        // when its clock stops, and are then counted in the next step's forward).
+        sums.insert("time/forward_s".into(), forward_s);
+        sums.insert("time/backward_s".into(), backward_s);
+        sums.insert("time/optimizer_s".into(), optimizer_s);
+        tracing::debug!(step = step + 1, forward_s, backward_s, optimizer_s, "step timing");
         let log = StepLog {
             step: step + 1,
             epoch: sampler.progress(),
