@@ -216,9 +216,7 @@ pub fn completion_logps<B: Backend>(
     let n = plan.count();
     let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(plan.positions.clone(), [n]), device);
     let picked = hidden.reshape([b * s, e]).select(0, pos);
-    let logits = model.logits(picked.reshape([1, n, e]));
-    let v = logits.dims()[2];
-    let logits = logits.reshape([n, v]);
+    let logits = model.logits_rows(picked.reshape([n, e]));
     let targets =
         Tensor::<B, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), device);
     scatter_logps(target_logps(logits, targets), &plan, device)

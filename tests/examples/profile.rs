@@ -1,0 +1,163 @@
+//! A profiling driver with the bench's exact shapes, for `perf record` and quick A/B timings:
+//! `cargo run --release -p bapo-tests --example profile -- [flex|ndarray] [step|generate1|generate8|forward] [N]`.
+//! Prints each repetition's wall time (and, for steps, the forward/backward/optimiser split from
+//! `train`'s step log). SmolLM2 from `cargo xtask fetch`.
+
+use std::time::Instant;
+
+use bapo_data::{EncodedExample, PreferenceBatch};
+use bapo_model::generate::{generate, GenerationConfig};
+use bapo_model::{load_pretrained, Llama};
+use bapo_tests::smollm2_gguf;
+use bapo_train::train::batch_logps;
+use bapo_train::{train, LoraConfig, ReferenceLogps, TrainConfig};
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+
+fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            3 + (x % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// The bench's batch: 4 pairs, prompt and each completion 64 tokens (12 × 128).
+fn examples(vocab: usize) -> Vec<EncodedExample> {
+    (0..4)
+        .map(|i| {
+            let s = i as u64 * 4;
+            EncodedExample {
+                prompt_ids: ids(64, vocab, s + 1),
+                chosen_ids: ids(64, vocab, s + 2),
+                rejected_ids: ids(64, vocab, s + 3),
+                base_ids: Some(ids(64, vocab, s + 4)),
+                line: i + 1,
+            }
+        })
+        .collect()
+}
+
+fn run<A: AutodiffBackend>(what: &str, reps: usize) {
+    let device = Default::default();
+    let t = Instant::now();
+    let m = load_pretrained::<A::InnerBackend>(&smollm2_gguf(), &device).expect("SmolLM2 GGUF");
+    eprintln!("load: {:.2} s", t.elapsed().as_secs_f64());
+    let vocab = m.config.vocab_size;
+    let model: Llama<A::InnerBackend> = m.model;
+    let ex = examples(vocab);
+    for r in 0..reps {
+        let t = Instant::now();
+        match what {
+            "step" => {
+                let refs = vec![
+                    ReferenceLogps {
+                        sum: [-150.0, -160.0, -155.0],
+                        mean: [-2.3, -2.5, -2.4]
+                    };
+                    ex.len()
+                ];
+                let cfg = TrainConfig {
+                    max_steps: 1,
+                    warmup_steps: 0,
+                    batch_size: 4,
+                    learning_rate: 1e-4,
+                    ..TrainConfig::default()
+                };
+                let policy: Llama<A> = LoraConfig::default().attach(
+                    Llama::<A>::from_inner(model.clone()),
+                    0,
+                    &device,
+                );
+                train(policy, &ex, &refs, &cfg, 0, &device, None, |log, _, _| {
+                    eprintln!(
+                        "  forward {:.2} s, backward {:.2} s, optimiser {:.3} s",
+                        log.metrics["time/forward_s"],
+                        log.metrics["time/backward_s"],
+                        log.metrics["time/optimizer_s"]
+                    )
+                })
+                .expect("step");
+            }
+            "forward" => {
+                let refs: Vec<&EncodedExample> = ex.iter().collect();
+                let batch = PreferenceBatch::collate(&refs, 0);
+                let (sum, _) = batch_logps(&model, &batch, &device);
+                let _ = sum.into_data();
+            }
+            g => {
+                let b: usize = g.trim_start_matches("generate").parse().expect("generateN");
+                let prompts: Vec<Vec<u32>> =
+                    (0..b).map(|i| ids(32, vocab, 100 + i as u64)).collect();
+                let cfg = GenerationConfig {
+                    max_new_tokens: 64,
+                    eos_ids: Vec::new(),
+                    ..GenerationConfig::default()
+                };
+                generate(&model, &prompts, &cfg, &device);
+                let dt = t.elapsed().as_secs_f64();
+                eprintln!("  {:.1} tok/s", (b * 64) as f64 / dt);
+            }
+        }
+        eprintln!("{what} #{r}: {:.2} s", t.elapsed().as_secs_f64());
+    }
+}
+
+/// One `[m, k] × [k, n]` product on the inner backend, GFLOP/s (the shapes of a projection).
+fn matmul<B: burn::tensor::backend::Backend>(m: usize, k: usize, n: usize, transposed: bool) {
+    use burn::tensor::{Distribution, Tensor};
+    let d = Default::default();
+    let a = Tensor::<B, 2>::random([m, k], Distribution::Default, &d);
+    let w = Tensor::<B, 2>::random([n, k], Distribution::Default, &d);
+    let b = Tensor::<B, 2>::random([k, n], Distribution::Default, &d);
+    let once = || {
+        let y = if transposed {
+            a.clone().matmul(w.clone().transpose())
+        } else {
+            a.clone().matmul(b.clone())
+        };
+        B::sync(&d).unwrap();
+        y
+    };
+    once();
+    let t = Instant::now();
+    let reps = 20;
+    for _ in 0..reps {
+        once();
+    }
+    let dt = t.elapsed().as_secs_f64() / reps as f64;
+    eprintln!(
+        "{m}x{k}x{n}{}: {:.2} ms, {:.1} GFLOP/s",
+        if transposed { " (rhs transposed)" } else { "" },
+        dt * 1e3,
+        2.0 * (m * k * n) as f64 / dt / 1e9
+    );
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let backend = a.get(1).map_or("flex", String::as_str);
+    let what = a.get(2).map_or("step", String::as_str);
+    let reps = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+    if what == "matmul" {
+        for (m, k, n) in [(1536, 576, 1536), (1536, 576, 192), (1536, 1536, 576), (768, 576, 49152), (1, 576, 49152)] {
+            for tr in [false, true] {
+                match backend {
+                    "flex" => matmul::<burn::backend::Flex>(m, k, n, tr),
+                    _ => matmul::<burn::backend::NdArray>(m, k, n, tr),
+                }
+            }
+        }
+        return;
+    }
+    match backend {
+        "flex" => run::<Autodiff<burn::backend::Flex>>(what, reps),
+        "ndarray" => run::<Autodiff<burn::backend::NdArray>>(what, reps),
+        other => panic!("backend {other}: flex or ndarray"),
+    }
+}
