@@ -27,33 +27,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 const PAIRS: usize = 4;
 const SEQ: usize = 128;
 
-/// Deterministic pseudo-random token ids in `[3, vocab)`.
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            3 + (x % (vocab as u64 - 3)) as u32
-        })
-        .collect()
+    bapo_tests::bench_ids(n, vocab, seed)
 }
 
-/// `PAIRS` examples whose prompt and three completions each fill half of `SEQ`.
 fn examples(vocab: usize) -> Vec<EncodedExample> {
-    (0..PAIRS)
-        .map(|i| {
-            let s = i as u64 * 4;
-            EncodedExample {
-                prompt_ids: ids(SEQ / 2, vocab, s + 1),
-                chosen_ids: ids(SEQ / 2, vocab, s + 2),
-                rejected_ids: ids(SEQ / 2, vocab, s + 3),
-                base_ids: Some(ids(SEQ / 2, vocab, s + 4)),
-                line: i + 1,
-            }
-        })
-        .collect()
+    bapo_tests::bench_examples(vocab, PAIRS, SEQ)
 }
 
 /// `BAPO_BENCH_QUICK=1` shortens every group (a device check with a time budget).

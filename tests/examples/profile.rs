@@ -16,31 +16,12 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
 fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            3 + (x % (vocab as u64 - 3)) as u32
-        })
-        .collect()
+    bapo_tests::bench_ids(n, vocab, seed)
 }
 
 /// The bench's batch: 4 pairs, prompt and each completion 64 tokens (12 × 128).
 fn examples(vocab: usize) -> Vec<EncodedExample> {
-    (0..4)
-        .map(|i| {
-            let s = i as u64 * 4;
-            EncodedExample {
-                prompt_ids: ids(64, vocab, s + 1),
-                chosen_ids: ids(64, vocab, s + 2),
-                rejected_ids: ids(64, vocab, s + 3),
-                base_ids: Some(ids(64, vocab, s + 4)),
-                line: i + 1,
-            }
-        })
-        .collect()
+    bapo_tests::bench_examples(vocab, 4, 128)
 }
 
 fn run<A: AutodiffBackend>(what: &str, reps: usize) {
@@ -69,11 +50,8 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                     learning_rate: 1e-4,
                     ..TrainConfig::default()
                 };
-                let policy: Llama<A> = LoraConfig::default().attach(
-                    Llama::<A>::from_inner(model.clone()),
-                    0,
-                    &device,
-                );
+                let policy: Llama<A> =
+                    LoraConfig::default().attach(Llama::<A>::from_inner(model.clone()), 0, &device);
                 train(policy, &ex, &refs, &cfg, 0, &device, None, |log, _, _| {
                     eprintln!(
                         "  forward {:.2} s, backward {:.2} s, optimiser {:.3} s",
@@ -145,7 +123,13 @@ fn main() {
     let what = a.get(2).map_or("step", String::as_str);
     let reps = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
     if what == "matmul" {
-        for (m, k, n) in [(1536, 576, 1536), (1536, 576, 192), (1536, 1536, 576), (768, 576, 49152), (1, 576, 49152)] {
+        for (m, k, n) in [
+            (1536, 576, 1536),
+            (1536, 576, 192),
+            (1536, 1536, 576),
+            (768, 576, 49152),
+            (1, 576, 49152),
+        ] {
             for tr in [false, true] {
                 match backend {
                     "flex" => matmul::<burn::backend::Flex>(m, k, n, tr),

@@ -89,3 +89,33 @@ pub fn smollm2_gguf() -> PathBuf {
 }
 
 pub mod parity;
+
+/// Deterministic pseudo-random token ids in `[3, vocab)` (the benches' synthetic text).
+pub fn bench_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            3 + (x % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// The benches' batch: `pairs` examples whose prompt and three completions each fill half of
+/// `seq` tokens.
+pub fn bench_examples(vocab: usize, pairs: usize, seq: usize) -> Vec<bapo_data::EncodedExample> {
+    (0..pairs)
+        .map(|i| {
+            let s = i as u64 * 4;
+            bapo_data::EncodedExample {
+                prompt_ids: bench_ids(seq / 2, vocab, s + 1),
+                chosen_ids: bench_ids(seq / 2, vocab, s + 2),
+                rejected_ids: bench_ids(seq / 2, vocab, s + 3),
+                base_ids: Some(bench_ids(seq / 2, vocab, s + 4)),
+                line: i + 1,
+            }
+        })
+        .collect()
+}

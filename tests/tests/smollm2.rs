@@ -96,8 +96,7 @@ fn smollm2_gguf_matches_transformers_on_ndarray() {
 #[test]
 fn smollm2_gguf_matches_transformers_on_flex() {
     let device = Default::default();
-    let loaded =
-        bapo_model::load_pretrained::<burn::backend::Flex>(&gguf_path(), &device).unwrap();
+    let loaded = bapo_model::load_pretrained::<burn::backend::Flex>(&gguf_path(), &device).unwrap();
     let worst = check_model(&loaded, &golden("smollm2"), TOL, &device);
     eprintln!("smollm2 flex: worst token |Δ log p| = {worst:.2e}");
 }

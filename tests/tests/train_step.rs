@@ -68,7 +68,11 @@ fn logs<A: AutodiffBackend>(device: &A::Device) -> Vec<std::collections::BTreeMa
 /// (a float difference between the cached and the training pass would switch the anchor on).
 fn check_anchor_at_kink<A: AutodiffBackend>(name: &str) {
     let l = logs::<A>(&Default::default());
-    assert_eq!(l[0]["anchor/violation_rate"], 0.0, "{name}: step 1 {:?}", l[0]);
+    assert_eq!(
+        l[0]["anchor/violation_rate"], 0.0,
+        "{name}: step 1 {:?}",
+        l[0]
+    );
     assert_eq!(l[0]["anchor/loss"], 0.0, "{name}: step 1 {:?}", l[0]);
 }
 

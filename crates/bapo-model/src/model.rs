@@ -202,10 +202,7 @@ impl<B: Backend> Attention<B> {
                 Rope::apply_bshd(q, qt).swap_dims(1, 2),
                 Rope::apply_bshd(k, kt).swap_dims(1, 2),
             ),
-            None => (
-                rope.apply(q.swap_dims(1, 2)),
-                rope.apply(k.swap_dims(1, 2)),
-            ),
+            None => (rope.apply(q.swap_dims(1, 2)), rope.apply(k.swap_dims(1, 2))),
         };
         let mut v = v;
         if let Some(slot) = cache {

@@ -49,14 +49,23 @@ pub fn sequence_logps<B: Backend>(
         .gather(2, targets)
         .reshape([b, s - 1])
         * mask.clone();
-    let sum = token.clone().sum_dim(1).reshape([b]);
     let count = mask.sum_dim(1).reshape([b]);
-    let mean = sum.clone() / count.clone().clamp_min(1.0);
-    SequenceLogps {
-        sum,
-        mean,
-        count,
-        token,
+    SequenceLogps::reduce(token, count)
+}
+
+impl<B: Backend> SequenceLogps<B> {
+    /// Per-row sum and mean of masked per-token log-probs `token` `[b, s - 1]`, given each
+    /// row's number of scored tokens `count` `[b]`.
+    fn reduce(token: Tensor<B, 2>, count: Tensor<B, 1>) -> Self {
+        let b = token.dims()[0];
+        let sum = token.clone().sum_dim(1).reshape([b]);
+        let mean = sum.clone() / count.clone().clamp_min(1.0);
+        Self {
+            sum,
+            mean,
+            count,
+            token,
+        }
     }
 }
 
@@ -138,32 +147,24 @@ pub fn scatter_logps<B: Backend>(
     device: &B::Device,
 ) -> SequenceLogps<B> {
     let (b, s) = (plan.rows, plan.len);
-    assert!(s >= 2, "sequence log-probs need at least two positions, got {s}");
+    assert!(
+        s >= 2,
+        "sequence log-probs need at least two positions, got {s}"
+    );
     // Position r*s + i (i < s - 1) of the flat logits is entry r*(s-1) + i of `token`.
-    let idx: Vec<i64> = plan
-        .positions
-        .iter()
-        .map(|&p| p - p / s as i64)
-        .collect();
+    let idx: Vec<i64> = plan.positions.iter().map(|&p| p - p / s as i64).collect();
     let n = idx.len();
     let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), device);
     let token = Tensor::<B, 1>::zeros([b * (s - 1)], device)
-        .select_assign(0, idx.clone(), token_logps, IndexingUpdateOp::Add)
+        .select_assign(0, idx, token_logps, IndexingUpdateOp::Add)
         .reshape([b, s - 1]);
-    let ones = Tensor::<B, 1>::ones([n], device);
-    let count = Tensor::<B, 1>::zeros([b * (s - 1)], device)
-        .select_assign(0, idx, ones, IndexingUpdateOp::Add)
-        .reshape([b, s - 1])
-        .sum_dim(1)
-        .reshape([b]);
-    let sum = token.clone().sum_dim(1).reshape([b]);
-    let mean = sum.clone() / count.clone().clamp_min(1.0);
-    SequenceLogps {
-        sum,
-        mean,
-        count,
-        token,
+    // Scored tokens per row, from the plan (row r owns positions r*s .. r*s + s - 1).
+    let mut count = vec![0.0f32; b];
+    for &p in &plan.positions {
+        count[p as usize / s] += 1.0;
     }
+    let count = Tensor::<B, 1>::from_data(TensorData::new(count, [b]), device);
+    SequenceLogps::reduce(token, count)
 }
 
 #[cfg(test)]
@@ -251,17 +252,29 @@ mod tests {
         let m = Tensor::<A, 2>::from_data(TensorData::new(mask.clone(), [b, s]), &device);
         let want = sequence_logps(full.clone(), tok, m);
         let g_want = want.sum.clone().sum().backward();
-        let g_want = full.grad(&g_want).unwrap().into_data().to_vec::<f32>().unwrap();
+        let g_want = full
+            .grad(&g_want)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
 
-        let full2 = Tensor::<A, 3>::from_data(TensorData::new(vals, [b, s, v]), &device)
-            .require_grad();
+        let full2 =
+            Tensor::<A, 3>::from_data(TensorData::new(vals, [b, s, v]), &device).require_grad();
         let n = plan.count();
-        let pos = Tensor::<A, 1, Int>::from_data(TensorData::new(plan.positions.clone(), [n]), &device);
-        let tg = Tensor::<A, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), &device);
+        let pos =
+            Tensor::<A, 1, Int>::from_data(TensorData::new(plan.positions.clone(), [n]), &device);
+        let tg =
+            Tensor::<A, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), &device);
         let rows = full2.clone().reshape([b * s, v]).select(0, pos);
         let got = scatter_logps(target_logps(rows, tg), &plan, &device);
         let g_got = got.sum.clone().sum().backward();
-        let g_got = full2.grad(&g_got).unwrap().into_data().to_vec::<f32>().unwrap();
+        let g_got = full2
+            .grad(&g_got)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
 
         let close = |x: Vec<f32>, y: Vec<f32>, what: &str| {
             assert_eq!(x.len(), y.len());

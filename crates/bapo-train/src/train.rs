@@ -184,7 +184,14 @@ pub fn batch_logps<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), shape), device);
     let attn =
         Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), shape), device);
-    let out = completion_logps(model, tokens, attn, &batch.tokens, &batch.completion_mask, device);
+    let out = completion_logps(
+        model,
+        tokens,
+        attn,
+        &batch.tokens,
+        &batch.completion_mask,
+        device,
+    );
     (out.sum, out.mean)
 }
 
@@ -582,7 +589,13 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
         sums.insert("time/forward_s".into(), forward_s);
         sums.insert("time/backward_s".into(), backward_s);
         sums.insert("time/optimizer_s".into(), optimizer_s);
-        tracing::debug!(step = step + 1, forward_s, backward_s, optimizer_s, "step timing");
+        tracing::debug!(
+            step = step + 1,
+            forward_s,
+            backward_s,
+            optimizer_s,
+            "step timing"
+        );
         let log = StepLog {
             step: step + 1,
             epoch: sampler.progress(),
