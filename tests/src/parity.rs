@@ -30,7 +30,8 @@ pub fn check_model<B: Backend>(
     let mut expected = Vec::new();
     for p in &golden.sequences {
         for c in [&p.chosen, &p.rejected, &p.base] {
-            let enc = encode_pair(tok, &template, &p.prompt, &c.text, 0).expect("encode");
+            let prompt = [bapo_data::Message::user(p.prompt.clone())];
+            let enc = encode_pair(tok, &template, &prompt, &c.text, 0).expect("encode");
             assert_eq!(enc.prompt_ids, c.prompt_ids, "prompt ids of {:?}", p.prompt);
             assert_eq!(
                 enc.completion_ids, c.completion_ids,
@@ -46,6 +47,7 @@ pub fn check_model<B: Backend>(
         model: &loaded.model,
         device: device.clone(),
         pad_id,
+        context: loaded.config.max_position_embeddings,
     };
     let mut worst: f64 = 0.0;
     for ((sum, toks), exp) in scorer.score(&seqs).into_iter().zip(&expected) {

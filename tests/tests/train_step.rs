@@ -2,7 +2,7 @@
 //! exactly ln 2 (the adapters start at zero, so policy = reference and the anchor is slack), and
 //! every compiled GPU backend reproduces ndarray's loss curve.
 
-use bapo_data::{encode_examples, read_preferences, EncodeConfig, TruncationMode};
+use bapo_data::{encode_examples, read_preferences, BaseResponse, EncodeConfig, TruncationMode};
 use bapo_tests::fixture;
 use bapo_train::{reference_logps, train, LoraConfig, TrainConfig};
 use burn::module::AutodiffModule;
@@ -20,18 +20,19 @@ fn logs<A: AutodiffBackend>(device: &A::Device) -> Vec<std::collections::BTreeMa
     let tok = &loaded.tokenizer;
     let template = bapo_train::chat_template(tok);
     let examples = read_preferences(&dir.join("pairs.jsonl")).unwrap();
-    let bases: Vec<String> = std::fs::read_to_string(dir.join("pairs.jsonl"))
+    let eos = tok.eos_id().unwrap();
+    let bases: Vec<BaseResponse> = std::fs::read_to_string(dir.join("pairs.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
+        .enumerate()
+        .map(|(i, l)| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["base"]
+            let text = v["base"]
                 .as_str()
-                .expect("fixture pairs carry base responses")
-                .to_string()
+                .expect("fixture pairs carry base responses");
+            BaseResponse::from_text(&bapo_train::encoder(tok), text, eos, i + 1).unwrap()
         })
         .collect();
-    let eos = tok.eos_id().unwrap();
     let (enc, _) = encode_examples(
         &examples,
         Some(&bases),

@@ -201,12 +201,22 @@ enum Cmd {
     },
 }
 
+/// Whether log lines carry ANSI colours: on a terminal, unless `NO_COLOR` is set and non-empty.
+fn colour_logs(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal, never with NO_COLOR set (https://no-color.org).
+        .with_ansi(colour_logs(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR"),
+        ))
         .init();
     let cli = Cli::parse();
     // Ctrl-C during training: finish the step, save a checkpoint, exit 130. Outside training
@@ -533,6 +543,7 @@ fn infer<B: Backend>(
                 model: &loaded.model,
                 device: device.clone(),
                 pad_id,
+                context: loaded.config.max_position_embeddings,
             };
             let bar = ProgressBar::new(examples.len() as u64).with_style(
                 ProgressStyle::with_template("{bar:40} {pos}/{len} examples [{elapsed} < {eta}]")
@@ -632,7 +643,16 @@ fn infer<B: Backend>(
                 } else {
                     template.render(&[Message::user(p.clone())], true)?
                 };
-                prompts.push(tok.encode(&text)?);
+                let ids = tok.encode(&text)?;
+                let context = loaded.config.max_position_embeddings;
+                if ids.len() + max_new_tokens > context {
+                    anyhow::bail!(
+                        "--prompt #{}: {} prompt tokens + --max-new-tokens {max_new_tokens} exceed the model's context of {context} positions (max_position_embeddings)",
+                        prompts.len() + 1,
+                        ids.len()
+                    );
+                }
+                prompts.push(ids);
             }
             let mut eos_ids = loaded.config.eos_token_ids.clone();
             eos_ids.extend(tok.eos_id());

@@ -91,7 +91,7 @@ fn score_smollm2_gguf() {
 fn bad_input_names_file_line_and_field_and_writes_nothing() {
     let dir = tmpdir("bad");
     let input = dir.join("bad.jsonl");
-    std::fs::write(&input, "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":[1]}\n").unwrap();
+    std::fs::write(&input, "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":{\"x\":1}}\n").unwrap();
     let output = dir.join("out.jsonl");
     let model = fixtures().join("tiny-llama");
     let res = bapo(&[
@@ -106,7 +106,7 @@ fn bad_input_names_file_line_and_field_and_writes_nothing() {
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
-        err.contains("bad.jsonl:2:") && err.contains("`rejected`") && err.contains("an array"),
+        err.contains("bad.jsonl:2:") && err.contains("`rejected`") && err.contains("an object"),
         "{err}"
     );
     assert!(!output.exists(), "no partial output may be left");
@@ -274,4 +274,97 @@ fn missing_files_are_named() {
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("nope.jsonl"), "{err}");
     assert!(!dir.join("o.jsonl").exists());
+}
+
+/// Inputs beyond the model's context (the tiny Llama has 256 positions) are refused with the
+/// file, line and length before anything is allocated for them, however long: a 2 MB prompt
+/// line used to abort the process on a terabyte allocation.
+#[test]
+fn inputs_beyond_the_context_are_refused_with_file_line_and_length() {
+    let dir = tmpdir("context");
+    let model = fixtures().join("tiny-llama");
+    let output = dir.join("out.jsonl");
+    for (name, words) in [("long", 3_000), ("huge", 400_000)] {
+        let input = dir.join(format!("{name}.jsonl"));
+        let prompt = "word ".repeat(words);
+        let ok = r#"{"prompt":"a","chosen":"b","rejected":"c"}"#;
+        let long = serde_json::json!({"prompt": prompt, "chosen": "b", "rejected": "c"});
+        std::fs::write(&input, format!("{ok}\n{long}\n")).unwrap();
+        let res = bapo(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{name}.jsonl"))
+                && err.contains("line 2: prompt + chosen is")
+                && err.contains("beyond the model's context of 256 positions"),
+            "{name}: {err}"
+        );
+        assert!(!output.exists(), "no partial output may be left");
+    }
+    let res = bapo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "300",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.code() == Some(1)
+            && err.contains("--prompt #1")
+            && err.contains("exceed the model's context of 256 positions"),
+        "{err}"
+    );
+}
+
+/// `bapo score` reads TRL's conversational shape as `bapo train` does, with the same numbers
+/// as the standard shape of the same pair.
+#[test]
+fn score_accepts_the_conversational_shape() {
+    let dir = tmpdir("conversational");
+    let model = fixtures().join("tiny-llama");
+    let standard = r#"{"prompt":"Name a colour.","chosen":"Blue.","rejected":"No."}"#;
+    let conversational = r#"{"prompt":[{"role":"user","content":"Name a colour."}],"chosen":[{"role":"assistant","content":"Blue."}],"rejected":[{"role":"assistant","content":"No."}]}"#;
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, format!("{standard}\n{conversational}\n")).unwrap();
+    let output = dir.join("out.jsonl");
+    let res = bapo(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    // Logs into a pipe carry no ANSI colour escapes.
+    assert!(
+        !res.stderr.contains(&0x1b) && res.stderr.windows(4).any(|w| w == b"INFO"),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for k in ["logps/chosen", "logps/rejected", "tokens_chosen"] {
+        assert_eq!(rows[0][k], rows[1][k], "{k}");
+    }
 }

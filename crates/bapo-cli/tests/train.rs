@@ -236,6 +236,20 @@ fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
             .all(|l| l["tokens"].as_u64().unwrap() <= 3
                 && l["reference_logp"].as_f64().unwrap() < 0.0)
     );
+    // The anchor scores the reference's own ids: an EOS only where generation produced one,
+    // none on responses cut by max_new_tokens (the random tiny model rarely stops by itself).
+    let cut = lines.iter().filter(|l| l["eos"] == false).count();
+    assert!(cut > 0, "no cut response to check");
+    for l in &lines {
+        let scored = l["base_ids"].as_array().unwrap().len() as u64;
+        let extra = u64::from(l["eos"].as_bool().unwrap());
+        assert_eq!(scored, l["tokens"].as_u64().unwrap() + extra, "{l}");
+    }
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval_base.json")).unwrap())
+            .unwrap();
+    let f = base["anchor/base_cut_fraction"].as_f64().unwrap();
+    assert!(f > 0.0 && f <= 1.0, "{base}");
     assert!(!dir.join("anchors-only/adapter").exists());
 }
 
@@ -262,6 +276,60 @@ fn config_errors_name_file_line_and_key() {
     let err = String::from_utf8_lossy(&bapo(&["train", "--config", cfg.to_str().unwrap()]).stderr)
         .to_string();
     assert!(err.contains("unknown loss type `kto`"), "{err}");
+    // Values out of range: the file and line, or the `--set` that gave them, and the key.
+    let cfg = config(&dir, "beta = -1");
+    let err = String::from_utf8_lossy(&bapo(&["train", "--config", cfg.to_str().unwrap()]).stderr)
+        .to_string();
+    assert!(
+        err.contains("cfg.toml: line 17: train.beta must be finite and > 0, got -1"),
+        "{err}"
+    );
+    let cfg = config(&dir, "");
+    for (set, want) in [
+        (
+            "train.learning_rate=-1",
+            "train.learning_rate must be finite and > 0, got -1",
+        ),
+        ("lora.rank=0", "lora.rank must be at least 1, got 0"),
+        ("lora.alpha=-2", "lora.alpha must be finite and > 0"),
+        ("train.beta=0", "train.beta must be finite and > 0"),
+        (
+            "train.label_smoothing=0.5",
+            "train.label_smoothing must be in [0, 0.5)",
+        ),
+        (
+            "train.anchor_weight=-1",
+            "train.anchor_weight must be finite and >= 0",
+        ),
+        ("train.batch_size=0", "train.batch_size must be at least 1"),
+        ("anchor.top_p=1.5", "anchor.top_p must be in (0, 1]"),
+        (
+            "data.max_prompt_length=96",
+            "data.max_prompt_length (96) must be below data.max_length (96)",
+        ),
+    ] {
+        let res = bapo(&["train", "--config", cfg.to_str().unwrap(), "--set", set]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            res.status.code() == Some(1) && err.contains(&format!("--set {set}: {want}")),
+            "{set}: {err}"
+        );
+    }
+    // Lengths beyond the model's context (the tiny model has 256 positions).
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "data.max_length=4096",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.code() == Some(1)
+            && err.contains("data.max_length = 4096 exceeds the context")
+            && err.contains("256 positions"),
+        "{err}"
+    );
     // The data selection: a second held-out split, an empty user list, users nobody has.
     let cfg = config(&dir, "");
     let c = cfg.to_str().unwrap();

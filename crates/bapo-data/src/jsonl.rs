@@ -19,10 +19,13 @@ pub enum DataError {
     },
 }
 
-/// One line of a `bapo score` input: `{"prompt", "chosen", "rejected", "base"?}`.
+/// One line of a `bapo score` input: `{"prompt", "chosen", "rejected", "base"?}`, in either of
+/// TRL's shapes (strings, or a message list for the prompt and one assistant message for each
+/// completion), as the training data reader accepts them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreExample {
-    pub prompt: String,
+    /// Conversation up to the answer (a plain-string prompt is one user turn).
+    pub prompt: Vec<crate::Message>,
     pub chosen: String,
     pub rejected: String,
     pub base: Option<String>,
@@ -66,7 +69,7 @@ pub(crate) fn kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// Reads a scoring file. Blank lines are skipped; anything else must be a JSON object with
-/// string `prompt`, `chosen`, `rejected` and optional `base`.
+/// `prompt`, `chosen`, `rejected` and optional `base`, in TRL's standard or conversational shape.
 pub fn read_score_file(path: &Path) -> Result<Vec<ScoreExample>, DataError> {
     score_examples(path, objects(path)?)
 }
@@ -82,11 +85,23 @@ fn score_examples(
 ) -> Result<Vec<ScoreExample>, DataError> {
     let mut out = Vec::new();
     for (line, obj) in objects {
-        let get = |f, req| string_field(&obj, f, path, line, req);
+        let err = |what: String| DataError::Line {
+            path: path.into(),
+            line,
+            what,
+        };
+        // A string completion is scored as written (even empty); a message list must hold one
+        // assistant message, as in training data.
+        let get = |f: &str, req: bool| match obj.get(f) {
+            Some(serde_json::Value::Array(_)) => {
+                crate::preference::completion(&obj, f, &err).map(Some)
+            }
+            _ => string_field(&obj, f, path, line, req),
+        };
         out.push(ScoreExample {
-            prompt: get("prompt", true)?.expect("required"),
-            chosen: get("chosen", true)?.expect("required"),
-            rejected: get("rejected", true)?.expect("required"),
+            prompt: crate::preference::prompt(&obj, &err)?,
+            chosen: get("chosen", true)?.unwrap_or_default(),
+            rejected: get("rejected", true)?.unwrap_or_default(),
             base: get("base", false)?,
             line,
         });

@@ -11,6 +11,6 @@ pub mod synth;
 pub use chat::{ChatTemplate, Message};
 pub use jsonl::{parse_score_file, read_score_file, DataError, ScoreExample};
 pub use preference::{
-    encode_examples, parse_preferences, read_preferences, EncodeConfig, EncodedExample,
-    PreferenceBatch, PreferenceExample, TruncationMode, TruncationStats,
+    encode_examples, parse_preferences, read_preferences, BaseResponse, EncodeConfig,
+    EncodedExample, PreferenceBatch, PreferenceExample, TruncationMode, TruncationStats,
 };

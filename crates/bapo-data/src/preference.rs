@@ -27,7 +27,7 @@ pub struct PreferenceExample {
     pub line: usize,
 }
 
-fn completion(
+pub(crate) fn completion(
     obj: &serde_json::Map<String, Value>,
     field: &str,
     err: &dyn Fn(String) -> DataError,
@@ -85,7 +85,7 @@ fn message(v: &Value, at: &str, err: &dyn Fn(String) -> DataError) -> Result<Mes
     })
 }
 
-fn prompt(
+pub(crate) fn prompt(
     obj: &serde_json::Map<String, Value>,
     err: &dyn Fn(String) -> DataError,
 ) -> Result<Vec<Message>, DataError> {
@@ -193,6 +193,19 @@ pub struct EncodeConfig {
     pub truncation_mode: TruncationMode,
 }
 
+impl EncodeConfig {
+    /// `ids` cut to `max_prompt_length` by `truncation_mode` (unchanged when within it).
+    pub fn truncate_prompt(&self, ids: Vec<u32>) -> Vec<u32> {
+        match self.max_prompt_length {
+            Some(maxp) if ids.len() > maxp => match self.truncation_mode {
+                TruncationMode::KeepEnd => ids[ids.len() - maxp..].to_vec(),
+                TruncationMode::KeepStart => ids[..maxp].to_vec(),
+            },
+            _ => ids,
+        }
+    }
+}
+
 /// A pair (and optionally the base response) as token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedExample {
@@ -242,6 +255,40 @@ pub fn completion_ids(
     Ok(ids)
 }
 
+/// A base response exactly as the reference produced it: its token ids (EOS excluded, never
+/// decoded and re-encoded) and whether generation ended on EOS. A response cut by
+/// `max_new_tokens` gets no EOS: the reference never emitted one there, and scoring an EOS it
+/// did not produce would reward (or punish) that one unlikely token in the anchor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseResponse {
+    pub ids: Vec<u32>,
+    /// Generation ended on EOS (`false`: cut by `max_new_tokens`).
+    pub eos: bool,
+}
+
+impl BaseResponse {
+    /// A finished, written answer (fixtures, tests): `text`'s tokens, ending on EOS.
+    pub fn from_text(
+        encode: &dyn Fn(&str) -> Result<Vec<u32>, String>,
+        text: &str,
+        eos_id: u32,
+        line: usize,
+    ) -> Result<Self, EncodeError> {
+        let mut ids = completion_ids(encode, text, eos_id, line)?;
+        ids.pop();
+        Ok(Self { ids, eos: true })
+    }
+
+    /// The completion the anchor scores: the ids, then EOS only if the reference emitted it.
+    pub fn completion_ids(&self, eos_id: u32) -> Vec<u32> {
+        let mut ids = self.ids.clone();
+        if self.eos {
+            ids.push(eos_id);
+        }
+        ids
+    }
+}
+
 /// Prompt ids: the conversation through the chat template, with the generation prompt.
 pub fn prompt_ids(
     template: &ChatTemplate,
@@ -258,7 +305,7 @@ pub fn prompt_ids(
 /// Tokenises and truncates `examples` (`bases[i]`, when given, is example `i`'s base response).
 pub fn encode_examples(
     examples: &[PreferenceExample],
-    bases: Option<&[String]>,
+    bases: Option<&[BaseResponse]>,
     template: &ChatTemplate,
     encode: &dyn Fn(&str) -> Result<Vec<u32>, String>,
     eos_id: u32,
@@ -270,18 +317,11 @@ pub fn encode_examples(
     };
     let mut out = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
-        let mut p = prompt_ids(template, encode, &ex.prompt, ex.line)?;
-        let mut truncated = false;
-        if let Some(maxp) = cfg.max_prompt_length {
-            if p.len() > maxp {
-                stats.prompt_tokens_cut += p.len() - maxp;
-                truncated = true;
-                p = match cfg.truncation_mode {
-                    TruncationMode::KeepEnd => p[p.len() - maxp..].to_vec(),
-                    TruncationMode::KeepStart => p[..maxp].to_vec(),
-                };
-            }
-        }
+        let full = prompt_ids(template, encode, &ex.prompt, ex.line)?;
+        let n = full.len();
+        let p = cfg.truncate_prompt(full);
+        let mut truncated = p.len() < n;
+        stats.prompt_tokens_cut += n - p.len();
         if p.len() >= cfg.max_length {
             stats.dropped_prompt_too_long.push(ex.line);
             continue;
@@ -299,7 +339,7 @@ pub fn encode_examples(
         let chosen_ids = cut(completion_ids(encode, &ex.chosen, eos_id, ex.line)?);
         let rejected_ids = cut(completion_ids(encode, &ex.rejected, eos_id, ex.line)?);
         let base_ids = match bases {
-            Some(b) => Some(cut(completion_ids(encode, &b[i], eos_id, ex.line)?)),
+            Some(b) => Some(cut(b[i].completion_ids(eos_id))),
             None => None,
         };
         stats.examples_truncated += usize::from(truncated);

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use bapo_data::{
-    encode_examples, read_preferences, ChatTemplate, EncodeConfig, EncodedExample, Message,
-    PreferenceBatch, TruncationMode,
+    encode_examples, read_preferences, BaseResponse, ChatTemplate, EncodeConfig, EncodedExample,
+    Message, PreferenceBatch, TruncationMode,
 };
 
 fn write(name: &str, text: &str) -> PathBuf {
@@ -170,7 +170,10 @@ fn truncation_is_counted_and_long_prompts_dropped() {
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let bases = vec!["base one".to_string(), "b".to_string()];
+    let bases = vec![
+        BaseResponse::from_text(&encode, "base one", 2, 1).unwrap(),
+        BaseResponse::from_text(&encode, "b", 2, 2).unwrap(),
+    ];
     let (enc, stats) = encode_examples(&ex, Some(&bases), &t, &encode, 2, &cfg).unwrap();
     assert_eq!(enc.len(), 1);
     assert_eq!(stats.dropped_prompt_too_long, vec![2]);
@@ -194,6 +197,22 @@ fn truncation_is_counted_and_long_prompts_dropped() {
         assert_eq!(enc[1].prompt_ids[0] == 1, first, "{mode:?}");
         assert!(stats.prompt_tokens_cut > 0);
     }
+    // A base response the reference finished ends on EOS; one cut by `max_new_tokens` is scored
+    // as exactly the reference's ids, with no EOS it never emitted.
+    let cut = BaseResponse {
+        ids: vec![5, 6, 7],
+        eos: false,
+    };
+    let bases = vec![bases[0].clone(), cut];
+    let cfg = EncodeConfig {
+        max_length: 1000,
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    };
+    let (enc, _) = encode_examples(&ex, Some(&bases), &t, &encode, 2, &cfg).unwrap();
+    let finished = enc[0].base_ids.as_ref().unwrap();
+    assert_eq!((finished.len(), finished.last()), (9, Some(&2)));
+    assert_eq!(enc[1].base_ids.as_deref(), Some(&[5, 6, 7][..]));
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
@@ -44,22 +44,28 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Rotary position tables for one forward pass.
-///
-/// # Shapes
-/// `cos`, `sin`: `[b, 1, s, d]` (rotate-half layout: the two halves repeat the frequencies).
+/// Rotary position tables for one forward pass, materialised once in the projections' own
+/// layout `[b, s, heads, d]` for the query and for the key heads (rotate-half layout: the two
+/// halves repeat the frequencies) and shared by every layer. Every operand of the rotation then
+/// has one shape and layout, so CPU backends take their contiguous element-wise path (measured:
+/// a strided `[b, 1, s, d]` broadcast was 7 % of a SmolLM2 forward on flex).
 #[derive(Clone, Debug)]
 pub struct Rope<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
-    /// `(cos, sin)` materialised as `[b, s, heads, d]` for the query and the key heads
-    /// ([`Rope::for_heads`]); when present, attention rotates in the projection layout.
-    pub per_head: Option<[(Tensor<B, 4>, Tensor<B, 4>); 2]>,
+    /// `(cos, sin)`, each `[b, s, num_heads, d]`.
+    pub query: (Tensor<B, 4>, Tensor<B, 4>),
+    /// `(cos, sin)`, each `[b, s, num_kv_heads, d]`.
+    pub key: (Tensor<B, 4>, Tensor<B, 4>),
 }
 
 impl<B: Backend> Rope<B> {
     /// Builds the tables for integer `positions` `[b, s]`, frequencies `theta^(-2i/d)`.
-    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64) -> Self {
+    pub fn new(
+        positions: Tensor<B, 2, Int>,
+        head_dim: usize,
+        theta: f64,
+        num_heads: usize,
+        num_kv_heads: usize,
+    ) -> Self {
         let [b, s] = positions.dims();
         let device = positions.device();
         let half = head_dim / 2;
@@ -69,53 +75,26 @@ impl<B: Backend> Rope<B> {
         let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device)
             .reshape([1, 1, half]);
         let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, d/2]
-        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, 1, s, head_dim]);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, s, 1, head_dim]);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        // A broadcast add into zeros materialises a table contiguously.
+        let table = |x: &Tensor<B, 4>, heads: usize| {
+            Tensor::<B, 4>::zeros([b, s, heads, head_dim], &device) + x.clone()
+        };
         Self {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
-            per_head: None,
+            query: (table(&cos, num_heads), table(&sin, num_heads)),
+            key: (table(&cos, num_kv_heads), table(&sin, num_kv_heads)),
         }
     }
 
-    /// Adds the per-head tables for `q_heads` query and `kv_heads` key heads (built once per
-    /// forward pass, shared by every layer).
-    pub fn for_heads(mut self, q_heads: usize, kv_heads: usize) -> Self {
-        self.per_head = Some([self.per_head(q_heads), self.per_head(kv_heads)]);
-        self
-    }
-
-    /// Rotates `x` `[b, heads, s, d]`: `x·cos + rotate_half(x)·sin`.
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().narrow(3, 0, d / 2);
-        let x2 = x.clone().narrow(3, d / 2, d / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().expand([b, h, s, d]);
-        let sin = self.sin.clone().expand([b, h, s, d]);
-        x * cos + rotated * sin
-    }
-
-    /// The same rotation on `x` in the projection's own layout `[b, s, heads, d]` (contiguous),
-    /// with the tables materialised for `heads` once per forward pass by [`Rope::per_head`]:
-    /// every operand then has one shape and layout, so CPU backends take their contiguous
-    /// element-wise path instead of a strided broadcast (measured: the strided broadcast of
-    /// `apply` was 7 % of a SmolLM2 forward on flex).
-    pub fn apply_bshd(x: Tensor<B, 4>, tables: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
+    /// Rotates `x` `[b, s, heads, d]` (contiguous) with `tables` of the same shape:
+    /// `x·cos + rotate_half(x)·sin`.
+    pub fn apply(x: Tensor<B, 4>, tables: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
         let d = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * tables.0.clone() + rotated * tables.1.clone()
-    }
-
-    /// `cos`, `sin` as contiguous `[b, s, heads, d]` tables for [`Rope::apply_bshd`].
-    pub fn per_head(&self, heads: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, _, s, d] = self.cos.dims();
-        let t = |x: &Tensor<B, 4>| {
-            // A broadcast add into zeros materialises the table contiguously.
-            Tensor::<B, 4>::zeros([b, s, heads, d], &x.device()) + x.clone().swap_dims(1, 2)
-        };
-        (t(&self.cos), t(&self.sin))
     }
 }
 
@@ -156,12 +135,15 @@ impl<B: Backend> Proj<B> {
         let y = match &self.lora {
             None => self.linear.forward(x),
             Some(l) => {
+                // The scale multiplies the rank-r intermediate, not the `[n, out]` result:
+                // one pass over `n·r` values instead of `n·out`, forward and backward.
                 let delta = l
                     .dropout
                     .forward(x.clone())
                     .matmul(l.a.val())
+                    .mul_scalar(l.scale)
                     .matmul(l.b.val());
-                self.linear.forward(x) + delta.mul_scalar(l.scale)
+                self.linear.forward(x) + delta
             }
         };
         let o = y.dims()[1];
@@ -170,6 +152,10 @@ impl<B: Backend> Proj<B> {
 }
 
 /// Grouped-query self-attention.
+///
+/// The `r = h / g` query heads that share a key/value head are folded into the row axis of one
+/// product per key/value head (`[s·r, d] × [d, t]`), so keys and values are never repeated per
+/// query head: no `[b, h, t, d]` copies forward, no group sums backward.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub q_proj: Proj<B>,
@@ -183,28 +169,29 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// - `x`: `[b, s, e]`; `mask`: `[b, 1, s, t]`, `true` where attention is forbidden.
+    /// - `x`: `[b, s, e]`; `bias`: `[b, g, s·r, t]` from [`attention_bias`].
     /// - output: `[b, s, e]`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 4, Bool>,
+        bias: Tensor<B, 4>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, g, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let r = h / g;
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        // Query heads gi·r .. gi·r + r serve key/value head gi (HF's `repeat_kv` order), so the
+        // contiguous `[b, s, g, r·d]` view groups them; rows of a group are (position, head).
+        let q = Rope::apply(q, &rope.query)
+            .mul_scalar((d as f64).powf(-0.5))
+            .reshape([b, s, g, r * d])
+            .swap_dims(1, 2)
+            .reshape([b, g, s * r, d]);
         let k = self.k_proj.forward(x.clone()).reshape([b, s, g, d]);
-        let v = self.v_proj.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
-        let (q, mut k) = match &rope.per_head {
-            Some([qt, kt]) => (
-                Rope::apply_bshd(q, qt).swap_dims(1, 2),
-                Rope::apply_bshd(k, kt).swap_dims(1, 2),
-            ),
-            None => (rope.apply(q.swap_dims(1, 2)), rope.apply(k.swap_dims(1, 2))),
-        };
-        let mut v = v;
+        let mut k = Rope::apply(k, &rope.key).swap_dims(1, 2); // [b, g, s, d]
+        let mut v = self.v_proj.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some(prev) = slot.take() {
                 k = Tensor::cat(vec![prev.k, k], 2);
@@ -215,24 +202,46 @@ impl<B: Backend> Attention<B> {
                 v: v.clone(),
             });
         }
-        let t = k.dims()[2];
-        // Each key/value head serves h/g query heads.
-        let k = k
-            .unsqueeze_dim::<5>(2)
-            .expand([b, g, h / g, t, d])
-            .reshape([b, h, t, d]);
-        let v = v
-            .unsqueeze_dim::<5>(2)
-            .expand([b, g, h / g, t, d])
-            .reshape([b, h, t, d]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar((d as f64).powf(-0.5)); // [b, h, s, t]
-        let scores = scores.mask_fill(mask.expand([b, h, s, t]), -1.0e30);
-        let out = softmax(scores, 3).matmul(v); // [b, h, s, d]
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        let scores = q.matmul(k.swap_dims(2, 3)) + bias; // [b, g, s·r, t]
+        let out = softmax_same_ops(scores).matmul(v); // [b, g, s·r, d]
+        let out = out
+            .reshape([b, g, s, r * d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
+        self.o_proj.forward(out)
     }
+}
+
+/// Softmax over the last axis as explicit primitive ops (detached max, subtract, exp, sum,
+/// divide), so that the autodiff backend (which has no fused softmax and decomposes it) and the
+/// inner backend (which may have a fused one, e.g. flex) compute it with the same operations in
+/// the same order: the reference pass and the policy at step 1 then agree bit for bit and the
+/// anchor's hinge starts exactly on its kink (measured: flex's fused softmax differs from the
+/// decomposition by an ulp, enough to switch the anchor on for half a batch).
+fn softmax_same_ops<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let max = x.clone().detach().max_dim(3);
+    let e = (x - max).exp();
+    e.clone() / e.sum_dim(3)
+}
+
+/// The additive form of an attention mask for [`Attention::forward`]'s grouped layout: `0`
+/// where a query may see a key, `-1e30` where `mask` forbids it, materialised once per forward
+/// pass and shared by every layer (a contiguous add costs a fraction of a strided `mask_fill`,
+/// and its gradient is the identity).
+///
+/// # Shapes
+/// `mask`: `[b, 1, s, t]`, `true` where attention is forbidden → `[b, g, s·r, t]`, row
+/// `i·r + j` for position `i` and query head `j` of the group.
+pub fn attention_bias<B: Backend>(
+    mask: Tensor<B, 4, Bool>,
+    num_kv_heads: usize,
+    group: usize,
+) -> Tensor<B, 4> {
+    let [b, _, s, t] = mask.dims();
+    let bias = Tensor::<B, 4>::zeros([b, 1, s, t], &mask.device()).mask_fill(mask, -1.0e30);
+    bias.reshape([b, 1, s, 1, t])
+        .expand([b, num_kv_heads, s, group, t])
+        .reshape([b, num_kv_heads, s * group, t])
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) · up(x))`.
@@ -263,18 +272,18 @@ pub struct Block<B: Backend> {
 
 impl<B: Backend> Block<B> {
     /// # Shapes
-    /// `x`: `[b, s, e]` → `[b, s, e]`.
+    /// `x`: `[b, s, e]` → `[b, s, e]`; `bias` as in [`Attention::forward`].
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 4, Bool>,
+        bias: Tensor<B, 4>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let x = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
+                .forward(self.input_layernorm.forward(x), rope, bias, cache);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }
@@ -355,14 +364,15 @@ impl<B: Backend> Llama<B> {
         mask: Tensor<B, 4, Bool>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let mut rope = Rope::new(positions, self.head_dim, self.rope_theta);
-        if let Some(a) = self.layers.first().map(|l| &l.self_attn) {
-            rope = rope.for_heads(a.num_heads, a.num_kv_heads);
-        }
         let mut x = self.embed_tokens.forward(tokens);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, mask.clone(), slot);
+        if let Some(a) = self.layers.first().map(|l| &l.self_attn) {
+            let (h, g) = (a.num_heads, a.num_kv_heads);
+            let rope = Rope::new(positions, self.head_dim, self.rope_theta, h, g);
+            let bias = attention_bias(mask, g, h / g);
+            for (i, layer) in self.layers.iter().enumerate() {
+                let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                x = layer.forward(x, &rope, bias.clone(), slot);
+            }
         }
         self.norm.forward(x)
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraConfig;
 use crate::train::TrainConfig;
+use crate::validate::Invalid;
 
 /// Everything `bapo train` needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,7 +237,7 @@ impl RunConfig {
         let cfg: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| err(format!("after --set overrides: {}", e.message())))?;
-        cfg.resolve(path)
+        cfg.resolve(path, &text, overrides)
     }
 
     /// Parses and validates a TOML config; `data.train` is resolved against the file's folder.
@@ -253,11 +254,17 @@ impl RunConfig {
             });
             err(format!("{}{}", at.unwrap_or_default(), e.message()))
         })?;
-        cfg.resolve(path)
+        cfg.resolve(path, &text, &[])
     }
 
-    /// Resolves `data.train` against the config file's folder, then validates.
-    fn resolve(mut self, path: &Path) -> Result<Self, ConfigError> {
+    /// Resolves `data.train` against the config file's folder, then validates; a value out of
+    /// range is reported at its line in `text`, or at the `--set` override that gave it.
+    fn resolve(
+        mut self,
+        path: &Path,
+        text: &str,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         if self.data.train.is_relative() {
             self.data.train = base.join(&self.data.train);
@@ -268,42 +275,56 @@ impl RunConfig {
         for k in self.eval.knowledge.iter_mut().filter(|k| k.is_relative()) {
             *k = base.join(&*k);
         }
-        self.validate().map_err(|what| ConfigError {
-            path: path.into(),
-            what,
+        self.validate().map_err(|bad| {
+            let set = overrides
+                .iter()
+                .rev()
+                .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == bad.key));
+            let at = match (set, crate::validate::line_of(text, &bad.key)) {
+                (Some(o), _) => format!("--set {o}: "),
+                (None, Some(line)) => format!("line {line}: "),
+                (None, None) => String::new(),
+            };
+            ConfigError {
+                path: path.into(),
+                what: format!("{at}{bad}"),
+            }
         })?;
         Ok(self)
     }
 
-    /// Cross-field checks.
-    pub fn validate(&self) -> Result<(), String> {
-        self.train.objective().map_err(|e| format!("train: {e}"))?;
-        self.data.truncation()?;
-        if !(0.0..1.0).contains(&self.data.eval_fraction) {
-            return Err(format!(
-                "data.eval_fraction must be in [0, 1), got {}",
-                self.data.eval_fraction
+    /// Range checks of every numeric key, then cross-field checks.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        crate::validate::check_ranges(self)?;
+        let bad = |key: &str, what: String| Invalid {
+            key: key.into(),
+            what,
+        };
+        self.train
+            .objective()
+            .map_err(|e| bad("train.loss_type", format!("is invalid: {e}")))?;
+        self.data
+            .truncation()
+            .map_err(|e| bad("data.truncation_mode", format!("is invalid: {e}")))?;
+        if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
+            return Err(bad(
+                "data.eval_fraction",
+                "must be 0 because data.eval is set (one held-out split, not two)".into(),
             ));
         }
-        if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
-            return Err(
-                "data.eval is set, so data.eval_fraction must be 0 (one held-out split, not two)"
-                    .into(),
-            );
-        }
         if self.data.users.as_ref().is_some_and(Vec::is_empty) {
-            return Err("data.users is empty: list at least one user, or leave it out".into());
+            return Err(bad(
+                "data.users",
+                "is empty: list at least one user, or leave it out".into(),
+            ));
         }
         if let Some(l) = &self.lora {
-            l.validate()?;
+            l.validate()
+                .map_err(|e| bad("lora.target_modules", format!("is invalid: {e}")))?;
         }
-        self.eval.formats()?;
-        if self.eval.batch_size == 0 || self.eval.kl_vocab_chunk == 0 {
-            return Err("eval.batch_size and eval.kl_vocab_chunk must be at least 1".into());
-        }
-        if self.anchor.batch_size == 0 || self.anchor.max_new_tokens == 0 {
-            return Err("anchor.batch_size and anchor.max_new_tokens must be at least 1".into());
-        }
+        self.eval
+            .formats()
+            .map_err(|e| bad("eval.formats", format!("is invalid: {e}")))?;
         Ok(())
     }
 }

@@ -86,6 +86,37 @@ fn mc_sequences(
     Ok(out)
 }
 
+/// Refuses any (item, choice) of `sets` in `formats` longer than the model's `context`, naming
+/// the set, the item's line and the length (run before any scoring allocates for it).
+pub fn check_knowledge_context(
+    sets: &[KnowledgeSet],
+    formats: &[Format],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    context: usize,
+) -> Result<(), RunError> {
+    for set in sets {
+        for &f in formats {
+            for (i, s) in mc_sequences(&set.items, f, tok, template)? {
+                let len = s.prompt_ids.len() + s.completion_ids.len();
+                if len > context {
+                    let item = &set.items[i];
+                    return Err(format!(
+                        "knowledge set `{}` line {} (item `{}`, {} format): {len} tokens, beyond \
+                         the model's context of {context} positions",
+                        set.name,
+                        item.line,
+                        item.id,
+                        f.name()
+                    )
+                    .into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Scores every item of `set` in `format`. Each context is computed once and shared by its
 /// choices ([`bapo_model::generate::continuation_logps`]); items are sorted by context length
 /// and grouped so that a forward pass holds about `batch` choices.

@@ -11,6 +11,7 @@ pub mod run;
 pub mod score;
 pub mod synth;
 pub mod train;
+pub mod validate;
 
 pub use config::RunConfig;
 pub use lora::LoraConfig;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bapo_data::{
-    encode_examples, read_preferences, EncodeConfig, EncodedExample, PreferenceBatch,
+    encode_examples, read_preferences, BaseResponse, EncodeConfig, EncodedExample, PreferenceBatch,
     PreferenceExample,
 };
 use bapo_model::{generate, GenerationConfig, Llama, LoadedModel};
@@ -101,19 +101,34 @@ impl Numerics {
     pub fn of<B: Backend>(device: &B::Device) -> Self {
         Self {
             backend: B::name(device),
-            logps: "f32, completion rows only, logit - logsumexp (v2)".into(),
+            logps: "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated (v3)".into(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
 
+/// Version of the anchor cache's contents; older caches (text only, no token ids) are rebuilt.
+const ANCHOR_CACHE_FORMAT: u32 = 2;
+
 #[derive(Serialize, Deserialize)]
 struct AnchorCache {
+    #[serde(default)]
+    format: u32,
     fingerprint: String,
     #[serde(default)]
     numerics: Numerics,
+    /// Decoded text (for people: anchors.jsonl); the anchor scores `responses`' ids.
     bases: Vec<String>,
-    tokens: Vec<usize>,
+    #[serde(default)]
+    responses: Vec<BaseResponse>,
+}
+
+impl AnchorCache {
+    /// Fraction of base responses cut by `max_new_tokens` (no EOS) among `responses[range]`.
+    fn cut_fraction(&self, range: std::ops::Range<usize>) -> f64 {
+        let r = &self.responses[range];
+        r.iter().filter(|b| !b.eos).count() as f64 / r.len().max(1) as f64
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -170,6 +185,8 @@ fn read_cache<T: for<'de> Deserialize<'de>>(
 pub struct GeneratedText {
     /// Decoded without the EOS token.
     pub text: String,
+    /// The generated ids, EOS excluded.
+    pub ids: Vec<u32>,
     /// New tokens, EOS excluded.
     pub tokens: usize,
     /// Ended on EOS (not cut by `max_new_tokens`).
@@ -202,6 +219,7 @@ pub fn generate_texts<B: Backend>(
             out.push(GeneratedText {
                 text: tok.decode(&ids)?,
                 tokens: ids.len(),
+                ids,
                 eos: g.stopped_on_eos,
             });
         }
@@ -211,7 +229,8 @@ pub fn generate_texts<B: Backend>(
     Ok(out)
 }
 
-/// Generates base responses for `prompts` with the reference, `batch` prompts at a time.
+/// Generates base responses for `prompts` with the reference, `batch` prompts at a time:
+/// the decoded texts and the responses as generated (ids, ended on EOS or not).
 fn generate_bases<B: Backend>(
     reference: &Llama<B>,
     prompts: &[Vec<u32>],
@@ -219,7 +238,7 @@ fn generate_bases<B: Backend>(
     batch: usize,
     tok: &bapo_model::Tokenizer,
     device: &B::Device,
-) -> Result<(Vec<String>, Vec<usize>), RunError> {
+) -> Result<(Vec<String>, Vec<BaseResponse>), RunError> {
     let g = generate_texts(
         reference,
         prompts,
@@ -229,7 +248,17 @@ fn generate_bases<B: Backend>(
         device,
         "base responses",
     )?;
-    Ok(g.into_iter().map(|g| (g.text, g.tokens)).unzip())
+    Ok(g.into_iter()
+        .map(|g| {
+            (
+                g.text,
+                BaseResponse {
+                    ids: g.ids,
+                    eos: g.eos,
+                },
+            )
+        })
+        .unzip())
 }
 
 /// Eval metrics (prefixed `eval_`) of `model` on held-out examples: the preference and anchor
@@ -830,6 +859,11 @@ fn run_job<B: AutodiffBackend>(
             .as_bytes(),
     );
     h.update(serde_json::to_vec(&run.anchor)?);
+    // Base responses answer the prompt as the policy sees it (cut to max_prompt_length).
+    h.update(serde_json::to_vec(&(
+        run.data.max_prompt_length,
+        &run.data.truncation_mode,
+    ))?);
     h.update(run.train.seed.to_le_bytes());
     h.update(run.data.eval_fraction.to_le_bytes());
     let anchor_fp = hex(h.clone());
@@ -843,6 +877,16 @@ fn run_job<B: AutodiffBackend>(
     };
     // The file each split's line numbers refer to.
     let eval_file = run.data.eval.as_ref().unwrap_or(&run.data.train);
+    let context = config.max_position_embeddings;
+    if run.data.max_length > context {
+        return Err(format!(
+            "data.max_length = {} exceeds the context of {} ({context} positions, \
+             max_position_embeddings)",
+            run.data.max_length,
+            model_path.display()
+        )
+        .into());
+    }
     if !run.data.drop_long_prompts {
         for (split, ex, file) in [
             ("train", &train_ex, &run.data.train),
@@ -872,19 +916,48 @@ fn run_job<B: AutodiffBackend>(
     let all: Vec<&PreferenceExample> = train_ex.iter().chain(&eval_ex).collect();
     let anchor_path = out.join("anchors.cache.json");
     let numerics = Numerics::of::<B::InnerBackend>(device);
-    let anchors = match read_cache::<AnchorCache>(&anchor_path, &anchor_fp, &numerics, |c| {
+    let cached = read_cache::<AnchorCache>(&anchor_path, &anchor_fp, &numerics, |c| {
         (&c.fingerprint, &c.numerics)
-    }) {
-        Some(c) if c.bases.len() == all.len() => {
+    })
+    .filter(|c| {
+        if c.format != ANCHOR_CACHE_FORMAT {
+            tracing::warn!(cache = %anchor_path.display(), "anchor cache predates format {ANCHOR_CACHE_FORMAT} (the reference's own token ids and EOS flags): rebuilding it");
+        }
+        c.format == ANCHOR_CACHE_FORMAT
+            && c.bases.len() == all.len()
+            && c.responses.len() == all.len()
+    });
+    let anchors = match cached {
+        Some(c) => {
             tracing::info!("reusing {} cached base responses", c.bases.len());
             c
         }
-        _ => {
+        None => {
             let encode = crate::encoder(&tok);
-            let prompts: Vec<Vec<u32>> = all
-                .iter()
-                .map(|e| bapo_data::preference::prompt_ids(&template, &encode, &e.prompt, e.line))
-                .collect::<Result<_, _>>()?;
+            let mut prompts = Vec::with_capacity(all.len());
+            for (i, e) in all.iter().enumerate() {
+                let ids = bapo_data::preference::prompt_ids(&template, &encode, &e.prompt, e.line)?;
+                let ids = enc_cfg.truncate_prompt(ids);
+                let need = ids.len() + run.anchor.max_new_tokens;
+                if need > context {
+                    let file = if i < train_ex.len() {
+                        &run.data.train
+                    } else {
+                        eval_file
+                    };
+                    return Err(format!(
+                        "{}:{}: field `prompt` is {} tokens; with anchor.max_new_tokens = {} the \
+                         base response needs {need} positions, beyond the model's context of \
+                         {context}; set data.max_prompt_length to truncate prompts",
+                        file.display(),
+                        e.line,
+                        ids.len(),
+                        run.anchor.max_new_tokens
+                    )
+                    .into());
+                }
+                prompts.push(ids);
+            }
             let mut eos_ids = config.eos_token_ids.clone();
             eos_ids.push(eos);
             let a = &run.anchor;
@@ -896,9 +969,9 @@ fn run_job<B: AutodiffBackend>(
                 eos_ids,
             };
             let t0 = std::time::Instant::now();
-            let (bases, tokens) =
+            let (bases, responses) =
                 generate_bases(&reference, &prompts, &gcfg, a.batch_size, &tok, device)?;
-            let n: usize = tokens.iter().sum();
+            let n: usize = responses.iter().map(|r| r.ids.len()).sum();
             tracing::info!(
                 responses = bases.len(),
                 tokens = n,
@@ -906,10 +979,11 @@ fn run_job<B: AutodiffBackend>(
                 "base responses generated"
             );
             let c = AnchorCache {
+                format: ANCHOR_CACHE_FORMAT,
                 fingerprint: anchor_fp.clone(),
                 numerics: numerics.clone(),
                 bases,
-                tokens,
+                responses,
             };
             write_atomic(&anchor_path, serde_json::to_string(&c)?.as_bytes())?;
             c
@@ -918,7 +992,15 @@ fn run_job<B: AutodiffBackend>(
 
     // Tokenise with the base responses; reference log-probs (cached).
     let encode = crate::encoder(&tok);
-    let (train_bases, eval_bases) = anchors.bases.split_at(train_ex.len());
+    let (train_bases, eval_bases) = anchors.responses.split_at(train_ex.len());
+    let cut = anchors.cut_fraction(0..train_ex.len());
+    if cut > 0.0 {
+        tracing::info!(
+            fraction = cut,
+            max_new_tokens = run.anchor.max_new_tokens,
+            "training base responses cut by anchor.max_new_tokens (scored without an EOS)"
+        );
+    }
     let (train_enc, ts) = encode_examples(
         &train_ex,
         Some(train_bases),
@@ -991,7 +1073,7 @@ fn run_job<B: AutodiffBackend>(
             .iter()
             .position(|x| x.line == e.line)
             .expect("same data");
-        let row = serde_json::json!({"line": e.line, "prompt": train_ex[j].prompt, "base": anchors.bases[j], "tokens": anchors.tokens[j], "reference_logp": refs.train[i].sum[2]});
+        let row = serde_json::json!({"line": e.line, "prompt": train_ex[j].prompt, "base": anchors.bases[j], "tokens": anchors.responses[j].ids.len(), "eos": anchors.responses[j].eos, "base_ids": e.base_ids, "reference_logp": refs.train[i].sum[2]});
         lines.push_str(&format!("{row}\n"));
     }
     write_atomic(&out.join("anchors.jsonl"), lines.as_bytes())?;
@@ -1014,10 +1096,14 @@ fn run_job<B: AutodiffBackend>(
             },
         )?,
         formats: run.eval.formats()?,
+        // Cut like the training prompts; within the context by the anchor's check above.
         out_prompts: eval_ex
             .iter()
             .take(run.eval.output_prompts)
-            .map(|e| bapo_data::preference::prompt_ids(&template, &encode, &e.prompt, e.line))
+            .map(|e| {
+                bapo_data::preference::prompt_ids(&template, &encode, &e.prompt, e.line)
+                    .map(|ids| enc_cfg.truncate_prompt(ids))
+            })
             .collect::<Result<_, _>>()?,
         eos_ids,
         max_new_tokens: run.anchor.max_new_tokens,
@@ -1026,6 +1112,7 @@ fn run_job<B: AutodiffBackend>(
         tok: &tok,
         template: &template,
     };
+    crate::eval::check_knowledge_context(&extras.sets, &extras.formats, &tok, &template, context)?;
     let t0 = std::time::Instant::now();
     let (base_metrics, base_summaries, base_results) = full_eval(
         &reference, None, &eval_enc, &refs.eval, run, eos, device, &extras,
@@ -1041,7 +1128,11 @@ fn run_job<B: AutodiffBackend>(
     }
     extras.base_knowledge = Some(base_results);
     tracing::info!(secs = t0.elapsed().as_secs_f64(), "base model evaluated");
-    let mut base_row = serde_json::json!({"step": 0});
+    let mut base_row = serde_json::json!({
+        "step": 0,
+        "anchor/base_cut_fraction": anchors.cut_fraction(0..train_ex.len()),
+        "eval_anchor/base_cut_fraction": anchors.cut_fraction(train_ex.len()..all.len()),
+    });
     for (k, v) in &base_metrics {
         base_row[k] = serde_json::json!(v);
     }

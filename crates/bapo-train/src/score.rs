@@ -16,6 +16,13 @@ pub enum ScoreError {
     Encode(#[from] EncodeError),
     #[error("the tokenizer has no EOS token to end completions with ({0})")]
     NoEos(String),
+    #[error("line {line}: {what} is {len} tokens, beyond the model's context of {context} positions (max_position_embeddings); shorten it")]
+    TooLong {
+        line: usize,
+        what: &'static str,
+        len: usize,
+        context: usize,
+    },
 }
 
 /// A prompt and one completion, as token ids.
@@ -34,7 +41,7 @@ pub fn encoder(tokenizer: &Tokenizer) -> impl Fn(&str) -> Result<Vec<u32>, Strin
 pub fn encode_pair(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
-    prompt: &str,
+    prompt: &[Message],
     completion: &str,
     line: usize,
 ) -> Result<EncodedCompletion, ScoreError> {
@@ -43,7 +50,7 @@ pub fn encode_pair(
         .ok_or_else(|| ScoreError::NoEos(tokenizer.origin.clone()))?;
     let encode = encoder(tokenizer);
     Ok(EncodedCompletion {
-        prompt_ids: prompt_ids(template, &encode, &[Message::user(prompt)], line)?,
+        prompt_ids: prompt_ids(template, &encode, prompt, line)?,
         completion_ids: completion_ids(&encode, completion, eos, line)?,
     })
 }
@@ -70,6 +77,9 @@ pub struct Scorer<'a, B: Backend> {
     pub device: B::Device,
     /// Token used to right-pad (never scored).
     pub pad_id: u32,
+    /// The model's context (`max_position_embeddings`): longer sequences are refused before
+    /// anything is allocated for them.
+    pub context: usize,
 }
 
 impl<B: Backend> Scorer<'_, B> {
@@ -126,18 +136,24 @@ pub fn score_examples<B: Backend>(
     for chunk in examples.chunks(batch_size.max(1)) {
         let mut seqs = Vec::new();
         for ex in chunk {
-            seqs.push(encode_pair(
-                tokenizer, template, &ex.prompt, &ex.chosen, ex.line,
-            )?);
-            seqs.push(encode_pair(
-                tokenizer,
-                template,
-                &ex.prompt,
-                &ex.rejected,
-                ex.line,
-            )?);
-            if let Some(base) = &ex.base {
-                seqs.push(encode_pair(tokenizer, template, &ex.prompt, base, ex.line)?);
+            let parts = [
+                ("prompt + chosen", Some(&ex.chosen)),
+                ("prompt + rejected", Some(&ex.rejected)),
+                ("prompt + base", ex.base.as_ref()),
+            ];
+            for (what, text) in parts {
+                let Some(text) = text else { continue };
+                let e = encode_pair(tokenizer, template, &ex.prompt, text, ex.line)?;
+                let len = e.prompt_ids.len() + e.completion_ids.len();
+                if len > scorer.context {
+                    return Err(ScoreError::TooLong {
+                        line: ex.line,
+                        what,
+                        len,
+                        context: scorer.context,
+                    });
+                }
+                seqs.push(e);
             }
         }
         let scores = scorer.score(&seqs);

@@ -204,3 +204,80 @@ fn merged_export_reloads_with_the_adapted_log_probs() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A base response cut by `max_new_tokens` is the reference's own ids with no EOS appended;
+/// its reference log-prob equals an independent full log-softmax over exactly those ids, and
+/// the fresh policy's (step 0), so the anchor starts exactly at zero.
+#[test]
+fn a_base_response_cut_by_max_new_tokens_is_scored_without_eos() {
+    use bapo_data::preference::prompt_ids;
+    use bapo_data::{encode_examples, BaseResponse, EncodeConfig, Message, PreferenceExample};
+    use bapo_model::{generate, GenerationConfig};
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    let device = Default::default();
+    let loaded = bapo_model::load_pretrained::<AD>(&fixture(), &device).unwrap();
+    let tok = &loaded.tokenizer;
+    let eos = tok.eos_id().unwrap();
+    let encode = bapo_train::encoder(tok);
+    let template = bapo_train::chat_template(tok);
+    let ex = PreferenceExample {
+        prompt: vec![Message::user("Name a colour.")],
+        chosen: "Blue.".into(),
+        rejected: "No.".into(),
+        user: None,
+        line: 1,
+    };
+    let prompt = prompt_ids(&template, &encode, &ex.prompt, 1).unwrap();
+    let reference = bapo_train::reference_of(&loaded.model);
+    let cfg = GenerationConfig {
+        max_new_tokens: 5,
+        eos_ids: vec![eos],
+        ..GenerationConfig::default()
+    };
+    let g = generate(&reference, std::slice::from_ref(&prompt), &cfg, &device).remove(0);
+    assert!(!g.stopped_on_eos && g.tokens.len() == 5, "{g:?}");
+    let base = BaseResponse {
+        ids: g.tokens.clone(),
+        eos: false,
+    };
+    let enc_cfg = EncodeConfig {
+        max_length: 128,
+        max_prompt_length: None,
+        truncation_mode: bapo_data::TruncationMode::KeepEnd,
+    };
+    let (enc, _) =
+        encode_examples(&[ex], Some(&[base]), &template, &encode, eos, &enc_cfg).unwrap();
+    assert_eq!(enc[0].base_ids.as_deref(), Some(&g.tokens[..]));
+
+    let refs = bapo_train::reference_logps(&reference, &enc, 1, eos, &device, |_| {});
+    let seq: Vec<i64> = prompt.iter().chain(&g.tokens).map(|&t| t as i64).collect();
+    let n = seq.len();
+    let tokens = Tensor::<_, 2, Int>::from_data(TensorData::new(seq.clone(), [1, n]), &device);
+    let lp = log_softmax(reference.forward(tokens, None), 2)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let v = lp.len() / n;
+    let independent: f64 = (prompt.len()..n)
+        .map(|i| lp[(i - 1) * v + seq[i] as usize] as f64)
+        .sum();
+    assert!(
+        (refs[0].sum[2] - independent).abs() < 1e-4,
+        "cached {} vs full log-softmax {independent}",
+        refs[0].sum[2]
+    );
+    let policy = bapo_train::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        ..Default::default()
+    }
+    .attach(loaded.model, 7, &device);
+    let at_step_0 = logps(&policy, &enc, eos)[2];
+    assert!(
+        (at_step_0 - refs[0].sum[2]).abs() < 1e-5,
+        "{at_step_0} vs {}",
+        refs[0].sum[2]
+    );
+}

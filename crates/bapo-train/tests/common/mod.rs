@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use bapo_data::{
-    encode_examples, EncodeConfig, EncodedExample, PreferenceBatch, PreferenceExample,
-    TruncationMode,
+    encode_examples, BaseResponse, EncodeConfig, EncodedExample, PreferenceBatch,
+    PreferenceExample, TruncationMode,
 };
 use bapo_model::Llama;
 use bapo_train::train::batch_logps;
@@ -58,9 +58,13 @@ pub fn data(loaded: &bapo_model::LoadedModel<AD>) -> (Vec<EncodedExample>, u32) 
             line: i + 1,
         })
         .collect();
-    let bases: Vec<String> = pairs.iter().map(|x| x.3.to_string()).collect();
     let template = bapo_train::chat_template(tok);
     let eos = tok.eos_id().unwrap();
+    let bases: Vec<BaseResponse> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| BaseResponse::from_text(&encoder(tok), x.3, eos, i + 1).unwrap())
+        .collect();
     let cfg = EncodeConfig {
         max_length: 128,
         max_prompt_length: None,
