@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::RunConfig;
-use crate::run::{run_training, write_atomic, RunError};
+use crate::io::{write_atomic, RunError};
+use crate::run::run_training;
 
 /// A set of users trained together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

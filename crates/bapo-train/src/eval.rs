@@ -10,7 +10,7 @@ use bapo_drift::OutputStats;
 use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
-use crate::run::RunError;
+use crate::io::RunError;
 use crate::score::EncodedCompletion;
 
 /// A named knowledge set.

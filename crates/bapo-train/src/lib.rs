@@ -3,10 +3,16 @@
 //! Composes `bapo-model`, `bapo-data` and `bapo-objective`: the scoring pass behind
 //! `bapo score`, LoRA adapters, reference log-probs and the BAPO training loop.
 
+mod cache;
+mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod eval;
+mod figure;
+pub mod generation;
+pub mod io;
 pub mod lora;
+mod report;
 pub mod run;
 pub mod score;
 pub mod synth;

@@ -19,7 +19,8 @@ use burn::tensor::backend::Backend;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::run::{generate_texts, write_atomic, GeneratedText, RunError};
+use crate::generation::{generate_texts, GeneratedText};
+use crate::io::{write_atomic, RunError};
 
 /// Generation settings of a synthesis run.
 #[derive(Debug, Clone, PartialEq, Serialize)]

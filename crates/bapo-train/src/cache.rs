@@ -1,0 +1,135 @@
+//! The anchor and reference-log-prob caches: a sha256 fingerprint of every input they depend
+//! on, the numerics that made them, and the rule for reusing or rebuilding them.
+
+use std::path::{Path, PathBuf};
+
+use bapo_data::BaseResponse;
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::train::ReferenceLogps;
+
+/// sha256 of a file, or of every file in a directory (sorted by name).
+pub(crate) fn hash_path(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(path)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for n in names.iter().filter(|n| n.is_file()) {
+            h.update(
+                n.file_name()
+                    .map(|s| s.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            hash_path(h, n)?;
+        }
+        Ok(())
+    } else {
+        std::io::copy(&mut std::fs::File::open(path)?, h).map(|_| ())
+    }
+}
+
+pub(crate) fn hex(h: Sha256) -> String {
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a cache's numbers were computed: the backend (its Burn name) and the version of the
+/// log-prob computation. Log-probs from another backend differ at float precision, and at
+/// step 1 (policy = reference) the anchor's hinge sits exactly on its kink, so any such
+/// difference switches the anchor on for part of the batch: a cache is only reused by the
+/// backend that made it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Numerics {
+    pub backend: String,
+    /// Bumped when the log-prob or generation code changes its floating-point results.
+    pub logps: String,
+    /// Worker threads when the cache was made (recorded, not compared: results do not depend
+    /// on it on the CPU backends).
+    pub threads: usize,
+}
+
+impl Numerics {
+    /// This process's numerics on backend `B`.
+    pub fn of<B: Backend>(device: &B::Device) -> Self {
+        Self {
+            backend: B::name(device),
+            logps: "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated (v3)".into(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Version of the anchor cache's contents; older caches (text only, no token ids) are rebuilt.
+pub(crate) const ANCHOR_CACHE_FORMAT: u32 = 2;
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct AnchorCache {
+    #[serde(default)]
+    pub(crate) format: u32,
+    pub(crate) fingerprint: String,
+    #[serde(default)]
+    pub(crate) numerics: Numerics,
+    /// Decoded text (for people: anchors.jsonl); the anchor scores `responses`' ids.
+    pub(crate) bases: Vec<String>,
+    #[serde(default)]
+    pub(crate) responses: Vec<BaseResponse>,
+}
+
+impl AnchorCache {
+    /// Fraction of base responses cut by `max_new_tokens` (no EOS) among `responses[range]`.
+    pub(crate) fn cut_fraction(&self, range: std::ops::Range<usize>) -> f64 {
+        let r = &self.responses[range];
+        r.iter().filter(|b| !b.eos).count() as f64 / r.len().max(1) as f64
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ReferenceCache {
+    pub(crate) fingerprint: String,
+    #[serde(default)]
+    pub(crate) numerics: Numerics,
+    pub(crate) train: Vec<ReferenceLogps>,
+    pub(crate) eval: Vec<ReferenceLogps>,
+}
+
+pub(crate) fn read_cache<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    fingerprint: &str,
+    numerics: &Numerics,
+    get: impl Fn(&T) -> (&str, &Numerics),
+) -> Option<T> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(cache = %path.display(), "cache unreadable ({e}): rebuilding it");
+            return None;
+        }
+    };
+    let cache: T = match serde_json::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(cache = %path.display(), "cache is not a valid cache file ({e}): rebuilding it");
+            return None;
+        }
+    };
+    let (fp, made) = get(&cache);
+    if fp != fingerprint {
+        tracing::warn!(cache = %path.display(), "cache fingerprint differs from this run's model/data/settings: rebuilding it");
+        None
+    } else if made.backend != numerics.backend || made.logps != numerics.logps {
+        tracing::warn!(
+            cache = %path.display(),
+            made_on = %made.backend,
+            made_with = %made.logps,
+            this_run = %numerics.backend,
+            "cache was computed on another backend or by other log-prob code: rebuilding it \
+             (reusing it would put the anchor off its kink at step 1)"
+        );
+        None
+    } else {
+        Some(cache)
+    }
+}

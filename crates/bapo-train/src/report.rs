@@ -1,0 +1,331 @@
+//! Evaluating a model at a step: every `eval_` metric (preference, anchor drift, token KL,
+//! knowledge, output drift, weight distance) and the `bapo eval` report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bapo_data::{EncodedExample, PreferenceBatch};
+use bapo_model::Llama;
+use bapo_objective::{bapo_loss, AnchorLogps, PairLogps};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::config::RunConfig;
+use crate::io::{write_atomic, RunError};
+use crate::train::{Normalisation, ReferenceLogps};
+
+/// Eval metrics (prefixed `eval_`) of `model` on held-out examples: the preference and anchor
+/// metrics of the objective, anchor drift of the base responses (`eval_anchor_drift/*`) and the
+/// exact token-level KL(policy‖reference) over the base responses' tokens (`eval_kl/token`;
+/// `reference = None` when `model` is the reference itself).
+pub(crate) fn evaluate<B: Backend>(
+    model: &Llama<B>,
+    reference: Option<&Llama<B>>,
+    examples: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    run: &RunConfig,
+    pad: u32,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
+    let norm = run.train.normalisation;
+    let (mut c, mut r, mut b, mut b_sum) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut base_tokens = Vec::new();
+    let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
+    // The reference scored against itself: its cached log-probs are the policy's, no forward.
+    let chunk_size = if reference.is_none() {
+        usize::MAX
+    } else {
+        run.train.batch_size.max(1) * 2
+    };
+    if reference.is_none() {
+        let pick = |k: usize| {
+            refs.iter().map(move |x| {
+                if norm == Normalisation::Sum {
+                    x.sum[k]
+                } else {
+                    x.mean[k]
+                }
+            })
+        };
+        c.extend(pick(0));
+        r.extend(pick(1));
+        b.extend(pick(2));
+        b_sum.extend(refs.iter().map(|x| x.sum[2]));
+        base_tokens.extend(
+            examples
+                .iter()
+                .map(|e| e.base_ids.as_ref().map_or(0, Vec::len)),
+        );
+    }
+    for chunk in examples.chunks(chunk_size).filter(|_| reference.is_some()) {
+        let refs_: Vec<&EncodedExample> = chunk.iter().collect();
+        let batch = PreferenceBatch::collate(&refs_, pad);
+        let shape = [batch.rows, batch.len];
+        let tokens = Tensor::<B, 2, burn::tensor::Int>::from_data(
+            TensorData::new(batch.tokens.clone(), shape),
+            device,
+        );
+        let attn = Tensor::<B, 2, burn::tensor::Bool>::from_data(
+            TensorData::new(batch.attention.clone(), shape),
+            device,
+        );
+        let mask = Tensor::<B, 2>::from_data(
+            TensorData::new(batch.completion_mask.clone(), shape),
+            device,
+        );
+        let logits = model.forward(tokens.clone(), Some(attn.clone()));
+        let n = chunk.len();
+        // Token KL on the base-response rows (the reference's own answers): position t
+        // predicts token t+1, so count t where token t+1 is a completion token. Without a
+        // separate reference the model is the reference: KL 0, no second forward.
+        if let Some(reference) = reference {
+            let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
+            let ref_logits =
+                reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
+            let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
+            for row in next.chunks_mut(batch.len) {
+                row.rotate_left(1);
+                *row.last_mut().expect("len > 0") = 0.0;
+            }
+            let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
+            let kl = bapo_drift::token_kl(
+                logits.clone().narrow(0, 2 * n, n),
+                ref_logits,
+                kl_mask,
+                run.eval.kl_vocab_chunk,
+            );
+            kl_sum += kl.mean_per_token * kl.tokens as f64;
+            kl_tokens += kl.tokens;
+        }
+        let out = bapo_objective::sequence_logps(logits, tokens, mask);
+        let sum: Vec<f64> = out
+            .sum
+            .clone()
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64");
+        let v: Vec<f64> = match norm {
+            Normalisation::Sum => out.sum,
+            Normalisation::Mean => out.mean,
+        }
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .expect("f64");
+        c.extend_from_slice(&v[..n]);
+        r.extend_from_slice(&v[n..2 * n]);
+        b.extend_from_slice(&v[2 * n..3 * n]);
+        b_sum.extend_from_slice(&sum[2 * n..3 * n]);
+        for row in 2 * n..3 * n {
+            let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
+            base_tokens.push(m.iter().filter(|&&x| x > 0.0).count());
+        }
+    }
+    let t = |v: Vec<f64>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+    let pick = |k: usize| {
+        refs.iter()
+            .map(|x| {
+                if norm == Normalisation::Sum {
+                    x.sum[k]
+                } else {
+                    x.mean[k]
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let ref_base_sum: Vec<f64> = refs.iter().map(|x| x.sum[2]).collect();
+    let drift = bapo_drift::AnchorDrift::new(&ref_base_sum, &b_sum, &base_tokens);
+    let pairs = PairLogps {
+        policy_chosen: t(c),
+        policy_rejected: t(r),
+        reference_chosen: t(pick(0)),
+        reference_rejected: t(pick(1)),
+    };
+    let anchor = AnchorLogps {
+        policy: t(b),
+        reference: t(pick(2)),
+    };
+    // The held-out loss is the preference + anchor objective; the NLL-on-chosen term (a
+    // training regulariser) is left out, so eval losses compare across `nll_weight` settings.
+    let objective = bapo_objective::ObjectiveConfig {
+        nll_weight: 0.0,
+        ..run.train.objective().expect("validated")
+    };
+    let out = bapo_loss(&objective, &pairs, Some(&anchor), None);
+    let mut m: BTreeMap<String, f64> = out
+        .metrics(&objective, &pairs, Some(&anchor))
+        .into_iter()
+        .collect();
+    m.insert("anchor_drift/mean".into(), drift.mean);
+    m.insert("anchor_drift/per_token".into(), drift.mean_per_token);
+    m.insert("anchor_drift/fell_fraction".into(), drift.fell_fraction);
+    m.insert(
+        "kl/token".into(),
+        if kl_tokens > 0 {
+            kl_sum / kl_tokens as f64
+        } else {
+            0.0
+        },
+    );
+    m.into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v))
+        .collect()
+}
+
+/// What the evaluation passes need besides the held-out pairs: knowledge sets, output-drift
+/// prompts, and the base model's results to compare against.
+pub(crate) struct EvalExtras<'a> {
+    pub(crate) sets: Vec<crate::eval::KnowledgeSet>,
+    pub(crate) formats: Vec<bapo_drift::mc::Format>,
+    pub(crate) out_prompts: Vec<Vec<u32>>,
+    pub(crate) eos_ids: Vec<u32>,
+    pub(crate) max_new_tokens: usize,
+    pub(crate) base_knowledge: Option<crate::eval::KnowledgeResults>,
+    pub(crate) base_output: Option<bapo_drift::OutputStats>,
+    pub(crate) tok: &'a bapo_model::Tokenizer,
+    pub(crate) template: &'a bapo_data::ChatTemplate,
+}
+
+/// Flat `eval_` metrics, knowledge summaries, per-item knowledge results.
+pub(crate) type EvalOutcome = (
+    BTreeMap<String, f64>,
+    BTreeMap<String, bapo_drift::McSummary>,
+    crate::eval::KnowledgeResults,
+);
+
+/// Every eval metric (`eval_`-prefixed) of `model`, and the knowledge summaries.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn full_eval<B: Backend>(
+    model: &Llama<B>,
+    reference: Option<&Llama<B>>,
+    examples: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    run: &RunConfig,
+    pad: u32,
+    device: &B::Device,
+    x: &EvalExtras,
+) -> Result<EvalOutcome, RunError> {
+    let mut m = if examples.is_empty() {
+        BTreeMap::new()
+    } else {
+        evaluate(model, reference, examples, refs, run, pad, device)
+    };
+    let (results, summaries) = crate::eval::knowledge(
+        model,
+        &x.sets,
+        &x.formats,
+        x.tok,
+        x.template,
+        run.eval.batch_size,
+        device,
+        x.base_knowledge.as_ref(),
+    )?;
+    for (k, v) in crate::eval::knowledge_metrics(&summaries) {
+        m.insert(format!("eval_{k}"), v);
+    }
+    if !x.out_prompts.is_empty() {
+        let o =
+            crate::eval::output_stats(model, &x.out_prompts, x.max_new_tokens, &x.eos_ids, device);
+        m.insert("eval_output/mean_length".into(), o.mean_length);
+        m.insert("eval_output/eos_rate".into(), o.eos_rate);
+        m.insert("eval_output/distinct_2".into(), o.distinct_2);
+        if let Some(b) = &x.base_output {
+            m.insert(
+                "eval_output/delta_mean_length".into(),
+                o.mean_length - b.mean_length,
+            );
+        }
+    }
+    Ok((m, summaries, results))
+}
+
+/// Frobenius norm of each weight's change from the reference: `‖scale·A·B‖` per adapted
+/// module for LoRA, `‖W − W₀‖` per tensor otherwise.
+pub(crate) fn weight_change_norms<B: Backend>(
+    policy: &Llama<B>,
+    reference: &Llama<B>,
+) -> BTreeMap<String, f64> {
+    let lora = crate::lora::adapter_delta_norms(policy);
+    if !lora.is_empty() {
+        return lora;
+    }
+    let before = bapo_model::export::hf_tensors(reference);
+    bapo_model::export::hf_tensors(policy)
+        .into_iter()
+        .filter_map(|(k, t)| {
+            let b = before.get(&k)?;
+            Some((k, bapo_drift::weights::diff_norm(&t.data, &b.data)))
+        })
+        .collect()
+}
+
+/// The eval report of `run_eval` (see there).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn eval_report<B: Backend>(
+    run: &RunConfig,
+    device: &B::Device,
+    base: Llama<B>,
+    reference: &Llama<B>,
+    adapter: Option<&Path>,
+    report: &Path,
+    eval_enc: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    eos: u32,
+    extras: &EvalExtras,
+    base_metrics: &BTreeMap<String, f64>,
+    base_summaries: &BTreeMap<String, bapo_drift::McSummary>,
+) -> Result<PathBuf, RunError> {
+    let policy = match adapter {
+        None => None,
+        Some(dir) if dir.join("adapter_config.json").exists() => {
+            Some(crate::lora::load_adapter_dir(base, dir, device)?)
+        }
+        Some(dir) => Some(bapo_model::load_pretrained::<B>(dir, device)?.model),
+    };
+    let (metrics, summaries, distance) = match &policy {
+        Some(p) => {
+            let (mut m, s, _) =
+                full_eval(p, Some(reference), eval_enc, refs, run, eos, device, extras)?;
+            let wd = bapo_drift::weights::weight_distance(&weight_change_norms(p, reference));
+            m.insert("eval_weight_distance".into(), wd.global);
+            (Some(m), Some(s), Some(wd))
+        }
+        None => (None, None, None),
+    };
+    let mut table = format!("{:<48} {:>12} {:>12}\n", "metric", "base", "policy");
+    for (k, v) in base_metrics {
+        let p = metrics
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .map_or(String::from("-"), |p| format!("{p:.4}"));
+        table.push_str(&format!("{k:<48} {v:>12.4} {p:>12}\n"));
+    }
+    for (k, s) in base_summaries {
+        let ci = |c: [f64; 2]| format!("[{:.3}, {:.3}]", c[0], c[1]);
+        let p = summaries.as_ref().and_then(|m| m.get(k));
+        table.push_str(&format!(
+            "{:<48} {:>12} {:>12}\n",
+            format!("knowledge/{k}/acc 95% CI (n={})", s.n),
+            ci(s.acc_ci95),
+            p.map_or(String::from("-"), |p| ci(p.acc_ci95))
+        ));
+    }
+    println!("{table}");
+    let doc = serde_json::json!({
+        "model": run.model.path,
+        "adapter": adapter.map(|a| a.display().to_string()),
+        "base": base_metrics,
+        "policy": metrics,
+        "weight_distance": distance,
+        "knowledge": {
+            "base": base_summaries,
+            "policy": summaries,
+        },
+    });
+    if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_atomic(report, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    Ok(report.to_path_buf())
+}
