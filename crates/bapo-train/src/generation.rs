@@ -1,9 +1,11 @@
-//! Batched generation with a progress bar: decoded texts and the reference's base responses.
+//! Batched generation with a progress bar: decoded texts, and the reference's base responses
+//! (prompts cut and checked against the context first).
 
-use bapo_data::BaseResponse;
-use bapo_model::{generate, GenerationConfig, Llama};
+use bapo_data::{BaseResponse, ChatTemplate, EncodeConfig, PreferenceExample};
+use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
+use crate::config::RunConfig;
 use crate::io::{bar, RunError};
 
 /// One decoded generation.
@@ -85,4 +87,64 @@ pub(crate) fn generate_bases<B: Backend>(
             )
         })
         .unzip())
+}
+
+/// The reference's base responses for `examples` (the `n_train` training examples first, then
+/// the held-out ones): each prompt cut by `data.max_prompt_length` as the policy sees it,
+/// refused with its file and line when it and `anchor.max_new_tokens` exceed `context`, then
+/// generated as `run.anchor` says. Returns the decoded texts and the responses as generated.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn base_responses<B: Backend>(
+    reference: &Llama<B>,
+    examples: &[&PreferenceExample],
+    n_train: usize,
+    run: &RunConfig,
+    enc_cfg: &EncodeConfig,
+    (template, tok): (&ChatTemplate, &Tokenizer),
+    eos_ids: Vec<u32>,
+    context: usize,
+    device: &B::Device,
+) -> Result<(Vec<String>, Vec<BaseResponse>), RunError> {
+    let encode = crate::encoder(tok);
+    let mut prompts = Vec::with_capacity(examples.len());
+    for (i, e) in examples.iter().enumerate() {
+        let ids = bapo_data::preference::prompt_ids(template, &encode, &e.prompt, e.line)?;
+        let ids = enc_cfg.truncate_prompt(ids);
+        let need = ids.len() + run.anchor.max_new_tokens;
+        if need > context {
+            let file = match &run.data.eval {
+                Some(eval) if i >= n_train => eval,
+                _ => &run.data.train,
+            };
+            return Err(format!(
+                "{}:{}: field `prompt` is {} tokens; with anchor.max_new_tokens = {} the \
+                 base response needs {need} positions, beyond the model's context of \
+                 {context}; set data.max_prompt_length to truncate prompts",
+                file.display(),
+                e.line,
+                ids.len(),
+                run.anchor.max_new_tokens
+            )
+            .into());
+        }
+        prompts.push(ids);
+    }
+    let a = &run.anchor;
+    let gcfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        eos_ids,
+    };
+    let t0 = std::time::Instant::now();
+    let (bases, responses) = generate_bases(reference, &prompts, &gcfg, a.batch_size, tok, device)?;
+    let n: usize = responses.iter().map(|r| r.ids.len()).sum();
+    tracing::info!(
+        responses = bases.len(),
+        tokens = n,
+        tokens_per_s = n as f64 / t0.elapsed().as_secs_f64(),
+        "base responses generated"
+    );
+    Ok((bases, responses))
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bapo_data::{encode_examples, read_preferences, EncodeConfig, PreferenceExample};
-use bapo_model::{GenerationConfig, Llama, LoadedModel};
+use bapo_model::{Llama, LoadedModel};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,7 +22,7 @@ pub use crate::cache::Numerics;
 use crate::cache::{hash_path, hex, read_cache, AnchorCache, ReferenceCache, ANCHOR_CACHE_FORMAT};
 use crate::checkpoint::{resume_from, save_checkpoint, Weights};
 use crate::figure::training_figure;
-use crate::generation::generate_bases;
+use crate::generation::base_responses;
 use crate::io::bar;
 use crate::report::{eval_report, full_eval, weight_change_norms, EvalExtras};
 
@@ -195,51 +195,19 @@ fn run_job<B: AutodiffBackend>(
             c
         }
         None => {
-            let encode = crate::encoder(&tok);
-            let mut prompts = Vec::with_capacity(all.len());
-            for (i, e) in all.iter().enumerate() {
-                let ids = bapo_data::preference::prompt_ids(&template, &encode, &e.prompt, e.line)?;
-                let ids = enc_cfg.truncate_prompt(ids);
-                let need = ids.len() + run.anchor.max_new_tokens;
-                if need > context {
-                    let file = if i < train_ex.len() {
-                        &run.data.train
-                    } else {
-                        eval_file
-                    };
-                    return Err(format!(
-                        "{}:{}: field `prompt` is {} tokens; with anchor.max_new_tokens = {} the \
-                         base response needs {need} positions, beyond the model's context of \
-                         {context}; set data.max_prompt_length to truncate prompts",
-                        file.display(),
-                        e.line,
-                        ids.len(),
-                        run.anchor.max_new_tokens
-                    )
-                    .into());
-                }
-                prompts.push(ids);
-            }
             let mut eos_ids = config.eos_token_ids.clone();
             eos_ids.push(eos);
-            let a = &run.anchor;
-            let gcfg = GenerationConfig {
-                max_new_tokens: a.max_new_tokens,
-                temperature: a.temperature,
-                top_p: a.top_p,
-                seed: a.seed,
+            let (bases, responses) = base_responses(
+                &reference,
+                &all,
+                train_ex.len(),
+                run,
+                &enc_cfg,
+                (&template, &tok),
                 eos_ids,
-            };
-            let t0 = std::time::Instant::now();
-            let (bases, responses) =
-                generate_bases(&reference, &prompts, &gcfg, a.batch_size, &tok, device)?;
-            let n: usize = responses.iter().map(|r| r.ids.len()).sum();
-            tracing::info!(
-                responses = bases.len(),
-                tokens = n,
-                tokens_per_s = n as f64 / t0.elapsed().as_secs_f64(),
-                "base responses generated"
-            );
+                context,
+                device,
+            )?;
             let c = AnchorCache {
                 format: ANCHOR_CACHE_FORMAT,
                 fingerprint: anchor_fp.clone(),
