@@ -20,6 +20,19 @@ fn bapo(args: &[&str]) -> std::process::Output {
         .expect("run bapo")
 }
 
+/// `bapo score --model model --input input --output output`.
+fn score(model: &Path, input: &Path, output: &Path) -> std::process::Output {
+    bapo(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ])
+}
+
 /// Runs `bapo score` and checks every number against golden.json.
 fn score_matches_golden(model: &Path, fixture: &str, tol: f64) {
     let out_dir = tmpdir(fixture);
@@ -94,15 +107,7 @@ fn bad_input_names_file_line_and_field_and_writes_nothing() {
     std::fs::write(&input, "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":{\"x\":1}}\n").unwrap();
     let output = dir.join("out.jsonl");
     let model = fixtures().join("tiny-llama");
-    let res = bapo(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let res = score(&model, &input, &output);
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
@@ -116,15 +121,11 @@ fn bad_input_names_file_line_and_field_and_writes_nothing() {
 fn missing_model_is_a_clear_error() {
     let dir = tmpdir("missing");
     let input = fixtures().join("tiny-llama/pairs.jsonl");
-    let res = bapo(&[
-        "score",
-        "--model",
-        "/nonexistent/model.gguf",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        dir.join("o.jsonl").to_str().unwrap(),
-    ]);
+    let res = score(
+        Path::new("/nonexistent/model.gguf"),
+        &input,
+        &dir.join("o.jsonl"),
+    );
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("/nonexistent/model.gguf"));
 }
@@ -192,15 +193,7 @@ fn model_copy(name: &str) -> PathBuf {
 
 fn score_error(model: &Path) -> (String, PathBuf) {
     let output = model.with_file_name("scores.jsonl");
-    let res = bapo(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        fixtures().join("tiny-llama/pairs.jsonl").to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let res = score(&model, &fixtures().join("tiny-llama/pairs.jsonl"), &output);
     assert!(!res.status.success());
     assert!(!output.exists(), "no partial output may be left");
     (String::from_utf8_lossy(&res.stderr).into_owned(), output)
@@ -262,15 +255,11 @@ fn missing_files_are_named() {
     }
     // The input file of `bapo score`.
     let dir = tmpdir("missing-input");
-    let res = bapo(&[
-        "score",
-        "--model",
-        fixtures().join("tiny-llama").to_str().unwrap(),
-        "--input",
-        dir.join("nope.jsonl").to_str().unwrap(),
-        "--output",
-        dir.join("o.jsonl").to_str().unwrap(),
-    ]);
+    let res = score(
+        &fixtures().join("tiny-llama"),
+        &dir.join("nope.jsonl"),
+        &dir.join("o.jsonl"),
+    );
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("nope.jsonl"), "{err}");
     assert!(!dir.join("o.jsonl").exists());
@@ -290,15 +279,7 @@ fn inputs_beyond_the_context_are_refused_with_file_line_and_length() {
         let ok = r#"{"prompt":"a","chosen":"b","rejected":"c"}"#;
         let long = serde_json::json!({"prompt": prompt, "chosen": "b", "rejected": "c"});
         std::fs::write(&input, format!("{ok}\n{long}\n")).unwrap();
-        let res = bapo(&[
-            "score",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ]);
+        let res = score(&model, &input, &output);
         let err = String::from_utf8_lossy(&res.stderr);
         assert_eq!(res.status.code(), Some(1), "{name}: {err}");
         assert!(
@@ -338,15 +319,7 @@ fn score_accepts_the_conversational_shape() {
     let input = dir.join("in.jsonl");
     std::fs::write(&input, format!("{standard}\n{conversational}\n")).unwrap();
     let output = dir.join("out.jsonl");
-    let res = bapo(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let res = score(&model, &input, &output);
     assert!(
         res.status.success(),
         "{}",
