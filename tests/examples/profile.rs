@@ -35,7 +35,7 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
     for r in 0..reps {
         let t = Instant::now();
         match what {
-            "step" => {
+            "step" | "step2x2" => {
                 let refs = vec![
                     ReferenceLogps {
                         sum: [-150.0, -160.0, -155.0],
@@ -46,7 +46,11 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                 let cfg = TrainConfig {
                     max_steps: 1,
                     warmup_steps: 0,
-                    batch_size: 4,
+                    batch_size: if what == "step" { 4 } else { 2 },
+                    grad_accum: if what == "step" { 1 } else { 2 },
+                    micro_batch_threads: std::env::var("BAPO_PROFILE_THREADS")
+                        .ok()
+                        .and_then(|s| s.parse().ok()),
                     learning_rate: 1e-4,
                     ..TrainConfig::default()
                 };
@@ -67,6 +71,41 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                 let batch = PreferenceBatch::collate(&refs, 0);
                 let (sum, _) = batch_logps(&model, &batch, &device);
                 let _ = sum.into_data();
+            }
+            "reference" => {
+                // The reference pass over 8 pairs, 2 at a time (4 batches of 6 x 128).
+                let more: Vec<EncodedExample> = ex.iter().chain(ex.iter()).cloned().collect();
+                let r = bapo_train::reference_logps(&model, &more, 2, 0, &device, |_| {});
+                assert_eq!(r.len(), 8);
+            }
+            "forward2" => {
+                // The same 12 rows as two 6-row halves, each on its own OS thread.
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = ex
+                        .chunks(2)
+                        .map(|half| {
+                            let m = model.clone();
+                            let d = device.clone();
+                            sc.spawn(move || {
+                                let refs: Vec<&EncodedExample> = half.iter().collect();
+                                let batch = PreferenceBatch::collate(&refs, 0);
+                                let (sum, _) = batch_logps(&m, &batch, &d);
+                                sum.into_data()
+                            })
+                        })
+                        .collect();
+                    for h in hs {
+                        let _ = h.join().expect("thread");
+                    }
+                });
+            }
+            "forward_halves" => {
+                for half in ex.chunks(2) {
+                    let refs: Vec<&EncodedExample> = half.iter().collect();
+                    let batch = PreferenceBatch::collate(&refs, 0);
+                    let (sum, _) = batch_logps(&model, &batch, &device);
+                    let _ = sum.into_data();
+                }
             }
             g => {
                 let b: usize = g.trim_start_matches("generate").parse().expect("generateN");
@@ -93,6 +132,13 @@ fn matmul<B: burn::tensor::backend::Backend>(m: usize, k: usize, n: usize, trans
     let a = Tensor::<B, 2>::random([m, k], Distribution::Default, &d);
     let w = Tensor::<B, 2>::random([n, k], Distribution::Default, &d);
     let b = Tensor::<B, 2>::random([k, n], Distribution::Default, &d);
+    let half = std::env::var("BAPO_PROFILE_F16").is_ok();
+    let (a, w, b) = if half {
+        use burn::tensor::FloatDType::F16;
+        (a.cast(F16), w.cast(F16), b.cast(F16))
+    } else {
+        (a, w, b)
+    };
     let once = || {
         let y = if transposed {
             a.clone().matmul(w.clone().transpose())
@@ -117,11 +163,69 @@ fn matmul<B: burn::tensor::backend::Backend>(m: usize, k: usize, n: usize, trans
     );
 }
 
+/// The tied head at one row, `W·hᵀ` with `W` `[49152, 576]`: whole vs row halves on two threads.
+fn split_gemv<B: burn::tensor::backend::Backend>(parts: usize) {
+    use burn::tensor::{Distribution, Tensor};
+    let d = Default::default();
+    for (v, e, b) in [
+        (49152, 576, 1),
+        (1536, 576, 1),
+        (576, 576, 1),
+        (49152, 576, 8),
+        (1536, 576, 8),
+        (576, 576, 8),
+    ] {
+        let w = Tensor::<B, 2>::random([v, e], Distribution::Default, &d);
+        let h = Tensor::<B, 2>::random([e, b], Distribution::Default, &d);
+        let whole = || w.clone().matmul(h.clone());
+        let split = || {
+            let chunk = v / parts;
+            let outs: Vec<Tensor<B, 2>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..parts)
+                    .map(|i| {
+                        let wi = w.clone().slice([i * chunk..(i + 1) * chunk, 0..e]);
+                        let h = h.clone();
+                        sc.spawn(move || wi.matmul(h))
+                    })
+                    .collect();
+                hs.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            Tensor::cat(outs, 0)
+        };
+        let a = whole().into_data().to_vec::<f32>().unwrap();
+        let c = split().into_data().to_vec::<f32>().unwrap();
+        let same = a == c;
+        for (name, f) in [
+            ("whole", &whole as &dyn Fn() -> Tensor<B, 2>),
+            ("split", &split),
+        ] {
+            let t = Instant::now();
+            for _ in 0..50 {
+                let _ = f().into_data();
+            }
+            eprintln!(
+                "{v}x{e}x{b} {name}: {:.2} ms (bitwise equal: {same})",
+                t.elapsed().as_secs_f64() * 20.0
+            );
+        }
+    }
+}
+
 fn main() {
+    if let Some(n) = std::env::var("BAPO_PROFILE_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        bapo_train::step::set_default_micro_batch_threads(n);
+    }
     let a: Vec<String> = std::env::args().collect();
     let backend = a.get(1).map_or("flex", String::as_str);
     let what = a.get(2).map_or("step", String::as_str);
     let reps = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+    if what == "split" {
+        split_gemv::<burn::backend::Flex>(reps);
+        return;
+    }
     if what == "matmul" {
         for (m, k, n) in [
             (1536, 576, 1536),

@@ -15,6 +15,7 @@ pub mod lora;
 mod report;
 pub mod run;
 pub mod score;
+pub mod step;
 pub mod synth;
 pub mod train;
 pub mod validate;

@@ -133,6 +133,14 @@ pub fn without_adapters<B: Backend>(mut model: Llama<B>) -> Llama<B> {
     model
 }
 
+/// Whether any adapter applies dropout (its masks come from the backend's one RNG).
+pub fn has_dropout<B: Backend>(model: &Llama<B>) -> bool {
+    let mut model = model.clone();
+    projs(&mut model)
+        .into_iter()
+        .any(|(_, p)| p.lora.as_ref().is_some_and(|l| l.dropout.prob > 0.0))
+}
+
 fn host<B: Backend>(t: Tensor<B, 2>) -> HostTensor {
     HostTensor {
         shape: t.dims().to_vec(),

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use bapo_data::{EncodedExample, PreferenceBatch};
 use bapo_model::Llama;
 use bapo_objective::{
-    bapo_loss, scatter_logps, sequence_logps, target_logps, Anchor, AnchorLogps, CompletionRows,
-    LossType, ObjectiveConfig, PairLogps, SequenceLogps,
+    scatter_logps, sequence_logps, target_logps, Anchor, CompletionRows, LossType, ObjectiveConfig,
+    SequenceLogps,
 };
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -19,6 +19,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+
+use crate::step::{micro_batches, StepInputs};
 
 /// Log-prob normalisation shared by the preference term and the anchor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -69,6 +71,11 @@ pub struct TrainConfig {
     /// hinge, abs or square.
     pub anchor: String,
     pub normalisation: Normalisation,
+    /// Micro-batches of one step computed at once on separate threads (the step is the same
+    /// bit for bit; needs LoRA dropout 0). `None`: the process default
+    /// ([`crate::step::set_default_micro_batch_threads`]; 1 unless set, and the binary sets 2 on
+    /// CPU backends).
+    pub micro_batch_threads: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +98,7 @@ impl Default for TrainConfig {
             anchor_weight: 1.0,
             anchor: "hinge".into(),
             normalisation: Normalisation::Sum,
+            micro_batch_threads: None,
         }
     }
 }
@@ -162,7 +170,7 @@ pub struct ReferenceLogps {
 }
 
 impl ReferenceLogps {
-    fn pick(&self, n: Normalisation) -> [f64; 3] {
+    pub(crate) fn pick(&self, n: Normalisation) -> [f64; 3] {
         match n {
             Normalisation::Sum => self.sum,
             Normalisation::Mean => self.mean,
@@ -236,7 +244,10 @@ fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
         .expect("float")
 }
 
-/// Reference log-probs of every example (needs base responses), `batch_size` pairs at a time.
+/// Reference log-probs of every example (needs base responses), `batch_size` pairs at a time;
+/// with a process default of several micro-batch threads
+/// ([`crate::step::set_default_micro_batch_threads`]) that many batches run at once, each on
+/// its own thread (the same numbers: every batch is computed exactly as alone).
 pub fn reference_logps<B: Backend>(
     reference: &Llama<B>,
     examples: &[EncodedExample],
@@ -245,8 +256,7 @@ pub fn reference_logps<B: Backend>(
     device: &B::Device,
     mut progress: impl FnMut(usize),
 ) -> Vec<ReferenceLogps> {
-    let mut out = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(batch_size.max(1)) {
+    let one = |chunk: &[EncodedExample]| {
         let refs: Vec<&EncodedExample> = chunk.iter().collect();
         let batch = PreferenceBatch::collate(&refs, pad_id);
         assert!(
@@ -256,11 +266,33 @@ pub fn reference_logps<B: Backend>(
         let (sum, mean) = batch_logps(reference, &batch, device);
         let (sum, mean) = (to_host(sum), to_host(mean));
         let n = chunk.len();
-        for i in 0..n {
-            out.push(ReferenceLogps {
+        (0..n)
+            .map(|i| ReferenceLogps {
                 sum: [sum[i], sum[n + i], sum[2 * n + i]],
                 mean: [mean[i], mean[n + i], mean[2 * n + i]],
-            });
+            })
+            .collect::<Vec<_>>()
+    };
+    let threads = crate::step::micro_batch_threads(&TrainConfig::default());
+    let chunks: Vec<&[EncodedExample]> = examples.chunks(batch_size.max(1)).collect();
+    let mut out = Vec::with_capacity(examples.len());
+    for group in chunks.chunks(threads) {
+        let parts: Vec<Vec<ReferenceLogps>> = if group.len() == 1 {
+            vec![one(group[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = group
+                    .iter()
+                    .map(|&chunk| scope.spawn(move || one(chunk)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        for p in parts {
+            out.extend(p);
         }
         progress(out.len());
     }
@@ -499,11 +531,16 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
         }
         None => (0, 0),
     };
-    let t = |v: Vec<f64>| {
-        Tensor::<B, 1>::from_data(
-            TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<f32>>(), [v.len()]),
-            device,
-        )
+    let threads = match crate::step::micro_batch_threads(cfg) {
+        n if n > 1 && crate::lora::has_dropout(&model) => {
+            tracing::warn!(
+                threads = n,
+                "micro-batches run one at a time: dropout draws from one RNG, so concurrent \
+                 micro-batches would not reproduce"
+            );
+            1
+        }
+        n => n,
     };
     let _guard = TrainingGuard::new();
     for step in first_step..cfg.max_steps {
@@ -517,56 +554,30 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
             cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         let t0 = std::time::Instant::now();
-        let mut step_tokens = 0usize;
+        let batches: Vec<Vec<usize>> = (0..cfg.grad_accum)
+            .map(|_| sampler.next(cfg.batch_size))
+            .collect();
+        let inputs = StepInputs {
+            examples,
+            refs,
+            cfg,
+            objective: &objective,
+            pad_id,
+            device,
+            step,
+        };
+        let outs = micro_batches(&model, &batches, threads, &inputs)?;
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-        let (mut forward_s, mut backward_s) = (0.0, 0.0);
-        for _ in 0..cfg.grad_accum {
-            let idx = sampler.next(cfg.batch_size);
-            let batch_ex: Vec<&EncodedExample> = idx.iter().map(|&i| &examples[i]).collect();
-            let lines: Vec<usize> = batch_ex.iter().map(|e| e.line).collect();
-            let batch = PreferenceBatch::collate(&batch_ex, pad_id);
-            step_tokens += batch.attention.iter().filter(|&&a| a).count();
-            let n = batch.pairs;
-            let tf = std::time::Instant::now();
-            let (sum, mean) = batch_logps(&model, &batch, device);
-            let picked = match cfg.normalisation {
-                Normalisation::Sum => sum,
-                Normalisation::Mean => mean.clone(),
-            };
-            let r: Vec<[f64; 3]> = idx
-                .iter()
-                .map(|&i| refs[i].pick(cfg.normalisation))
-                .collect();
-            let pairs = PairLogps {
-                policy_chosen: picked.clone().narrow(0, 0, n),
-                policy_rejected: picked.clone().narrow(0, n, n),
-                reference_chosen: t(r.iter().map(|x| x[0]).collect()),
-                reference_rejected: t(r.iter().map(|x| x[1]).collect()),
-            };
-            let anchor = batch.has_base.then(|| AnchorLogps {
-                policy: picked.clone().narrow(0, 2 * n, n),
-                reference: t(r.iter().map(|x| x[2]).collect()),
-            });
-            let chosen_mean = mean.narrow(0, 0, n);
-            let out = bapo_loss(&objective, &pairs, anchor.as_ref(), Some(&chosen_mean));
-            let metrics = out.metrics(&objective, &pairs, anchor.as_ref());
-            if !metrics["loss"].is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    what: "loss".into(),
-                    lines,
-                });
+        let (mut forward_s, mut backward_s, mut step_tokens) = (0.0, 0.0, 0usize);
+        for out in outs {
+            for (k, v) in out.metrics {
+                *sums.entry(k).or_default() += v;
             }
-            for (k, v) in metrics {
-                *sums.entry(k).or_default() += v / cfg.grad_accum as f64;
-            }
-            // The metrics' read-back synchronised the device: the forward pass ends here.
-            forward_s += tf.elapsed().as_secs_f64();
-            let tb = std::time::Instant::now();
-            let grads = out.loss.div_scalar(cfg.grad_accum as f64).backward();
-            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
-            backward_s += tb.elapsed().as_secs_f64();
+            acc.accumulate(&model, out.grads);
+            forward_s += out.forward_s;
+            backward_s += out.backward_s;
+            step_tokens += out.tokens;
         }
         let tb = std::time::Instant::now();
         let (grads, grad_norm) = clip_global_norm(&model, acc.grads(), cfg.max_grad_norm);

@@ -59,6 +59,9 @@ pub fn check_ranges(c: &RunConfig) -> Result<(), Invalid> {
     at_least_one("train.max_steps", t.max_steps)?;
     at_least_one("train.batch_size", t.batch_size)?;
     at_least_one("train.grad_accum", t.grad_accum)?;
+    if let Some(n) = t.micro_batch_threads {
+        at_least_one("train.micro_batch_threads", n)?;
+    }
     if let Some(n) = t.max_grad_norm {
         positive("train.max_grad_norm", n)?;
     }
