@@ -35,7 +35,7 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
     for r in 0..reps {
         let t = Instant::now();
         match what {
-            "step" | "step2x2" => {
+            "step" | "step2x2" | "step1x4" => {
                 let refs = vec![
                     ReferenceLogps {
                         sum: [-150.0, -160.0, -155.0],
@@ -46,8 +46,16 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                 let cfg = TrainConfig {
                     max_steps: 1,
                     warmup_steps: 0,
-                    batch_size: if what == "step" { 4 } else { 2 },
-                    grad_accum: if what == "step" { 1 } else { 2 },
+                    batch_size: match what {
+                        "step" => 4,
+                        "step2x2" => 2,
+                        _ => 1,
+                    },
+                    grad_accum: match what {
+                        "step" => 1,
+                        "step2x2" => 2,
+                        _ => 4,
+                    },
                     micro_batch_threads: std::env::var("BAPO_PROFILE_THREADS")
                         .ok()
                         .and_then(|s| s.parse().ok()),
@@ -216,7 +224,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        bapo_train::step::set_default_micro_batch_threads(n);
+        bapo_train::concurrent::set_default_threads(n);
     }
     let a: Vec<String> = std::env::args().collect();
     let backend = a.get(1).map_or("flex", String::as_str);

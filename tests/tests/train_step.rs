@@ -185,3 +185,52 @@ fn cuda_training_matches_ndarray() {
         &losses::<burn::backend::Autodiff<burn::backend::Cuda>>(&Default::default()),
     );
 }
+
+/// The reference pass (and with it every no-grad pass that runs batches concurrently) gives the
+/// same numbers with one batch at a time and with two at once.
+#[test]
+fn reference_pass_is_the_same_with_concurrent_batches() {
+    type B = burn::backend::Flex;
+    let dir = fixture("tiny-llama");
+    let loaded = bapo_model::load_pretrained::<B>(&dir, &Default::default()).unwrap();
+    let tok = &loaded.tokenizer;
+    let eos = tok.eos_id().unwrap();
+    let examples = read_preferences(&dir.join("pairs.jsonl")).unwrap();
+    let bases: Vec<BaseResponse> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| BaseResponse::from_text(&bapo_train::encoder(tok), &e.chosen, eos, i + 1))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let (enc, _) = encode_examples(
+        &examples,
+        Some(&bases),
+        &bapo_train::chat_template(tok),
+        &bapo_train::encoder(tok),
+        eos,
+        &EncodeConfig {
+            max_length: 64,
+            max_prompt_length: None,
+            truncation_mode: TruncationMode::KeepEnd,
+        },
+    )
+    .unwrap();
+    assert!(enc.len() >= 2, "needs several batches");
+    let pass = |threads| {
+        bapo_train::concurrent::set_default_threads(threads);
+        let mut seen = Vec::new();
+        let r = reference_logps(&loaded.model, &enc, 1, eos, &Default::default(), |n| {
+            seen.push(n)
+        });
+        bapo_train::concurrent::set_default_threads(1);
+        (r, seen)
+    };
+    let (one, seen_one) = pass(1);
+    let (two, seen_two) = pass(2);
+    assert_eq!(one, two);
+    assert_eq!(seen_one, (1..=enc.len()).collect::<Vec<_>>());
+    assert_eq!(
+        seen_two, seen_one,
+        "progress counts every example once, in order"
+    );
+}

@@ -302,14 +302,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             .context("--threads: setting up the thread pool")?;
     }
     let threads = rayon::current_num_threads();
-    // Two micro-batches at once keep both cores of a CPU busy (burn-flex runs element-wise ops
-    // on the calling thread); measured 1.3x per step on 2 cores. GPUs keep one.
+    // Two batches or micro-batches at once keep both cores of a CPU busy (burn-flex runs
+    // element-wise ops on the calling thread; bapo_train::concurrent). GPUs keep one.
     let micro = match kind {
         BackendKind::Flex | BackendKind::Ndarray => threads.min(2),
         BackendKind::Wgpu | BackendKind::Cuda => 1,
     };
-    bapo_train::step::set_default_micro_batch_threads(micro);
-    tracing::info!(backend = ?kind, threads, micro_batch_threads = micro, "compute backend");
+    bapo_train::concurrent::set_default_threads(micro);
+    tracing::info!(backend = ?kind, threads, concurrent = micro, "compute backend");
     match kind {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]

@@ -119,7 +119,8 @@ pub fn check_knowledge_context(
 
 /// Scores every item of `set` in `format`. Each context is computed once and shared by its
 /// choices ([`bapo_model::generate::continuation_logps`]); items are sorted by context length
-/// and grouped so that a forward pass holds about `batch` choices.
+/// and grouped so that a forward pass holds about `batch` choices; groups run
+/// [`crate::concurrent::default_threads`] at a time (each computed exactly as alone).
 pub fn score_knowledge<B: Backend>(
     model: &Llama<B>,
     set: &KnowledgeSet,
@@ -147,10 +148,10 @@ pub fn score_knowledge<B: Backend>(
         .expect("template"),
     );
     let t0 = std::time::Instant::now();
-    let mut lls: Vec<Vec<f64>> = vec![Vec::new(); per_item.len()];
+    // Items until about `batch` choices per forward pass.
+    let mut groups: Vec<&[usize]> = Vec::new();
     let mut start = 0;
     while start < order.len() {
-        // Items until about `batch` choices.
         let (mut end, mut choices) = (start, 0);
         while end < order.len()
             && (end == start || choices + per_item[order[end]].1.len() <= batch.max(1))
@@ -158,22 +159,32 @@ pub fn score_knowledge<B: Backend>(
             choices += per_item[order[end]].1.len();
             end += 1;
         }
-        let group = &order[start..end];
+        groups.push(&order[start..end]);
+        start = end;
+    }
+    let score = |group: &&[usize]| {
         let contexts: Vec<Vec<u32>> = group.iter().map(|&i| per_item[i].0.clone()).collect();
         let conts: Vec<(usize, Vec<u32>)> = group
             .iter()
             .enumerate()
             .flat_map(|(g, &i)| per_item[i].1.iter().map(move |c| (g, c.clone())))
             .collect();
-        let scores = bapo_model::generate::continuation_logps(model, &contexts, &conts, device);
+        bapo_model::generate::continuation_logps(model, &contexts, &conts, device)
+    };
+    let scores = crate::concurrent::map_ordered(
+        &groups,
+        crate::concurrent::default_threads(),
+        score,
+        |g, _| pb.inc(groups[g].len() as u64),
+    );
+    let mut lls: Vec<Vec<f64>> = vec![Vec::new(); per_item.len()];
+    for (group, scores) in groups.iter().zip(scores) {
         let mut k = 0;
-        for &i in group {
+        for &i in group.iter() {
             let n = per_item[i].1.len();
             lls[i] = scores[k..k + n].to_vec();
             k += n;
         }
-        pb.inc(group.len() as u64);
-        start = end;
     }
     pb.finish_and_clear();
     tracing::debug!(

@@ -5,6 +5,7 @@ use bapo_data::{BaseResponse, ChatTemplate, EncodeConfig, PreferenceExample};
 use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
+use crate::concurrent::default_threads;
 use crate::config::RunConfig;
 use crate::io::{bar, RunError};
 
@@ -21,8 +22,9 @@ pub struct GeneratedText {
     pub eos: bool,
 }
 
-/// Generates continuations of `prompts`, `batch` prompts at a time, with a progress bar.
-/// Batch `i` uses seed `cfg.seed + i`, so sampled outputs are reproducible.
+/// Generates continuations of `prompts`, `batch` prompts at a time
+/// ([`default_threads`] batches at once), with a progress bar. Batch `i` uses seed
+/// `cfg.seed + i`, so sampled outputs are reproducible and do not depend on the thread count.
 pub fn generate_texts<B: Backend>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
@@ -33,27 +35,36 @@ pub fn generate_texts<B: Backend>(
     what: &str,
 ) -> Result<Vec<GeneratedText>, RunError> {
     let pb = bar(prompts.len(), what);
-    let mut out = Vec::with_capacity(prompts.len());
-    for (i, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+    let chunks: Vec<(usize, &[Vec<u32>])> = prompts.chunks(batch.max(1)).enumerate().collect();
+    let one = |&(i, chunk): &(usize, &[Vec<u32>])| -> Result<Vec<GeneratedText>, RunError> {
         let c = GenerationConfig {
             seed: cfg.seed.wrapping_add(i as u64),
             ..cfg.clone()
         };
-        for g in generate(model, chunk, &c, device) {
-            let mut ids = g.tokens;
-            if g.stopped_on_eos {
-                ids.pop();
-            }
-            out.push(GeneratedText {
-                text: tok.decode(&ids)?,
-                tokens: ids.len(),
-                ids,
-                eos: g.stopped_on_eos,
-            });
-        }
-        pb.inc(chunk.len() as u64);
-    }
+        generate(model, chunk, &c, device)
+            .into_iter()
+            .map(|g| {
+                let mut ids = g.tokens;
+                if g.stopped_on_eos {
+                    ids.pop();
+                }
+                Ok(GeneratedText {
+                    text: tok.decode(&ids)?,
+                    tokens: ids.len(),
+                    ids,
+                    eos: g.stopped_on_eos,
+                })
+            })
+            .collect()
+    };
+    let parts = crate::concurrent::map_ordered(&chunks, default_threads(), one, |i, _| {
+        pb.inc(chunks[i].1.len() as u64)
+    });
     pb.finish_and_clear();
+    let mut out = Vec::with_capacity(prompts.len());
+    for p in parts {
+        out.extend(p?);
+    }
     Ok(out)
 }
 

@@ -6,6 +6,7 @@
 mod cache;
 mod checkpoint;
 pub mod compare;
+pub mod concurrent;
 pub mod config;
 pub mod eval;
 mod figure;

@@ -4,12 +4,10 @@
 //! Concurrent micro-batches give the same step bit for bit: each thread works on its own copy
 //! of the model whose trainable parameters are fresh autodiff leaves (same values, same
 //! `ParamId`s, so each backward pass has its own graph and lock), and the caller adds the
-//! gradients and metrics in micro-batch order, as the sequential loop does. What it buys on CPU
-//! backends: burn-flex runs element-wise ops on the calling thread, so one micro-batch keeps
-//! about 1.2 of 2 cores busy; two keep both.
+//! gradients and metrics in micro-batch order, as the sequential loop does (why it pays:
+//! [`crate::concurrent`]).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bapo_data::{EncodedExample, PreferenceBatch};
 use bapo_model::Llama;
@@ -21,20 +19,11 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::train::{batch_logps, Normalisation, ReferenceLogps, TrainConfig, TrainError};
 
-/// Micro-batch threads when a config leaves `train.micro_batch_threads` unset: 1 unless the
-/// program sets it (the binary does, per backend: concurrency pays on CPU backends only).
-static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(1);
-
-/// Sets the micro-batch thread count used when a config does not name one (process-wide, like
-/// the rayon pool the binary also sets up).
-pub fn set_default_micro_batch_threads(n: usize) {
-    DEFAULT_THREADS.store(n.max(1), Ordering::Relaxed);
-}
-
-/// The micro-batch thread count for `cfg`: its own value, else the process default.
+/// The micro-batch thread count for `cfg`: its own value, else the process default
+/// ([`crate::concurrent::set_default_threads`]).
 pub fn micro_batch_threads(cfg: &TrainConfig) -> usize {
     cfg.micro_batch_threads
-        .unwrap_or_else(|| DEFAULT_THREADS.load(Ordering::Relaxed))
+        .unwrap_or_else(crate::concurrent::default_threads)
 }
 
 /// What a step's micro-batches share.
@@ -70,26 +59,14 @@ pub(crate) fn micro_batches<B: AutodiffBackend>(
     if threads <= 1 || batches.len() <= 1 {
         return batches.iter().map(|b| micro_batch(model, b, inp)).collect();
     }
-    let mut outs = Vec::with_capacity(batches.len());
-    for group in batches.chunks(threads) {
-        let results: Vec<Result<MicroOut, TrainError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = group
-                .iter()
-                .map(|idx| {
-                    let copy = model.clone().map(&mut FreshLeaves);
-                    scope.spawn(move || micro_batch(&copy, idx, inp))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        for r in results {
-            outs.push(r?);
-        }
-    }
-    Ok(outs)
+    crate::concurrent::map_ordered(
+        batches,
+        threads,
+        |idx| micro_batch(&model.clone().map(&mut FreshLeaves), idx, inp),
+        |_, _| {},
+    )
+    .into_iter()
+    .collect()
 }
 
 /// Forward, objective, metrics and backward of one micro-batch (loss divided by `grad_accum`).

@@ -73,8 +73,8 @@ pub struct TrainConfig {
     pub normalisation: Normalisation,
     /// Micro-batches of one step computed at once on separate threads (the step is the same
     /// bit for bit; needs LoRA dropout 0). `None`: the process default
-    /// ([`crate::step::set_default_micro_batch_threads`]; 1 unless set, and the binary sets 2 on
-    /// CPU backends).
+    /// ([`crate::concurrent::set_default_threads`]; 1 unless set, and the binary sets 2 on CPU
+    /// backends).
     pub micro_batch_threads: Option<usize>,
 }
 
@@ -245,9 +245,8 @@ fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 }
 
 /// Reference log-probs of every example (needs base responses), `batch_size` pairs at a time;
-/// with a process default of several micro-batch threads
-/// ([`crate::step::set_default_micro_batch_threads`]) that many batches run at once, each on
-/// its own thread (the same numbers: every batch is computed exactly as alone).
+/// [`crate::concurrent::default_threads`] batches at once (the same numbers: every batch is
+/// computed exactly as alone).
 pub fn reference_logps<B: Backend>(
     reference: &Llama<B>,
     examples: &[EncodedExample],
@@ -273,30 +272,18 @@ pub fn reference_logps<B: Backend>(
             })
             .collect::<Vec<_>>()
     };
-    let threads = crate::step::micro_batch_threads(&TrainConfig::default());
     let chunks: Vec<&[EncodedExample]> = examples.chunks(batch_size.max(1)).collect();
-    let mut out = Vec::with_capacity(examples.len());
-    for group in chunks.chunks(threads) {
-        let parts: Vec<Vec<ReferenceLogps>> = if group.len() == 1 {
-            vec![one(group[0])]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = group
-                    .iter()
-                    .map(|&chunk| scope.spawn(move || one(chunk)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            })
-        };
-        for p in parts {
-            out.extend(p);
-        }
-        progress(out.len());
-    }
-    out
+    let mut finished = 0;
+    let parts = crate::concurrent::map_ordered(
+        &chunks,
+        crate::concurrent::default_threads(),
+        |chunk| one(chunk),
+        |_, part| {
+            finished += part.len();
+            progress(finished);
+        },
+    );
+    parts.into_iter().flatten().collect()
 }
 
 /// Why training stopped early.
