@@ -131,29 +131,38 @@ fn bench_step<A: AutodiffBackend>(
             };
             ex.len()
         ];
-        let cfg = TrainConfig {
-            max_steps: 1,
-            warmup_steps: 0,
-            batch_size: PAIRS,
-            grad_accum: 1,
-            learning_rate: 1e-4,
-            ..TrainConfig::default()
-        };
-        let policy: Llama<A> =
-            LoraConfig::default().attach(Llama::<A>::from_inner(m.model.clone()), 0, device);
-        g.throughput(Throughput::Elements((3 * PAIRS * SEQ) as u64));
-        g.bench_function(BenchmarkId::new(m.name, "lora_r8_4pairs_seq128"), |b| {
-            b.iter_batched(
-                || policy.clone(),
-                |p| {
-                    let p =
-                        train(p, &ex, &refs, &cfg, 0, device, None, |_, _, _| {}).expect("step");
-                    sync::<A>(device);
-                    p
-                },
-                criterion::BatchSize::LargeInput,
-            )
-        });
+        // The same 4 pairs as one batch, and (CPU backends) as two micro-batches of 2 pairs
+        // computed at once on two threads (`train.micro_batch_threads`, the binary's CPU default).
+        let mut variants = vec![("lora_r8_4pairs_seq128", PAIRS, 1, Some(1))];
+        if cpu(backend) {
+            variants.push(("lora_r8_2x2pairs_seq128_concurrent", PAIRS / 2, 2, Some(2)));
+        }
+        for (id, batch_size, grad_accum, micro_batch_threads) in variants {
+            let cfg = TrainConfig {
+                max_steps: 1,
+                warmup_steps: 0,
+                batch_size,
+                grad_accum,
+                micro_batch_threads,
+                learning_rate: 1e-4,
+                ..TrainConfig::default()
+            };
+            let policy: Llama<A> =
+                LoraConfig::default().attach(Llama::<A>::from_inner(m.model.clone()), 0, device);
+            g.throughput(Throughput::Elements((3 * PAIRS * SEQ) as u64));
+            g.bench_function(BenchmarkId::new(m.name, id), |b| {
+                b.iter_batched(
+                    || policy.clone(),
+                    |p| {
+                        let p = train(p, &ex, &refs, &cfg, 0, device, None, |_, _, _| {})
+                            .expect("step");
+                        sync::<A>(device);
+                        p
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
+            });
+        }
     }
     g.finish();
 }
@@ -224,6 +233,11 @@ fn bench_objective_kl<B: Backend>(c: &mut Criterion, backend: &str, device: &B::
         bch.iter(|| bapo_drift::kl::token_kl(p.clone(), q.clone(), mask.clone(), 8192))
     });
     g.finish();
+}
+
+/// CPU backends, where concurrent micro-batches pay (`bapo_train::concurrent`).
+fn cpu(backend: &str) -> bool {
+    matches!(backend, "flex" | "ndarray")
 }
 
 fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) {

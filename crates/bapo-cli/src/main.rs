@@ -28,6 +28,13 @@ struct Cli {
     /// `RAYON_NUM_THREADS`, else one per logical core.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Independent batches computed at once, each on its own thread: the reference pass,
+    /// generation, knowledge scoring, held-out evaluation, and a step's micro-batches (unless
+    /// `train.micro_batch_threads` says otherwise). Numbers do not depend on it. Default: 2 on
+    /// CPU backends (burn-flex runs element-wise ops on the calling thread, so two passes keep
+    /// two cores busy), 1 on GPUs. 1 halves the activation memory of concurrent passes.
+    #[arg(long, global = true)]
+    concurrent: Option<usize>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -304,9 +311,11 @@ fn dispatch(cli: Cli) -> Result<()> {
     let threads = rayon::current_num_threads();
     // Two batches or micro-batches at once keep both cores of a CPU busy (burn-flex runs
     // element-wise ops on the calling thread; bapo_train::concurrent). GPUs keep one.
-    let micro = match kind {
-        BackendKind::Flex | BackendKind::Ndarray => threads.min(2),
-        BackendKind::Wgpu | BackendKind::Cuda => 1,
+    let micro = match (cli.concurrent, kind) {
+        (Some(0), _) => bail!("--concurrent must be at least 1"),
+        (Some(n), _) => n,
+        (None, BackendKind::Flex | BackendKind::Ndarray) => threads.min(2),
+        (None, BackendKind::Wgpu | BackendKind::Cuda) => 1,
     };
     bapo_train::concurrent::set_default_threads(micro);
     tracing::info!(backend = ?kind, threads, concurrent = micro, "compute backend");

@@ -12,6 +12,7 @@ pub mod eval;
 mod figure;
 pub mod generation;
 pub mod io;
+pub mod logps;
 pub mod lora;
 mod report;
 pub mod run;
@@ -19,6 +20,7 @@ pub mod score;
 pub mod step;
 pub mod synth;
 pub mod train;
+pub mod train_config;
 pub mod validate;
 
 pub use config::RunConfig;

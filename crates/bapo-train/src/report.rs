@@ -57,7 +57,14 @@ pub(crate) fn evaluate<B: Backend>(
                 .map(|e| e.base_ids.as_ref().map_or(0, Vec::len)),
         );
     }
-    for chunk in examples.chunks(chunk_size).filter(|_| reference.is_some()) {
+    let chunks: Vec<&[EncodedExample]> = match reference {
+        Some(_) => examples.chunks(chunk_size).collect(),
+        None => Vec::new(),
+    };
+    // One chunk's policy log-probs (normalised, summed), token KL (sum, tokens) and base-row
+    // token counts; chunks run concurrently and are combined in order.
+    let one = |chunk: &&[EncodedExample]| {
+        let reference = reference.expect("chunks only with a reference");
         let refs_: Vec<&EncodedExample> = chunk.iter().collect();
         let batch = PreferenceBatch::collate(&refs_, pad);
         let shape = [batch.rows, batch.len];
@@ -76,51 +83,58 @@ pub(crate) fn evaluate<B: Backend>(
         let logits = model.forward(tokens.clone(), Some(attn.clone()));
         let n = chunk.len();
         // Token KL on the base-response rows (the reference's own answers): position t
-        // predicts token t+1, so count t where token t+1 is a completion token. Without a
-        // separate reference the model is the reference: KL 0, no second forward.
-        if let Some(reference) = reference {
-            let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
-            let ref_logits =
-                reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
-            let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
-            for row in next.chunks_mut(batch.len) {
-                row.rotate_left(1);
-                *row.last_mut().expect("len > 0") = 0.0;
-            }
-            let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
-            let kl = bapo_drift::token_kl(
-                logits.clone().narrow(0, 2 * n, n),
-                ref_logits,
-                kl_mask,
-                run.eval.kl_vocab_chunk,
-            );
-            kl_sum += kl.mean_per_token * kl.tokens as f64;
-            kl_tokens += kl.tokens;
+        // predicts token t+1, so count t where token t+1 is a completion token.
+        let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
+        let ref_logits = reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
+        let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
+        for row in next.chunks_mut(batch.len) {
+            row.rotate_left(1);
+            *row.last_mut().expect("len > 0") = 0.0;
         }
+        let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
+        let kl = bapo_drift::token_kl(
+            logits.clone().narrow(0, 2 * n, n),
+            ref_logits,
+            kl_mask,
+            run.eval.kl_vocab_chunk,
+        );
         let out = bapo_objective::sequence_logps(logits, tokens, mask);
-        let sum: Vec<f64> = out
-            .sum
-            .clone()
-            .into_data()
-            .convert::<f64>()
-            .to_vec()
-            .expect("f64");
-        let v: Vec<f64> = match norm {
+        let host =
+            |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().expect("f64") };
+        let sum = host(out.sum.clone());
+        let v = host(match norm {
             Normalisation::Sum => out.sum,
             Normalisation::Mean => out.mean,
-        }
-        .into_data()
-        .convert::<f64>()
-        .to_vec()
-        .expect("f64");
+        });
+        let tokens: Vec<usize> = (2 * n..3 * n)
+            .map(|row| {
+                let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
+                m.iter().filter(|&&x| x > 0.0).count()
+            })
+            .collect();
+        (
+            v,
+            sum,
+            kl.mean_per_token * kl.tokens as f64,
+            kl.tokens,
+            tokens,
+        )
+    };
+    let parts = crate::concurrent::map_ordered(
+        &chunks,
+        crate::concurrent::default_threads(),
+        one,
+        |_, _| {},
+    );
+    for (v, sum, kl, kl_n, tokens) in parts {
+        let n = tokens.len();
+        kl_sum += kl;
+        kl_tokens += kl_n;
         c.extend_from_slice(&v[..n]);
         r.extend_from_slice(&v[n..2 * n]);
         b.extend_from_slice(&v[2 * n..3 * n]);
         b_sum.extend_from_slice(&sum[2 * n..3 * n]);
-        for row in 2 * n..3 * n {
-            let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
-            base_tokens.push(m.iter().filter(|&&x| x > 0.0).count());
-        }
+        base_tokens.extend(tokens);
     }
     let t = |v: Vec<f64>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
     let pick = |k: usize| {

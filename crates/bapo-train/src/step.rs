@@ -17,7 +17,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::train::{batch_logps, Normalisation, ReferenceLogps, TrainConfig, TrainError};
+use crate::logps::batch_logps;
+use crate::train_config::{Normalisation, ReferenceLogps, TrainConfig, TrainError};
 
 /// The micro-batch thread count for `cfg`: its own value, else the process default
 /// ([`crate::concurrent::set_default_threads`]).
