@@ -8,6 +8,25 @@ use bapo_train::{reference_logps, train, LoraConfig, TrainConfig};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
+/// The fixture's pairs with `bases`, tokenised with the chat template (64 tokens at most).
+fn encode(
+    tok: &bapo_model::Tokenizer,
+    examples: &[bapo_data::PreferenceExample],
+    bases: &[BaseResponse],
+) -> Vec<bapo_data::EncodedExample> {
+    let eos = tok.eos_id().unwrap();
+    let cfg = EncodeConfig {
+        max_length: 64,
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    };
+    let encoder = bapo_train::encoder(tok);
+    let template = bapo_train::chat_template(tok);
+    encode_examples(examples, Some(bases), &template, &encoder, eos, &cfg)
+        .unwrap()
+        .0
+}
+
 /// Step losses of a 3-step run on `A`.
 fn losses<A: AutodiffBackend>(device: &A::Device) -> Vec<f64> {
     logs::<A>(device).iter().map(|m| m["loss"]).collect()
@@ -29,7 +48,6 @@ fn run<A: AutodiffBackend>(
     let dir = fixture("tiny-llama");
     let loaded = bapo_model::load_pretrained::<A::InnerBackend>(&dir, device).unwrap();
     let tok = &loaded.tokenizer;
-    let template = bapo_train::chat_template(tok);
     let examples = read_preferences(&dir.join("pairs.jsonl")).unwrap();
     let eos = tok.eos_id().unwrap();
     let bases: Vec<BaseResponse> = std::fs::read_to_string(dir.join("pairs.jsonl"))
@@ -44,19 +62,7 @@ fn run<A: AutodiffBackend>(
             BaseResponse::from_text(&bapo_train::encoder(tok), text, eos, i + 1).unwrap()
         })
         .collect();
-    let (enc, _) = encode_examples(
-        &examples,
-        Some(&bases),
-        &template,
-        &bapo_train::encoder(tok),
-        eos,
-        &EncodeConfig {
-            max_length: 64,
-            max_prompt_length: None,
-            truncation_mode: TruncationMode::KeepEnd,
-        },
-    )
-    .unwrap();
+    let enc = encode(tok, &examples, &bases);
     let refs = reference_logps(&loaded.model, &enc, 4, eos, device, |_| {});
     let cfg = adjust(TrainConfig {
         max_steps: 3,
@@ -202,19 +208,7 @@ fn reference_pass_is_the_same_with_concurrent_batches() {
         .map(|(i, e)| BaseResponse::from_text(&bapo_train::encoder(tok), &e.chosen, eos, i + 1))
         .collect::<Result<_, _>>()
         .unwrap();
-    let (enc, _) = encode_examples(
-        &examples,
-        Some(&bases),
-        &bapo_train::chat_template(tok),
-        &bapo_train::encoder(tok),
-        eos,
-        &EncodeConfig {
-            max_length: 64,
-            max_prompt_length: None,
-            truncation_mode: TruncationMode::KeepEnd,
-        },
-    )
-    .unwrap();
+    let enc = encode(tok, &examples, &bases);
     assert!(enc.len() >= 2, "needs several batches");
     let pass = |threads| {
         bapo_train::concurrent::set_default_threads(threads);
