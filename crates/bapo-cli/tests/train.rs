@@ -302,6 +302,10 @@ fn config_errors_name_file_line_and_key() {
             "train.anchor_weight must be finite and >= 0",
         ),
         ("train.batch_size=0", "train.batch_size must be at least 1"),
+        (
+            "train.micro_batch_threads=0",
+            "train.micro_batch_threads must be at least 1, got 0",
+        ),
         ("anchor.top_p=1.5", "anchor.top_p must be in (0, 1]"),
         (
             "data.max_prompt_length=96",
@@ -315,6 +319,18 @@ fn config_errors_name_file_line_and_key() {
             "{set}: {err}"
         );
     }
+    let res = bapo(&[
+        "--concurrent",
+        "0",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.code() == Some(1) && err.contains("--concurrent must be at least 1"),
+        "{err}"
+    );
     // Lengths beyond the model's context (the tiny model has 256 positions).
     let res = bapo(&[
         "train",
