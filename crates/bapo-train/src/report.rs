@@ -14,6 +14,83 @@ use crate::config::RunConfig;
 use crate::io::{write_atomic, RunError};
 use crate::train::{Normalisation, ReferenceLogps};
 
+/// One held-out chunk of `n` examples, scored by the policy (rows `[chosen; rejected; base]`).
+struct ChunkScores {
+    /// Completion log-probs, normalised as the objective says (`3n`).
+    logps: Vec<f64>,
+    /// Summed completion log-probs (`3n`).
+    sums: Vec<f64>,
+    /// Token KL(policy‖reference) summed over the base rows' predicted tokens, and their count.
+    kl_sum: f64,
+    kl_tokens: usize,
+    /// Completion tokens of each base row (`n`).
+    base_tokens: Vec<usize>,
+}
+
+fn score_chunk<B: Backend>(
+    model: &Llama<B>,
+    reference: &Llama<B>,
+    chunk: &[EncodedExample],
+    run: &RunConfig,
+    pad: u32,
+    device: &B::Device,
+) -> ChunkScores {
+    let refs_: Vec<&EncodedExample> = chunk.iter().collect();
+    let batch = PreferenceBatch::collate(&refs_, pad);
+    let shape = [batch.rows, batch.len];
+    let tokens = Tensor::<B, 2, burn::tensor::Int>::from_data(
+        TensorData::new(batch.tokens.clone(), shape),
+        device,
+    );
+    let attn = Tensor::<B, 2, burn::tensor::Bool>::from_data(
+        TensorData::new(batch.attention.clone(), shape),
+        device,
+    );
+    let mask = Tensor::<B, 2>::from_data(
+        TensorData::new(batch.completion_mask.clone(), shape),
+        device,
+    );
+    let logits = model.forward(tokens.clone(), Some(attn.clone()));
+    let n = chunk.len();
+    // Token KL on the base-response rows (the reference's own answers): position t predicts
+    // token t+1, so count t where token t+1 is a completion token.
+    let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
+    let ref_logits = reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
+    let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
+    for row in next.chunks_mut(batch.len) {
+        row.rotate_left(1);
+        *row.last_mut().expect("len > 0") = 0.0;
+    }
+    let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
+    let kl = bapo_drift::token_kl(
+        logits.clone().narrow(0, 2 * n, n),
+        ref_logits,
+        kl_mask,
+        run.eval.kl_vocab_chunk,
+    );
+    let out = bapo_objective::sequence_logps(logits, tokens, mask);
+    let host =
+        |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().expect("f64") };
+    let sums = host(out.sum.clone());
+    let logps = host(match run.train.normalisation {
+        Normalisation::Sum => out.sum,
+        Normalisation::Mean => out.mean,
+    });
+    let base_tokens = (2 * n..3 * n)
+        .map(|row| {
+            let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
+            m.iter().filter(|&&x| x > 0.0).count()
+        })
+        .collect();
+    ChunkScores {
+        logps,
+        sums,
+        kl_sum: kl.mean_per_token * kl.tokens as f64,
+        kl_tokens: kl.tokens,
+        base_tokens,
+    }
+}
+
 /// Eval metrics (prefixed `eval_`) of `model` on held-out examples: the preference and anchor
 /// metrics of the objective, anchor drift of the base responses (`eval_anchor_drift/*`) and the
 /// exact token-level KL(policy‖reference) over the base responses' tokens (`eval_kl/token`;
@@ -28,127 +105,43 @@ pub(crate) fn evaluate<B: Backend>(
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
     let norm = run.train.normalisation;
+    let pick = |k: usize| -> Vec<f64> { refs.iter().map(|x| x.pick(norm)[k]).collect() };
+    let ref_base_sum: Vec<f64> = refs.iter().map(|x| x.sum[2]).collect();
     let (mut c, mut r, mut b, mut b_sum) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut base_tokens = Vec::new();
     let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
-    // The reference scored against itself: its cached log-probs are the policy's, no forward.
-    let chunk_size = if reference.is_none() {
-        usize::MAX
-    } else {
-        run.train.batch_size.max(1) * 2
-    };
-    if reference.is_none() {
-        let pick = |k: usize| {
-            refs.iter().map(move |x| {
-                if norm == Normalisation::Sum {
-                    x.sum[k]
-                } else {
-                    x.mean[k]
-                }
-            })
-        };
-        c.extend(pick(0));
-        r.extend(pick(1));
-        b.extend(pick(2));
-        b_sum.extend(refs.iter().map(|x| x.sum[2]));
-        base_tokens.extend(
-            examples
+    match reference {
+        // The reference scored against itself: its cached log-probs are the policy's, no forward.
+        None => {
+            (c, r, b, b_sum) = (pick(0), pick(1), pick(2), ref_base_sum.clone());
+            base_tokens = examples
                 .iter()
-                .map(|e| e.base_ids.as_ref().map_or(0, Vec::len)),
-        );
-    }
-    let chunks: Vec<&[EncodedExample]> = match reference {
-        Some(_) => examples.chunks(chunk_size).collect(),
-        None => Vec::new(),
-    };
-    // One chunk's policy log-probs (normalised, summed), token KL (sum, tokens) and base-row
-    // token counts; chunks run concurrently and are combined in order.
-    let one = |chunk: &&[EncodedExample]| {
-        let reference = reference.expect("chunks only with a reference");
-        let refs_: Vec<&EncodedExample> = chunk.iter().collect();
-        let batch = PreferenceBatch::collate(&refs_, pad);
-        let shape = [batch.rows, batch.len];
-        let tokens = Tensor::<B, 2, burn::tensor::Int>::from_data(
-            TensorData::new(batch.tokens.clone(), shape),
-            device,
-        );
-        let attn = Tensor::<B, 2, burn::tensor::Bool>::from_data(
-            TensorData::new(batch.attention.clone(), shape),
-            device,
-        );
-        let mask = Tensor::<B, 2>::from_data(
-            TensorData::new(batch.completion_mask.clone(), shape),
-            device,
-        );
-        let logits = model.forward(tokens.clone(), Some(attn.clone()));
-        let n = chunk.len();
-        // Token KL on the base-response rows (the reference's own answers): position t
-        // predicts token t+1, so count t where token t+1 is a completion token.
-        let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
-        let ref_logits = reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
-        let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
-        for row in next.chunks_mut(batch.len) {
-            row.rotate_left(1);
-            *row.last_mut().expect("len > 0") = 0.0;
+                .map(|e| e.base_ids.as_ref().map_or(0, Vec::len))
+                .collect();
         }
-        let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
-        let kl = bapo_drift::token_kl(
-            logits.clone().narrow(0, 2 * n, n),
-            ref_logits,
-            kl_mask,
-            run.eval.kl_vocab_chunk,
-        );
-        let out = bapo_objective::sequence_logps(logits, tokens, mask);
-        let host =
-            |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().expect("f64") };
-        let sum = host(out.sum.clone());
-        let v = host(match norm {
-            Normalisation::Sum => out.sum,
-            Normalisation::Mean => out.mean,
-        });
-        let tokens: Vec<usize> = (2 * n..3 * n)
-            .map(|row| {
-                let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
-                m.iter().filter(|&&x| x > 0.0).count()
-            })
-            .collect();
-        (
-            v,
-            sum,
-            kl.mean_per_token * kl.tokens as f64,
-            kl.tokens,
-            tokens,
-        )
-    };
-    let parts = crate::concurrent::map_ordered(
-        &chunks,
-        crate::concurrent::default_threads(),
-        one,
-        |_, _| {},
-    );
-    for (v, sum, kl, kl_n, tokens) in parts {
-        let n = tokens.len();
-        kl_sum += kl;
-        kl_tokens += kl_n;
-        c.extend_from_slice(&v[..n]);
-        r.extend_from_slice(&v[n..2 * n]);
-        b.extend_from_slice(&v[2 * n..3 * n]);
-        b_sum.extend_from_slice(&sum[2 * n..3 * n]);
-        base_tokens.extend(tokens);
+        // Chunks run concurrently and are combined in order.
+        Some(reference) => {
+            let chunks: Vec<&[EncodedExample]> =
+                examples.chunks(run.train.batch_size.max(1) * 2).collect();
+            let parts = crate::concurrent::map_ordered(
+                &chunks,
+                crate::concurrent::default_threads(),
+                |chunk| score_chunk(model, reference, chunk, run, pad, device),
+                |_, _| {},
+            );
+            for p in parts {
+                let n = p.base_tokens.len();
+                kl_sum += p.kl_sum;
+                kl_tokens += p.kl_tokens;
+                c.extend_from_slice(&p.logps[..n]);
+                r.extend_from_slice(&p.logps[n..2 * n]);
+                b.extend_from_slice(&p.logps[2 * n..3 * n]);
+                b_sum.extend_from_slice(&p.sums[2 * n..3 * n]);
+                base_tokens.extend(p.base_tokens);
+            }
+        }
     }
     let t = |v: Vec<f64>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), device);
-    let pick = |k: usize| {
-        refs.iter()
-            .map(|x| {
-                if norm == Normalisation::Sum {
-                    x.sum[k]
-                } else {
-                    x.mean[k]
-                }
-            })
-            .collect::<Vec<_>>()
-    };
-    let ref_base_sum: Vec<f64> = refs.iter().map(|x| x.sum[2]).collect();
     let drift = bapo_drift::AnchorDrift::new(&ref_base_sum, &b_sum, &base_tokens);
     let pairs = PairLogps {
         policy_chosen: t(c),
