@@ -241,6 +241,10 @@ fn cpu(backend: &str) -> bool {
 }
 
 fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) {
+    // As the binary does: few-row products split over the pool's threads on CPU backends.
+    if cpu(backend) {
+        bapo_model::split::set_split_threads(rayon::current_num_threads());
+    }
     let ms = models::<A::InnerBackend>(&device);
     bench_forward(c, backend, &ms, &device);
     bench_step::<A>(c, backend, &ms, &device);

@@ -171,6 +171,37 @@ fn matmul<B: burn::tensor::backend::Backend>(m: usize, k: usize, n: usize, trans
     );
 }
 
+/// Memory read bandwidth: a 540 MB f32 buffer (SmolLM2's weights) summed by 1..=`max` threads.
+fn bandwidth(max: usize) {
+    let v: Vec<f32> = (0..135_000_000).map(|i| (i % 7) as f32).collect();
+    for threads in 1..=max.max(1) {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let total: f32 = std::thread::scope(|sc| {
+                let hs: Vec<_> = v
+                    .chunks(v.len().div_ceil(threads))
+                    .map(|c| {
+                        sc.spawn(move || {
+                            let mut acc = [0f32; 16];
+                            for x in c.chunks_exact(16) {
+                                for i in 0..16 {
+                                    acc[i] += x[i];
+                                }
+                            }
+                            acc.iter().sum::<f32>()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            std::hint::black_box(total);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!("{threads} thread(s): {:.1} GB/s", 540e6 / best / 1e9);
+    }
+}
+
 /// The tied head at one row, `W·hᵀ` with `W` `[49152, 576]`: whole vs row halves on two threads.
 fn split_gemv<B: burn::tensor::backend::Backend>(parts: usize) {
     use burn::tensor::{Distribution, Tensor};
@@ -200,16 +231,62 @@ fn split_gemv<B: burn::tensor::backend::Backend>(parts: usize) {
             });
             Tensor::cat(outs, 0)
         };
-        let a = whole().into_data().to_vec::<f32>().unwrap();
-        let c = split().into_data().to_vec::<f32>().unwrap();
-        let same = a == c;
+        let join = || {
+            let half = v / 2;
+            let (a, b) = rayon::join(
+                || w.clone().slice([0..half, 0..e]).matmul(h.clone()),
+                || w.clone().slice([half..v, 0..e]).matmul(h.clone()),
+            );
+            Tensor::cat(vec![a, b], 0)
+        };
+        // The projection's form: `x·W` with `x` `[b, e]` and `W` `[e, v]`, split by columns.
+        let wt = w.clone().transpose().into_data();
+        let wt = Tensor::<B, 2>::from_data(wt, &d);
+        let x = h.clone().transpose().into_data();
+        let x = Tensor::<B, 2>::from_data(x, &d);
+        let cols = || {
+            let half = v / 2;
+            let (a, b) = rayon::join(
+                || x.clone().matmul(wt.clone().slice([0..e, 0..half])),
+                || x.clone().matmul(wt.clone().slice([0..e, half..v])),
+            );
+            Tensor::cat(vec![a, b], 1)
+        };
+        let xw = || x.clone().matmul(wt.clone());
+        let same_cols = xw().into_data().to_vec::<f32>().unwrap()
+            == cols().into_data().to_vec::<f32>().unwrap();
         for (name, f) in [
-            ("whole", &whole as &dyn Fn() -> Tensor<B, 2>),
-            ("split", &split),
+            ("x·W", &xw as &(dyn Fn() -> Tensor<B, 2> + Sync)),
+            ("x·W column halves, rayon join", &cols),
         ] {
             let t = Instant::now();
             for _ in 0..50 {
                 let _ = f().into_data();
+            }
+            eprintln!(
+                "{b}x{e}x{v} {name}: {:.2} ms (bitwise equal: {same_cols})",
+                t.elapsed().as_secs_f64() * 20.0
+            );
+        }
+        let a = whole().into_data().to_vec::<f32>().unwrap();
+        let c = split().into_data().to_vec::<f32>().unwrap();
+        let same = a == c && a == join().into_data().to_vec::<f32>().unwrap();
+        for (name, inside, f) in [
+            ("whole", false, &whole as &(dyn Fn() -> Tensor<B, 2> + Sync)),
+            ("split", false, &split),
+            ("rayon join", false, &join),
+            ("rayon join in pool", true, &join),
+        ] {
+            let t = Instant::now();
+            let run = || {
+                for _ in 0..50 {
+                    let _ = f().into_data();
+                }
+            };
+            if inside {
+                rayon::scope(|_| run());
+            } else {
+                run();
             }
             eprintln!(
                 "{v}x{e}x{b} {name}: {:.2} ms (bitwise equal: {same})",
@@ -226,10 +303,20 @@ fn main() {
     {
         bapo_train::concurrent::set_default_threads(n);
     }
+    if let Some(n) = std::env::var("BAPO_PROFILE_SPLIT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        bapo_model::split::set_split_threads(n);
+    }
     let a: Vec<String> = std::env::args().collect();
     let backend = a.get(1).map_or("flex", String::as_str);
     let what = a.get(2).map_or("step", String::as_str);
     let reps = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+    if what == "bandwidth" {
+        bandwidth(reps);
+        return;
+    }
     if what == "split" {
         split_gemv::<burn::backend::Flex>(reps);
         return;

@@ -109,3 +109,95 @@ fn smollm2_gguf_matches_transformers_on_cuda() {
     let worst = check_model(&loaded, &golden("smollm2"), TOL, &device);
     eprintln!("smollm2 cuda: worst token |Δ log p| = {worst:.2e}");
 }
+
+/// Few-row products split by column over threads (`bapo_model::split`, on in the binary for CPU
+/// backends) give the unsplit bits: every projection shape at 1 and 8 rows, the tied head, one
+/// cached decoding step of the whole model (its logits), and greedy batch decoding.
+fn split_products_are_bit_for_bit<B: burn::tensor::backend::Backend>(device: &B::Device) {
+    use bapo_model::{model::causal_mask, split, KvCache};
+    use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+    let loaded = bapo_model::load_pretrained::<B>(&gguf_path(), device).unwrap();
+    let m = &loaded.model;
+    let (attn, mlp) = (&m.layers[3].self_attn, &m.layers[3].mlp);
+    let projs = [
+        &attn.q_proj,
+        &attn.o_proj,
+        &mlp.gate_proj,
+        &mlp.up_proj,
+        &mlp.down_proj,
+    ];
+    let xs: Vec<(Tensor<B, 2>, Tensor<B, 2>)> = [1, 8]
+        .iter()
+        .map(|&rows| {
+            let x = |i| Tensor::<B, 2>::random([rows, i], Distribution::Default, device);
+            (x(576), x(1536))
+        })
+        .collect();
+    let prompt = golden("smollm2").sequences[0].chosen.prompt_ids.clone();
+    let s = prompt.len();
+    let bits = |t: Tensor<B, 2>| -> Vec<u32> {
+        let v = t.into_data().to_vec::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    let run = |threads: usize| {
+        split::set_split_threads(threads);
+        let mut out: Vec<Vec<u32>> = Vec::new();
+        for (x576, x1536) in &xs {
+            for p in projs {
+                let x = if p.linear.weight.dims()[0] == 576 {
+                    x576
+                } else {
+                    x1536
+                };
+                out.push(bits(split::linear(&p.linear, x.clone())));
+            }
+            let w = m.embed_tokens.weight.val();
+            out.push(bits(split::matmul_rows(w, x576.clone().transpose())));
+        }
+        let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, s]), device);
+        let pos = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]);
+        let mut cache = KvCache::default();
+        m.forward_cached(tokens, pos, causal_mask::<B>(1, s, device), &mut cache);
+        let next = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![28_i64], [1, 1]), device);
+        let at = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![s as i64], [1, 1]), device);
+        let open = Tensor::<B, 4, Bool>::from_data(
+            TensorData::new(vec![false; s + 1], [1, 1, 1, s + 1]),
+            device,
+        );
+        let hidden = m.forward_cached(next, at, open, &mut cache);
+        out.push(bits(m.logits(hidden).reshape([1, 49152])));
+        let prompts: Vec<Vec<u32>> = golden("smollm2")
+            .sequences
+            .iter()
+            .map(|p| p.chosen.prompt_ids.clone())
+            .collect();
+        let cfg = bapo_model::GenerationConfig {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let generated = bapo_model::generate(m, &prompts, &cfg, device);
+        (out, generated)
+    };
+    let whole = run(1);
+    let split2 = run(2);
+    // The split is really taken at these shapes (else the comparison would prove nothing).
+    assert_eq!(split::parts::<B>(1, 576, device), 2);
+    assert_eq!(split::parts::<B>(8, 49152, device), 2);
+    split::set_split_threads(1);
+    assert_eq!(whole.0.len(), split2.0.len());
+    for (i, (a, b)) in whole.0.iter().zip(&split2.0).enumerate() {
+        assert!(
+            a == b,
+            "product {i}: split result differs from the unsplit one"
+        );
+    }
+    assert_eq!(whole.1, split2.1, "greedy decoding");
+}
+
+/// One test for both CPU backends: the split setting is process-wide.
+#[test]
+fn split_products_are_bit_for_bit_on_flex_and_ndarray() {
+    split_products_are_bit_for_bit::<burn::backend::Flex>(&Default::default());
+    split_products_are_bit_for_bit::<burn::backend::NdArray>(&Default::default());
+}

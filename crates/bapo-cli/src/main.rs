@@ -318,7 +318,14 @@ fn dispatch(cli: Cli) -> Result<()> {
         (None, BackendKind::Wgpu | BackendKind::Cuda) => 1,
     };
     bapo_train::concurrent::set_default_threads(micro);
-    tracing::info!(backend = ?kind, threads, concurrent = micro, "compute backend");
+    // Products of a few rows (decoding) split by column over the pool's threads: one thread
+    // alone cannot read the weights as fast as memory delivers them (bapo_model::split).
+    let split = match kind {
+        BackendKind::Flex | BackendKind::Ndarray => threads,
+        BackendKind::Wgpu | BackendKind::Cuda => 1,
+    };
+    bapo_model::split::set_split_threads(split);
+    tracing::info!(backend = ?kind, threads, concurrent = micro, split, "compute backend");
     match kind {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]

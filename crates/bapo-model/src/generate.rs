@@ -89,7 +89,24 @@ pub fn sample_next(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> 
 }
 
 /// Generates continuations of `prompts` (token ids; they may differ in length).
+///
+/// With [`crate::split`] on, decoding runs on a rayon worker, so that each split product hands
+/// one half to the other worker and computes the other itself (measured: 20.5–21.3 tok/s at
+/// batch 1 on SmolLM2, 2 threads, against 17.7–18.7 when waiting from outside the pool).
 pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+) -> Vec<Generated> {
+    if crate::split::split_threads() > 1 && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| generate_here(model, prompts, cfg, device))
+    } else {
+        generate_here(model, prompts, cfg, device)
+    }
+}
+
+fn generate_here<B: Backend>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,

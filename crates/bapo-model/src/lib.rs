@@ -17,6 +17,7 @@ pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod split;
 pub mod tokenizer;
 
 pub use config::{HfConfig, LlamaConfig};

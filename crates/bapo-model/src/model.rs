@@ -133,7 +133,7 @@ impl<B: Backend> Proj<B> {
         let [b, s, i] = x.dims();
         let x = x.reshape([b * s, i]);
         let y = match &self.lora {
-            None => self.linear.forward(x),
+            None => crate::split::linear(&self.linear, x),
             Some(l) => {
                 // The scale multiplies the rank-r intermediate, not the `[n, out]` result:
                 // one pass over `n·r` values instead of `n·out`, forward and backward.
@@ -143,7 +143,7 @@ impl<B: Backend> Proj<B> {
                     .matmul(l.a.val())
                     .mul_scalar(l.scale)
                     .matmul(l.b.val());
-                self.linear.forward(x) + delta
+                crate::split::linear(&self.linear, x) + delta
             }
         };
         let o = y.dims()[1];
@@ -383,14 +383,19 @@ impl<B: Backend> Llama<B> {
     /// `[b, s, e]` → `[b, s, v]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => {
+                let [b, s, e] = hidden.dims();
+                let y = crate::split::linear(head, hidden.reshape([b * s, e]));
+                let v = y.dims()[1];
+                y.reshape([b, s, v])
+            }
             None => {
                 // Tied head: `W·hᵀ` with the embedding `W` `[v, e]` as stored (contiguous), then
                 // transpose the small result; `h·Wᵀ` would repack the whole matrix every call.
                 let [b, s, e] = hidden.dims();
                 let w = self.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                w.matmul(hidden.reshape([b * s, e]).transpose())
+                crate::split::matmul_rows(w, hidden.reshape([b * s, e]).transpose())
                     .transpose()
                     .reshape([b, s, v])
             }
