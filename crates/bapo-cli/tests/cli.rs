@@ -193,7 +193,7 @@ fn model_copy(name: &str) -> PathBuf {
 
 fn score_error(model: &Path) -> (String, PathBuf) {
     let output = model.with_file_name("scores.jsonl");
-    let res = score(&model, &fixtures().join("tiny-llama/pairs.jsonl"), &output);
+    let res = score(model, &fixtures().join("tiny-llama/pairs.jsonl"), &output);
     assert!(!res.status.success());
     assert!(!output.exists(), "no partial output may be left");
     (String::from_utf8_lossy(&res.stderr).into_owned(), output)

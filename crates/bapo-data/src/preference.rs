@@ -338,10 +338,7 @@ pub fn encode_examples(
         };
         let chosen_ids = cut(completion_ids(encode, &ex.chosen, eos_id, ex.line)?);
         let rejected_ids = cut(completion_ids(encode, &ex.rejected, eos_id, ex.line)?);
-        let base_ids = match bases {
-            Some(b) => Some(cut(b[i].completion_ids(eos_id))),
-            None => None,
-        };
+        let base_ids = bases.map(|b| cut(b[i].completion_ids(eos_id)));
         stats.examples_truncated += usize::from(truncated);
         out.push(EncodedExample {
             prompt_ids: p,

@@ -130,7 +130,7 @@ pub(crate) fn resume_from<B: AutodiffBackend>(
     )
     .map_err(|e| format!("{}: {e}", dir.join("optimizer.bin").display()))?;
     // Keep the log up to the checkpoint; steps after it are recomputed.
-    let kept: String = std::fs::read_to_string(&metrics_path)
+    let kept: String = std::fs::read_to_string(metrics_path)
         .unwrap_or_default()
         .lines()
         .filter(|l| {
@@ -141,7 +141,7 @@ pub(crate) fn resume_from<B: AutodiffBackend>(
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    write_atomic(&metrics_path, kept.as_bytes())?;
+    write_atomic(metrics_path, kept.as_bytes())?;
     tracing::info!(step, checkpoint = %dir.display(), "resuming");
     Ok((
         policy,

@@ -14,6 +14,7 @@ pub mod generation;
 pub mod io;
 pub mod logps;
 pub mod lora;
+mod prepare;
 mod report;
 pub mod run;
 pub mod score;
