@@ -25,7 +25,9 @@ struct Cli {
     #[arg(long, value_enum, global = true)]
     backend: Option<BackendKind>,
     /// CPU threads for the flex backend (and ndarray built with `ndarray-threads`). Default:
-    /// `RAYON_NUM_THREADS`, else one per logical core.
+    /// `RAYON_NUM_THREADS`, else one per logical core. On CPU backends, products of at most 8
+    /// rows (decoding) are also cut into this many column ranges computed at once
+    /// (`bapo_model::split`; same numbers bit for bit).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Independent batches computed at once, each on its own thread: the reference pass,

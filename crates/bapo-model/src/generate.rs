@@ -90,16 +90,19 @@ pub fn sample_next(logits: &[f32], cfg: &GenerationConfig, rng: &mut StdRng) -> 
 
 /// Generates continuations of `prompts` (token ids; they may differ in length).
 ///
-/// With [`crate::split`] on, decoding runs on a rayon worker, so that each split product hands
-/// one half to the other worker and computes the other itself (measured: 20.5–21.3 tok/s at
-/// batch 1 on SmolLM2, 2 threads, against 17.7–18.7 when waiting from outside the pool).
+/// With [`crate::split`] on and at most [`crate::split::MAX_ROWS`] prompts, decoding runs on a
+/// rayon worker, so that each split product hands one half to the other worker and computes
+/// the other itself (measured on SmolLM2, 2 threads: 20.5–21.3 tok/s at batch 1, against
+/// 16.5–18.7 when the caller waits outside the pool and 14.7–15.5 unsplit).
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     device: &B::Device,
 ) -> Vec<Generated> {
-    if crate::split::split_threads() > 1 && rayon::current_thread_index().is_none() {
+    // Only where products will be split: larger batches keep their threads as they were.
+    let split = crate::split::split_threads() > 1 && prompts.len() <= crate::split::MAX_ROWS;
+    if split && rayon::current_thread_index().is_none() {
         rayon::scope(|_| generate_here(model, prompts, cfg, device))
     } else {
         generate_here(model, prompts, cfg, device)
