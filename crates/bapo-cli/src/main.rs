@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
+use bapo_train::gate::{GateLimits, GateSpec};
 use bapo_train::run::write_atomic;
 use bapo_train::{run_anchors, run_eval, run_training, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -146,6 +147,18 @@ enum Cmd {
         output: Option<PathBuf>,
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
+        /// Retention gate: exit non-zero when any knowledge set and format's accuracy fell by
+        /// more than this fraction (0.02 = two points), item by item against `--baseline`, else
+        /// against the base model. Needs `--adapter`.
+        #[arg(long, value_name = "FRACTION")]
+        max_drop: Option<f64>,
+        /// Retention gate: the same for the mean gold margin over the best distractor (nats).
+        #[arg(long, value_name = "NATS")]
+        max_margin_drop: Option<f64>,
+        /// The `report.json` of an earlier `bapo eval` (same model, config and knowledge sets)
+        /// that the gate compares against: its adapter's results, or its base model's.
+        #[arg(long, value_name = "REPORT")]
+        baseline: Option<PathBuf>,
     },
     /// Merge a LoRA adapter into the base weights and write an HF checkpoint directory
     /// (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that HF
@@ -259,6 +272,40 @@ fn config_path(cmd: &Cmd) -> Option<&PathBuf> {
         | Cmd::Compare { config, .. } => Some(config),
         _ => None,
     }
+}
+
+/// The retention gate from `bapo eval`'s flags (`None` when no limit is given).
+fn gate_spec(
+    max_drop: Option<f64>,
+    max_margin_drop: Option<f64>,
+    baseline: Option<PathBuf>,
+    has_adapter: bool,
+) -> Result<Option<GateSpec>> {
+    if let Some(d) = max_drop.filter(|d| !(d.is_finite() && (0.0..=1.0).contains(d))) {
+        bail!("--max-drop must be an accuracy fraction in [0, 1], got {d}");
+    }
+    if let Some(d) = max_margin_drop.filter(|d| !(d.is_finite() && *d >= 0.0)) {
+        bail!("--max-margin-drop must be a finite number of nats >= 0, got {d}");
+    }
+    if max_drop.is_none() && max_margin_drop.is_none() {
+        if let Some(b) = baseline {
+            bail!(
+                "--baseline {} needs a limit: --max-drop and/or --max-margin-drop",
+                b.display()
+            );
+        }
+        return Ok(None);
+    }
+    if !has_adapter {
+        bail!("the retention gate (--max-drop / --max-margin-drop) needs --adapter: the personalised model it judges");
+    }
+    Ok(Some(GateSpec {
+        baseline,
+        limits: GateLimits {
+            max_acc_drop: max_drop,
+            max_margin_drop,
+        },
+    }))
 }
 
 /// The backend when neither `--backend` nor the config names one: flex when compiled in.
@@ -391,6 +438,7 @@ enum Job {
     Eval {
         adapter: Option<PathBuf>,
         report: PathBuf,
+        gate: Option<GateSpec>,
     },
     Train {
         resume: bool,
@@ -406,7 +454,11 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
     infer::<A::InnerBackend>(cmd, device, |cfg, device, job| {
         let res = match job {
             Job::Anchors => run_anchors::<A>(cfg, device),
-            Job::Eval { adapter, report } => run_eval::<A>(cfg, device, adapter, report),
+            Job::Eval {
+                adapter,
+                report,
+                gate,
+            } => run_eval::<A>(cfg, device, adapter, report, gate),
             Job::Train { resume } => run_training::<A>(cfg, device, resume),
             Job::Compare { config, spec } => {
                 bapo_train::compare::run_compare::<A>(&config, &spec, device).map(|md| {
@@ -449,7 +501,11 @@ fn infer<B: Backend>(
             report,
             output,
             set,
+            max_drop,
+            max_margin_drop,
+            baseline,
         } => {
+            let gate = gate_spec(max_drop, max_margin_drop, baseline, adapter.is_some())?;
             let mut cfg = RunConfig::from_file_with(&config, &set)?;
             if let Some(o) = output {
                 cfg.output.dir = o;
@@ -457,7 +513,16 @@ fn infer<B: Backend>(
             let report = report.unwrap_or_else(|| cfg.output.dir.join("report.json"));
             println!(
                 "{}",
-                trainer(&cfg, &device, Job::Eval { adapter, report })?.display()
+                trainer(
+                    &cfg,
+                    &device,
+                    Job::Eval {
+                        adapter,
+                        report,
+                        gate
+                    }
+                )?
+                .display()
             );
             Ok(())
         }

@@ -614,6 +614,122 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
     );
     assert!(r["policy"]["eval_kl/token"].as_f64().unwrap() > 0.0);
     assert!(r["knowledge"]["policy"]["capitals/raw"]["delta_margin"].is_number());
+    assert_eq!(
+        r["items"]["policy"]["capitals/raw"]
+            .as_array()
+            .unwrap()
+            .len(),
+        221
+    );
+    assert!(r["gate"].is_null());
+
+    // The retention gate, passing: against the base model, a 100 % drop is allowed. Its drop
+    // is the paired mean, so it equals base acc minus policy acc from the same report.
+    let eval_with = |extra: &[&str], report: &std::path::Path| {
+        let adapter = run.join("adapter");
+        let mut args = vec![
+            "eval",
+            "--config",
+            c,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--set",
+            "eval.formats=[\"raw\"]",
+        ];
+        args.extend_from_slice(extra);
+        let res = bapo(&args);
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        (res, doc)
+    };
+    let (res, g) = eval_with(&["--max-drop", "1"], &dir.join("gated.json"));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(String::from_utf8_lossy(&res.stdout).contains("retention gate"));
+    let row = &g["gate"]["rows"][0];
+    assert_eq!(g["gate"]["pass"], serde_json::json!(true));
+    assert_eq!(
+        (row["key"].as_str(), row["n"].as_u64()),
+        (Some("capitals/raw"), Some(221))
+    );
+    let acc = |who: &str| g["knowledge"][who]["capitals/raw"]["acc"].as_f64().unwrap();
+    let drop = row["acc_drop"].as_f64().unwrap();
+    assert!(
+        (drop - (acc("base") - acc("policy"))).abs() < 1e-12,
+        "{drop}"
+    );
+    let ci = row["acc_drop_ci95"].as_array().unwrap();
+    assert!(ci[0].as_f64().unwrap() <= drop && drop <= ci[1].as_f64().unwrap());
+
+    // Failing: a baseline whose every item is right with a margin 100 nats wider than this
+    // model's, so the margin drop is exactly 100 on every item.
+    let mut baseline = g.clone();
+    for item in baseline["items"]["policy"]["capitals/raw"]
+        .as_array_mut()
+        .unwrap()
+    {
+        item["correct"] = serde_json::json!(true);
+        item["margin"] = serde_json::json!(item["margin"].as_f64().unwrap() + 100.0);
+    }
+    let base_path = dir.join("baseline.json");
+    std::fs::write(&base_path, serde_json::to_string(&baseline).unwrap()).unwrap();
+    let failed = dir.join("failed.json");
+    let (res, f) = eval_with(
+        &[
+            "--baseline",
+            base_path.to_str().unwrap(),
+            "--max-margin-drop",
+            "50",
+        ],
+        &failed,
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "the gate passed: {err}");
+    assert!(
+        err.contains("retention gate failed")
+            && err.contains("capitals/raw (n=221)")
+            && err.contains("margin drop 100.0000 nats"),
+        "{err}"
+    );
+    assert_eq!(
+        f["gate"]["pass"],
+        serde_json::json!(false),
+        "report written all the same"
+    );
+    assert!((f["gate"]["rows"][0]["margin_drop"].as_f64().unwrap() - 100.0).abs() < 1e-9);
+    // The accuracy drop against an all-right baseline is one minus this model's accuracy.
+    let d = f["gate"]["rows"][0]["acc_drop"].as_f64().unwrap();
+    assert!((d - (1.0 - acc("policy"))).abs() < 1e-12, "{d}");
+
+    // Bad gate flags are refused before any work.
+    for (flags, msg) in [
+        (
+            vec!["--max-drop", "2"],
+            "--max-drop must be an accuracy fraction in [0, 1]",
+        ),
+        (
+            vec!["--max-margin-drop=-1"],
+            "--max-margin-drop must be a finite number",
+        ),
+        (
+            vec!["--baseline", "x.json"],
+            "--baseline x.json needs a limit",
+        ),
+    ] {
+        let mut args = vec!["eval", "--config", c];
+        args.extend(flags);
+        let res = bapo(&args);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && err.contains(msg), "{err}");
+    }
+    let res = bapo(&["eval", "--config", c, "--max-drop", "0.02"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("needs --adapter"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -12,6 +12,7 @@
 //! - [`plot`]: the training-curve figure (SVG and PNG).
 
 pub mod anchor;
+pub mod gate;
 pub mod kl;
 pub mod mc;
 pub mod output;

@@ -10,6 +10,7 @@ pub mod concurrent;
 pub mod config;
 pub mod eval;
 mod figure;
+pub mod gate;
 pub mod generation;
 pub mod io;
 pub mod logps;

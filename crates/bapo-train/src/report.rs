@@ -282,7 +282,15 @@ pub(crate) fn eval_report<B: Backend>(
     extras: &EvalExtras,
     base_metrics: &BTreeMap<String, f64>,
     base_summaries: &BTreeMap<String, bapo_drift::McSummary>,
+    gate: Option<&crate::gate::GateSpec>,
 ) -> Result<PathBuf, RunError> {
+    if gate.is_some() && adapter.is_none() {
+        return Err(
+            "the retention gate (--max-drop / --max-margin-drop) needs --adapter: \
+                    the personalised model it judges"
+                .into(),
+        );
+    }
     let policy = match adapter {
         None => None,
         Some(dir) if dir.join("adapter_config.json").exists() => {
@@ -290,15 +298,24 @@ pub(crate) fn eval_report<B: Backend>(
         }
         Some(dir) => Some(bapo_model::load_pretrained::<B>(dir, device)?.model),
     };
-    let (metrics, summaries, distance) = match &policy {
+    let (metrics, summaries, items, distance) = match &policy {
         Some(p) => {
-            let (mut m, s, _) =
+            let (mut m, s, items) =
                 full_eval(p, Some(reference), eval_enc, refs, run, eos, device, extras)?;
             let wd = bapo_drift::weights::weight_distance(&weight_change_norms(p, reference));
             m.insert("eval_weight_distance".into(), wd.global);
-            (Some(m), Some(s), Some(wd))
+            (Some(m), Some(s), Some(items), Some(wd))
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
+    };
+    let no_items = crate::eval::KnowledgeResults::new();
+    let base_items = extras.base_knowledge.as_ref().unwrap_or(&no_items);
+    let verdict = match (gate, &items) {
+        (Some(spec), Some(items)) => {
+            let (rows, json) = crate::gate::run_gate(spec, base_items, items)?;
+            Some((crate::gate::gate_table(&rows, spec.limits), json))
+        }
+        _ => None,
     };
     let mut table = format!("{:<48} {:>12} {:>12}\n", "metric", "base", "policy");
     for (k, v) in base_metrics {
@@ -319,6 +336,9 @@ pub(crate) fn eval_report<B: Backend>(
         ));
     }
     println!("{table}");
+    if let Some(((gate_table, _), _)) = &verdict {
+        println!("{gate_table}");
+    }
     let doc = serde_json::json!({
         "model": run.model.path,
         "adapter": adapter.map(|a| a.display().to_string()),
@@ -329,10 +349,23 @@ pub(crate) fn eval_report<B: Backend>(
             "base": base_summaries,
             "policy": summaries,
         },
+        // Per item, so that a later run's retention gate can pair its items with these.
+        "items": {
+            "base": base_items,
+            "policy": items,
+        },
+        "gate": verdict.as_ref().map(|(_, json)| json),
     });
     if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     write_atomic(report, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    if let Some(((_, Some(failed)), _)) = &verdict {
+        return Err(format!(
+            "retention gate failed ({} written): {failed}",
+            report.display()
+        )
+        .into());
+    }
     Ok(report.to_path_buf())
 }

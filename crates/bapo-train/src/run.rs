@@ -19,6 +19,7 @@ use crate::train::{train, Optim, StepLog};
 pub use crate::cache::Numerics;
 use crate::checkpoint::{resume_from, save_checkpoint, Weights};
 use crate::figure::training_figure;
+use crate::gate::GateSpec;
 use crate::prepare::{prepare, Prepared};
 use crate::report::{eval_report, full_eval, weight_change_norms, EvalExtras};
 
@@ -55,20 +56,36 @@ enum Mode {
     Eval {
         adapter: Option<PathBuf>,
         report: PathBuf,
+        gate: Option<GateSpec>,
     },
 }
 
 /// `bapo eval`: the base model and (with `adapter`: a LoRA adapter directory or a full
 /// fine-tuned HF directory) the personalised one, on every metric: held-out preference
 /// accuracy, anchor drift, token KL, output drift, and every item of every knowledge set in
-/// both formats. Prints a table and writes `report` (JSON); returns its path.
+/// both formats. Prints a table and writes `report` (JSON, with every knowledge item's result);
+/// returns its path.
+///
+/// With `gate`, the personalised model's knowledge is also compared, item by item, with a
+/// baseline report's (or the base model's): the report gets a `gate` section, and any set and
+/// format that dropped more than allowed makes this an error naming each of them (after the
+/// report is written).
 pub fn run_eval<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
     adapter: Option<PathBuf>,
     report: PathBuf,
+    gate: Option<GateSpec>,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, Mode::Eval { adapter, report })
+    run_job::<B>(
+        run,
+        device,
+        Mode::Eval {
+            adapter,
+            report,
+            gate,
+        },
+    )
 }
 
 fn run_job<B: AutodiffBackend>(
@@ -84,7 +101,12 @@ fn run_job<B: AutodiffBackend>(
     };
     let all_items = matches!(mode, Mode::Eval { .. });
     let (extras, base) = evaluate_base(run, &p, (&p.tok, &p.template), all_items, device)?;
-    if let Mode::Eval { adapter, report } = &mode {
+    if let Mode::Eval {
+        adapter,
+        report,
+        gate,
+    } = &mode
+    {
         return eval_report(
             run,
             device,
@@ -98,6 +120,7 @@ fn run_job<B: AutodiffBackend>(
             &extras,
             &base.metrics,
             &base.summaries,
+            gate.as_ref(),
         );
     }
     write_atomic(
