@@ -299,6 +299,9 @@ fn gate_spec(
     if !has_adapter {
         bail!("the retention gate (--max-drop / --max-margin-drop) needs --adapter: the personalised model it judges");
     }
+    if let Some(b) = &baseline {
+        bapo_train::gate::baseline_items(b).map_err(|e| anyhow::anyhow!("--baseline: {e}"))?;
+    }
     Ok(Some(GateSpec {
         baseline,
         limits: GateLimits {

@@ -730,6 +730,30 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
     let res = bapo(&["eval", "--config", c, "--max-drop", "0.02"]);
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(err.contains("needs --adapter"), "{err}");
+    // A baseline without per-item results (an old report) is refused before any evaluation.
+    let old = dir.join("old-report.json");
+    std::fs::write(&old, r#"{"knowledge": {}}"#).unwrap();
+    let adapter = run.join("adapter");
+    let res = bapo(&[
+        "eval",
+        "--config",
+        c,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--max-drop",
+        "0.02",
+        "--baseline",
+        old.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("old-report.json: field `items`"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("base model evaluated"),
+        "refused only after the work: {err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

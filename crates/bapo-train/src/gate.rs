@@ -18,8 +18,9 @@ pub struct GateSpec {
 }
 
 /// The per-item knowledge results a baseline report holds: its personalised model's, or its
-/// base model's when it evaluated no adapter.
-fn baseline_items(path: &Path) -> Result<KnowledgeResults, RunError> {
+/// base model's when it evaluated no adapter. The CLI calls it before any work, so a wrong
+/// file is refused at once.
+pub fn baseline_items(path: &Path) -> Result<KnowledgeResults, RunError> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
