@@ -663,6 +663,17 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
         (drop - (acc("base") - acc("policy"))).abs() < 1e-12,
         "{drop}"
     );
+    let flips = |row: &serde_json::Value| {
+        let (l, g) = (
+            row["lost"].as_u64().unwrap(),
+            row["gained"].as_u64().unwrap(),
+        );
+        (l as f64 - g as f64) / 221.0
+    };
+    assert!(
+        (flips(row) - drop).abs() < 1e-12,
+        "lost - gained = n * acc drop"
+    );
     let ci = row["acc_drop_ci95"].as_array().unwrap();
     assert!(ci[0].as_f64().unwrap() <= drop && drop <= ci[1].as_f64().unwrap());
 
@@ -705,6 +716,8 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
     // The accuracy drop against an all-right baseline is one minus this model's accuracy.
     let d = f["gate"]["rows"][0]["acc_drop"].as_f64().unwrap();
     assert!((d - (1.0 - acc("policy"))).abs() < 1e-12, "{d}");
+    assert_eq!(f["gate"]["rows"][0]["gained"].as_u64(), Some(0));
+    assert!((flips(&f["gate"]["rows"][0]) - d).abs() < 1e-12);
 
     // Bad gate flags are refused before any work.
     for (flags, msg) in [

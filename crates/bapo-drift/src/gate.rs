@@ -33,7 +33,29 @@ pub struct GateRow {
     pub acc_drop_ci95: [f64; 2],
     pub margin_drop: f64,
     pub margin_drop_ci95: [f64; 2],
+    /// Items right in the reference and wrong here.
+    pub lost: usize,
+    /// Items wrong in the reference and right here.
+    pub gained: usize,
+    /// Exact two-sided McNemar p-value of `lost` vs `gained` (1 when both are 0).
+    pub mcnemar_p: f64,
     pub pass: bool,
+}
+
+/// Exact two-sided McNemar test: the probability, under "a flip is as likely either way", of
+/// a split of `lost + gained` flips at least as uneven as the one seen
+/// (`min(1, 2·P[Binomial(n, ½) ≤ min(lost, gained)])`).
+pub fn mcnemar_exact(lost: usize, gained: usize) -> f64 {
+    let n = lost + gained;
+    let k = lost.min(gained);
+    // log pmf(0) = −n ln 2, then pmf(i) = pmf(i − 1)·(n − i + 1)/i; in logs for large n.
+    let mut log_pmf = -(n as f64) * std::f64::consts::LN_2;
+    let mut tail = log_pmf.exp();
+    for i in 1..=k {
+        log_pmf += ((n - i + 1) as f64 / i as f64).ln();
+        tail += log_pmf.exp();
+    }
+    (2.0 * tail).min(1.0)
 }
 
 /// Mean and paired 95 % interval of `d`.
@@ -90,6 +112,16 @@ pub fn gate(
             .collect();
         let (acc_drop, acc_drop_ci95) = paired(&acc);
         let (margin_drop, margin_drop_ci95) = paired(&margin);
+        let lost = r
+            .iter()
+            .zip(items)
+            .filter(|(a, b)| a.correct && !b.correct)
+            .count();
+        let gained = r
+            .iter()
+            .zip(items)
+            .filter(|(a, b)| !a.correct && b.correct)
+            .count();
         let pass = limits.max_acc_drop.is_none_or(|m| acc_drop <= m)
             && limits.max_margin_drop.is_none_or(|m| margin_drop <= m);
         rows.push(GateRow {
@@ -99,6 +131,9 @@ pub fn gate(
             acc_drop_ci95,
             margin_drop,
             margin_drop_ci95,
+            lost,
+            gained,
+            mcnemar_p: mcnemar_exact(lost, gained),
             pass,
         });
     }
@@ -153,6 +188,8 @@ mod tests {
         assert!((r.acc_drop_ci95[1] - (0.25 + 0.49)).abs() < 1e-12);
         // d_margin = [1, 1.5, 0, 0]: mean 0.625.
         assert!((r.margin_drop - 0.625).abs() < 1e-12);
+        // One item lost, none gained: p = 2 · ½ = 1.
+        assert_eq!((r.lost, r.gained, r.mcnemar_p), (1, 0, 1.0));
         assert!(r.pass, "a drop equal to the limit passes");
         assert!(!gate(&reference, &model, limits(0.2)).unwrap()[0].pass);
         let margin_only = GateLimits {
@@ -163,6 +200,26 @@ mod tests {
         // The reference against itself: no drop.
         let same = gate(&reference, &reference, limits(0.0)).unwrap();
         assert!(same[0].pass && same[0].acc_drop == 0.0 && same[0].acc_drop_ci95 == [0.0, 0.0]);
+    }
+
+    #[test]
+    fn mcnemar_exact_by_hand() {
+        // 1 vs 4 flips: 2·(C(5,0) + C(5,1))/2⁵ = 12/32.
+        assert!((mcnemar_exact(1, 4) - 0.375).abs() < 1e-15);
+        assert!((mcnemar_exact(4, 1) - 0.375).abs() < 1e-15);
+        // 0 vs 6: 2/64.
+        assert!((mcnemar_exact(0, 6) - 0.03125).abs() < 1e-15);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        assert_eq!(mcnemar_exact(3, 3), 1.0);
+        // 10 vs 30: 2·Σ_{k≤10} C(40, k)/2⁴⁰ = 2·1,221,246,132/2⁴⁰ (exact integers, Python).
+        let p = mcnemar_exact(10, 30);
+        assert!(
+            (p - 2.0 * 1_221_246_132.0 / 2f64.powi(40)).abs() < 1e-15,
+            "{p}"
+        );
+        // 500 vs 700 (2⁻¹²⁰⁰ underflows; the sum is taken in logs): 8.535366081034334e-9.
+        let big = mcnemar_exact(500, 700);
+        assert!((big / 8.535366081034334e-9 - 1.0).abs() < 1e-9, "{big}");
     }
 
     #[test]

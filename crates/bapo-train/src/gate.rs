@@ -74,19 +74,28 @@ pub(crate) fn run_gate(
 pub(crate) fn gate_table(rows: &[GateRow], limits: GateLimits) -> (String, Option<String>) {
     let ci = |c: [f64; 2]| format!("[{:+.3}, {:+.3}]", c[0], c[1]);
     let mut table = format!(
-        "{:<32} {:>5} {:>9} {:>18} {:>11} {:>18}  verdict\n",
-        "retention gate", "n", "acc drop", "95% CI", "margin drop", "95% CI"
+        "{:<32} {:>5} {:>9} {:>18} {:>11} {:>18} {:>11} {:>9}  verdict\n",
+        "retention gate",
+        "n",
+        "acc drop",
+        "95% CI",
+        "margin drop",
+        "95% CI",
+        "lost/gained",
+        "McNemar p"
     );
     let mut failed = Vec::new();
     for r in rows {
         table.push_str(&format!(
-            "{:<32} {:>5} {:>+9.4} {:>18} {:>+11.4} {:>18}  {}\n",
+            "{:<32} {:>5} {:>+9.4} {:>18} {:>+11.4} {:>18} {:>11} {:>9.3}  {}\n",
             r.key,
             r.n,
             r.acc_drop,
             ci(r.acc_drop_ci95),
             r.margin_drop,
             ci(r.margin_drop_ci95),
+            format!("{}/{}", r.lost, r.gained),
+            r.mcnemar_p,
             if r.pass { "pass" } else { "FAIL" }
         ));
         if r.pass {
@@ -95,9 +104,12 @@ pub(crate) fn gate_table(rows: &[GateRow], limits: GateLimits) -> (String, Optio
         let mut why = Vec::new();
         if let Some(m) = limits.max_acc_drop.filter(|&m| r.acc_drop > m) {
             why.push(format!(
-                "accuracy drop {:.4} {} > --max-drop {m}",
+                "accuracy drop {:.4} {} > --max-drop {m} ({} lost, {} gained, McNemar p = {:.3})",
                 r.acc_drop,
-                ci(r.acc_drop_ci95)
+                ci(r.acc_drop_ci95),
+                r.lost,
+                r.gained,
+                r.mcnemar_p
             ));
         }
         if let Some(m) = limits.max_margin_drop.filter(|&m| r.margin_drop > m) {
