@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
-use bapo_train::gate::{GateLimits, GateSpec};
+use bapo_train::gate::{Baseline, GateLimits, GateSpec};
 use bapo_train::run::write_atomic;
 use bapo_train::{run_anchors, run_eval, run_training, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -297,11 +297,12 @@ fn gate_spec(
         return Ok(None);
     }
     if !has_adapter {
-        bail!("the retention gate (--max-drop / --max-margin-drop) needs --adapter: the personalised model it judges");
+        bail!(bapo_train::gate::NEEDS_ADAPTER);
     }
-    if let Some(b) = &baseline {
-        bapo_train::gate::baseline_items(b).map_err(|e| anyhow::anyhow!("--baseline: {e}"))?;
-    }
+    let baseline = baseline
+        .map(|b| Baseline::read(&b))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--baseline: {e}"))?;
     Ok(Some(GateSpec {
         baseline,
         limits: GateLimits {

@@ -9,18 +9,39 @@ pub use bapo_drift::gate::{GateLimits, GateRow};
 use crate::eval::KnowledgeResults;
 use crate::io::RunError;
 
+/// Why a gate without a personalised model is refused (the CLI says it before any work).
+pub const NEEDS_ADAPTER: &str = "the retention gate (--max-drop / --max-margin-drop) needs \
+                                 --adapter: the personalised model it judges";
+
 /// `--baseline`, `--max-drop`, `--max-margin-drop`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GateSpec {
-    /// A `report.json` of an earlier `bapo eval`; `None`: this run's base model.
-    pub baseline: Option<PathBuf>,
+    /// An earlier `bapo eval`'s report, read; `None`: this run's base model.
+    pub baseline: Option<Baseline>,
     pub limits: GateLimits,
 }
 
+/// A `report.json` of an earlier `bapo eval` and the per-item results it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Baseline {
+    pub path: PathBuf,
+    pub items: KnowledgeResults,
+}
+
+impl Baseline {
+    /// Reads once, before any work, so a wrong file is refused at once.
+    pub fn read(path: &Path) -> Result<Self, RunError> {
+        let items = baseline_items(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            items,
+        })
+    }
+}
+
 /// The per-item knowledge results a baseline report holds: its personalised model's, or its
-/// base model's when it evaluated no adapter. The CLI calls it before any work, so a wrong
-/// file is refused at once.
-pub fn baseline_items(path: &Path) -> Result<KnowledgeResults, RunError> {
+/// base model's when it evaluated no adapter.
+fn baseline_items(path: &Path) -> Result<KnowledgeResults, RunError> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -48,16 +69,12 @@ pub(crate) fn run_gate(
     base: &KnowledgeResults,
     policy: &KnowledgeResults,
 ) -> Result<(Vec<GateRow>, serde_json::Value), RunError> {
-    let loaded;
     let (reference, name) = match &spec.baseline {
-        Some(p) => {
-            loaded = baseline_items(p)?;
-            (&loaded, p.display().to_string())
-        }
+        Some(b) => (&b.items, b.path.display().to_string()),
         None => (base, "the base model".to_string()),
     };
     let rows = gate(reference, policy, spec.limits).map_err(|e| match &spec.baseline {
-        Some(p) => format!("{}: {e}", p.display()),
+        Some(b) => format!("{}: {e}", b.path.display()),
         None => e,
     })?;
     let json = serde_json::json!({

@@ -285,11 +285,7 @@ pub(crate) fn eval_report<B: Backend>(
     gate: Option<&crate::gate::GateSpec>,
 ) -> Result<PathBuf, RunError> {
     if gate.is_some() && adapter.is_none() {
-        return Err(
-            "the retention gate (--max-drop / --max-margin-drop) needs --adapter: \
-                    the personalised model it judges"
-                .into(),
-        );
+        return Err(crate::gate::NEEDS_ADAPTER.into());
     }
     let policy = match adapter {
         None => None,
