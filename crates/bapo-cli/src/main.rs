@@ -81,9 +81,22 @@ enum Cmd {
         /// Override any config value: `--set train.beta=0.2 --set lora.rank=16`.
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
-        /// Continue from the newest `checkpoint-N` in the output directory.
+        /// Continue from the newest `checkpoint-N` in the output directory. With --per-user:
+        /// skip users that finished, continue the interrupted one.
         #[arg(long)]
         resume: bool,
+        /// One adapter per `user` of the data, in turn, into `<output.dir>/users/<user>/`, base
+        /// responses and reference log-probs computed once for all (`<output.dir>/shared/`);
+        /// ends with `users_summary.json`. Replaces the config's `data.users`.
+        #[arg(long)]
+        per_user: bool,
+        /// With --per-user: only these users (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "per_user")]
+        users: Option<Vec<String>>,
+        /// With --per-user: train the users at positions i, i+n, i+2n, ... (1-based) of the
+        /// sorted list, so that n machines split the users without coordination.
+        #[arg(long, value_name = "I/N", requires = "per_user")]
+        shard: Option<bapo_train::per_user::Shard>,
     },
     /// The forgetting experiment: DPO, DPO with β 0.5, DPO + NLL and BAPO (λ 0.5, 1, 2) on the
     /// same data, seed and budget at each heterogeneity level; writes compare.json,
@@ -447,6 +460,7 @@ enum Job {
     Train {
         resume: bool,
     },
+    PerUser(bapo_train::per_user::PerUser),
     Compare {
         config: PathBuf,
         spec: bapo_train::compare::CompareSpec,
@@ -464,6 +478,7 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
                 gate,
             } => run_eval::<A>(cfg, device, adapter, report, gate),
             Job::Train { resume } => run_training::<A>(cfg, device, resume),
+            Job::PerUser(spec) => bapo_train::per_user::run_per_user::<A>(cfg, device, &spec),
             Job::Compare { config, spec } => {
                 bapo_train::compare::run_compare::<A>(&config, &spec, device).map(|md| {
                     println!("{md}");
@@ -487,6 +502,9 @@ fn infer<B: Backend>(
             max_steps,
             set,
             resume,
+            per_user,
+            users,
+            shard,
         } => {
             let mut cfg = RunConfig::from_file_with(&config, &set)?;
             if let Some(o) = output {
@@ -495,7 +513,16 @@ fn infer<B: Backend>(
             if let Some(m) = max_steps {
                 cfg.train.max_steps = m;
             }
-            let adapter = trainer(&cfg, &device, Job::Train { resume })?;
+            let job = if per_user {
+                Job::PerUser(bapo_train::per_user::PerUser {
+                    users,
+                    shard,
+                    resume,
+                })
+            } else {
+                Job::Train { resume }
+            };
+            let adapter = trainer(&cfg, &device, job)?;
             println!("{}", adapter.display());
             Ok(())
         }

@@ -1281,3 +1281,201 @@ fn stale_mismatched_or_corrupt_caches_are_detected_and_rebuilt() {
     assert_eq!(rebuilt, after_model);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The first `n` pairs of each of `users` from the bundled persona data, into `dir/users.jsonl`.
+fn persona_subset(dir: &Path, users: &[&str], n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("data/personas/train.jsonl")).unwrap();
+    let mut out = String::new();
+    for u in users {
+        let tag = format!("\"user\":\"{u}\"");
+        for l in text.lines().filter(|l| l.contains(&tag)).take(n) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    let p = dir.join("users.jsonl");
+    std::fs::write(&p, out).unwrap();
+    p
+}
+
+#[test]
+fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
+    let dir = fresh_dir("bapo-per-user");
+    let data = persona_subset(&dir, &["concise", "child", "friendly"], 8);
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            &root().join("data/demo/concise.jsonl").display().to_string(),
+            &data.display().to_string(),
+        )
+        .replace(
+            "max_length = 96",
+            "max_length = 128\nmax_prompt_length = 64",
+        )
+        .replace("eval_fraction = 0.125", "eval_fraction = 0.25")
+        .replace("[output]", "[eval]\noutput_prompts = 2\n[output]");
+    std::fs::write(&cfg, text).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let run = dir.join("run");
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg,
+        "--per-user",
+        "--users",
+        "child,concise",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    // Base responses and reference log-probs once, in shared/; none per user.
+    assert!(run.join("shared/anchors.cache.json").exists());
+    assert!(run.join("shared/reference_logps.cache.json").exists());
+    assert!(!run.join("users/friendly").exists(), "not selected");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("users_summary.json")).unwrap())
+            .unwrap();
+    let rows = summary["users"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, user) in rows.iter().zip(["child", "concise"]) {
+        assert_eq!(row["user"], user);
+        assert_eq!(row["status"], "trained", "{row}");
+        let udir = run.join("users").join(user);
+        assert!(udir.join("adapter/adapter_model.safetensors").exists());
+        assert!(
+            !udir.join("anchors.cache.json").exists(),
+            "recomputed per user"
+        );
+        let last: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(udir.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        let m = &row["metrics"];
+        for k in [
+            "eval_rewards/accuracies",
+            "eval_kl/token",
+            "eval_personalisation/success",
+        ] {
+            assert_eq!(m[k], last[k], "{user} {k}");
+        }
+        let s = m["eval_personalisation/success"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&s), "{s}");
+        // Knowledge change = final accuracy - the base model's (eval_base.json).
+        let base: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(udir.join("eval_base.json")).unwrap())
+                .unwrap();
+        for (k, v) in m.as_object().unwrap() {
+            if let Some(stem) = k.strip_suffix("/delta_acc") {
+                let want = last[format!("{stem}/acc")].as_f64().unwrap()
+                    - base[format!("{stem}/acc")].as_f64().unwrap();
+                assert_eq!(v.as_f64().unwrap(), want, "{k}");
+            }
+        }
+    }
+    assert!(err.contains("| child | trained |"), "{err}");
+
+    // A user's run is the single-user run bit for bit: same adapter, same losses.
+    let single = dir.join("single");
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        r#"data.users=["child"]"#,
+        "--output",
+        single.to_str().unwrap(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let bytes = |p: PathBuf| std::fs::read(p).unwrap();
+    assert!(
+        bytes(single.join("adapter/adapter_model.safetensors"))
+            == bytes(run.join("users/child/adapter/adapter_model.safetensors")),
+        "per-user adapter differs from the single-user run's"
+    );
+    assert_eq!(losses(&single), losses(&run.join("users/child")));
+
+    // --resume skips finished users (nothing retrained: metrics untouched).
+    let metrics = run.join("users/concise/metrics.jsonl");
+    let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg,
+        "--per-user",
+        "--users",
+        "child,concise",
+        "--resume",
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&metrics).unwrap().modified().unwrap(),
+        before
+    );
+    // --shard 2/2 of [child, concise] is concise alone, with its own summary file.
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg,
+        "--per-user",
+        "--users",
+        "child,concise",
+        "--resume",
+        "--shard",
+        "2/2",
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let shard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("users_summary-2-of-2.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shard["users"].as_array().unwrap().len(), 1);
+    assert_eq!(shard["users"][0]["user"], "concise");
+    assert_eq!(shard["users"][0]["status"], "finished earlier");
+
+    // Bad input: an unknown user, a bad shard, a pair without a user.
+    let res = bapo(&["train", "--config", cfg, "--per-user", "--users", "nobody"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        err.contains("`nobody`")
+            && err.contains("users.jsonl")
+            && err.contains("child, concise, friendly"),
+        "{err}"
+    );
+    let res = bapo(&["train", "--config", cfg, "--per-user", "--shard", "3/2"]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--shard `3/2`"));
+    let res = bapo(&["train", "--config", cfg, "--users", "child"]);
+    assert!(!res.status.success(), "--users without --per-user");
+    let mut lines: Vec<String> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines[1] = lines[1].replace("\"user\":\"concise\"", "\"note\":\"x\"");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let res = bapo(&["train", "--config", cfg, "--per-user"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        err.contains("users.jsonl:2: field `user` is missing"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

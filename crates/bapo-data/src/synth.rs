@@ -74,6 +74,27 @@ impl Dimension {
         }
     }
 
+    /// The dimension and pole index a user name stands for (`concise` → informativeness, 0).
+    pub fn of_pole(name: &str) -> Option<(Self, usize)> {
+        Self::ALL
+            .into_iter()
+            .find_map(|d| d.poles().iter().position(|p| *p == name).map(|i| (d, i)))
+    }
+
+    /// +1 when pole `pole` has the higher [`Self::measure`] (detailed: more words; expert: a
+    /// higher grade; friendly: more informal), −1 otherwise.
+    pub fn direction(self, pole: usize) -> f64 {
+        let higher = match self {
+            Self::Informativeness | Self::Expertise => 1,
+            Self::Style => 0,
+        };
+        if pole == higher {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
     /// The measure the rule compares (words; FK grade; informality per 100 words).
     pub fn measure(self, text: &str) -> f64 {
         match self {
@@ -311,6 +332,46 @@ mod tests {
             .check("Hey friend, you'll love it!", "The result is great!")
             .is_err());
         assert_eq!(Dimension::parse("expertise"), Some(Dimension::Expertise));
+    }
+
+    #[test]
+    fn poles_name_their_dimension_and_direction_agrees_with_the_rules() {
+        assert_eq!(
+            Dimension::of_pole("concise"),
+            Some((Dimension::Informativeness, 0))
+        );
+        assert_eq!(
+            Dimension::of_pole("expert"),
+            Some((Dimension::Expertise, 1))
+        );
+        assert_eq!(Dimension::of_pole("formal"), Some((Dimension::Style, 1)));
+        assert_eq!(Dimension::of_pole("alice"), None);
+        // Pairs the labelling rules accept: each pole's answer lies on its own side.
+        let pairs = [
+            (
+                Dimension::Informativeness,
+                "Tokyo is the capital.".to_string(),
+                "word ".repeat(40),
+            ),
+            (
+                Dimension::Expertise,
+                "Plants eat air. They like sun.".to_string(),
+                "Photosynthetic organisms metabolise atmospheric carbon dioxide.".to_string(),
+            ),
+            (
+                Dimension::Style,
+                "Hey friend, you'll love it!".to_string(),
+                "The result is satisfactory.".to_string(),
+            ),
+        ];
+        for (d, p0, p1) in pairs {
+            assert!(d.check(&p0, &p1).is_ok(), "{d:?}");
+            let gap = d.measure(&p1) - d.measure(&p0);
+            assert!(
+                d.direction(1) * gap > 0.0 && d.direction(0) * gap < 0.0,
+                "{d:?} {gap}"
+            );
+        }
         assert_eq!(Dimension::parse("tone"), None);
     }
 }

@@ -265,20 +265,21 @@ pub fn knowledge_metrics(summaries: &BTreeMap<String, McSummary>) -> BTreeMap<St
     m
 }
 
-/// Greedy generations from `prompts` (token ids), summarised.
-pub fn output_stats<B: Backend>(
+/// Greedy answers to `prompts` (token ids): each answer's tokens (EOS removed) and whether it
+/// ended on EOS.
+pub fn greedy_answers<B: Backend>(
     model: &Llama<B>,
     prompts: &[Vec<u32>],
     max_new_tokens: usize,
     eos_ids: &[u32],
     device: &B::Device,
-) -> OutputStats {
+) -> Vec<(Vec<u32>, bool)> {
     let cfg = GenerationConfig {
         max_new_tokens,
         eos_ids: eos_ids.to_vec(),
         ..Default::default()
     };
-    let gens: Vec<(Vec<u32>, bool)> = generate(model, prompts, &cfg, device)
+    generate(model, prompts, &cfg, device)
         .into_iter()
         .map(|g| {
             let mut t = g.tokens;
@@ -287,6 +288,65 @@ pub fn output_stats<B: Backend>(
             }
             (t, g.stopped_on_eos)
         })
+        .collect()
+}
+
+/// Greedy generations from `prompts` (token ids), summarised.
+pub fn output_stats<B: Backend>(
+    model: &Llama<B>,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    eos_ids: &[u32],
+    device: &B::Device,
+) -> OutputStats {
+    OutputStats::new(&greedy_answers(
+        model,
+        prompts,
+        max_new_tokens,
+        eos_ids,
+        device,
+    ))
+}
+
+/// Personalisation on held-out prompts for a user who is a pole of a known dimension
+/// (`concise`, `expert`, ...): the fraction of prompts whose personalised answer lies further
+/// toward that pole than the base model's answer by the dimension's own measure (words, grade,
+/// informality; ties are failures), and the mean signed change of the measure (positive =
+/// toward the pole). Answers pair up by position.
+pub fn personalisation(
+    (dim, pole): (bapo_data::synth::Dimension, usize),
+    base: &[String],
+    policy: &[String],
+) -> (f64, f64) {
+    let n = base.len().min(policy.len());
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let moves: Vec<f64> = base
+        .iter()
+        .zip(policy)
+        .map(|(b, p)| dim.direction(pole) * (dim.measure(p) - dim.measure(b)))
         .collect();
-    OutputStats::new(&gens)
+    let success = moves.iter().filter(|m| **m > 0.0).count() as f64 / n as f64;
+    (success, moves.iter().sum::<f64>() / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use bapo_data::synth::Dimension;
+
+    #[test]
+    fn personalisation_counts_moves_toward_the_pole() {
+        let base = ["one two three four".to_string(), "one two".to_string()];
+        let policy = ["one two".to_string(), "one two three".to_string()];
+        // concise: 4 → 2 words is toward the pole (+2), 2 → 3 is away (−1).
+        let (s, d) = super::personalisation((Dimension::Informativeness, 0), &base, &policy);
+        assert_eq!((s, d), (0.5, 0.5));
+        // detailed: the opposite moves.
+        let (s, d) = super::personalisation((Dimension::Informativeness, 1), &base, &policy);
+        assert_eq!((s, d), (0.5, -0.5));
+        // An unchanged answer is not a success.
+        let (s, _) = super::personalisation((Dimension::Style, 0), &base[..1], &base[..1]);
+        assert_eq!(s, 0.0);
+    }
 }

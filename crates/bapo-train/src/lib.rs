@@ -15,6 +15,7 @@ pub mod generation;
 pub mod io;
 pub mod logps;
 pub mod lora;
+pub mod per_user;
 mod prepare;
 mod report;
 pub mod run;

@@ -41,9 +41,14 @@ pub(crate) struct Prepared<B: AutodiffBackend> {
 /// Loads the model and data, checks lengths, and computes (or reuses) the base responses and
 /// the reference log-probs; writes `config.json` and `anchors.jsonl` into the output directory.
 /// Returns the loaded model (the policy's starting point) beside the rest.
+///
+/// With `shared` (`--per-user`), the base responses and reference log-probs are looked up, by
+/// file and line, in what one preparation over every user computed; nothing is generated or
+/// cached here.
 pub(crate) fn prepare<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
+    shared: Option<&Shared>,
 ) -> Result<(Llama<B>, Prepared<B>), RunError> {
     let out = &run.output.dir;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -92,30 +97,40 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     let mut eos_ids = config.eos_token_ids.clone();
     eos_ids.push(eos);
     let all: Vec<&PreferenceExample> = train_ex.iter().chain(&eval_ex).collect();
-    let anchors = sources.anchors(
-        &reference,
-        &all,
-        train_ex.len(),
-        hex(fingerprint.clone()),
-        &numerics,
-        (eos_ids, context),
-        device,
-    )?;
+    let anchors = match shared {
+        Some(sh) => sh.anchors(&sources.keys(&train_ex, &eval_ex), &numerics)?,
+        None => sources.anchors(
+            &reference,
+            &all,
+            train_ex.len(),
+            hex(fingerprint.clone()),
+            &numerics,
+            (eos_ids, context),
+            device,
+        )?,
+    };
     let (train_enc, eval_enc) = sources.encode(&train_ex, &eval_ex, &anchors)?;
     fingerprint.update(serde_json::to_vec(&(
         enc_cfg.max_length,
         enc_cfg.max_prompt_length,
         &run.data.truncation_mode,
     ))?);
-    let refs = reference_cache(
-        run,
-        &reference,
-        (&train_enc, &eval_enc),
-        eos,
-        hex(fingerprint),
-        &numerics,
-        device,
-    )?;
+    let refs = match shared {
+        Some(sh) => sh.refs(
+            (run.data.train.as_path(), &train_enc),
+            (sources.eval_file().as_path(), &eval_enc),
+            &numerics,
+        )?,
+        None => reference_cache(
+            run,
+            &reference,
+            (&train_enc, &eval_enc),
+            eos,
+            hex(fingerprint),
+            &numerics,
+            device,
+        )?,
+    };
     write_anchors_jsonl(out, &train_ex, &train_enc, &anchors, &refs)?;
     let prepared = Prepared {
         reference,
@@ -145,6 +160,19 @@ struct Sources<'a> {
 }
 
 impl Sources<'_> {
+    /// `(file, line)` of every example, train first, then eval (the order of the anchors).
+    fn keys(
+        &self,
+        train_ex: &[PreferenceExample],
+        eval_ex: &[PreferenceExample],
+    ) -> Vec<(PathBuf, usize)> {
+        let (t, e) = (&self.run.data.train, self.eval_file());
+        let train = train_ex.iter().map(|x| (t.clone(), x.line));
+        train
+            .chain(eval_ex.iter().map(|x| (e.clone(), x.line)))
+            .collect()
+    }
+
     /// The file each split's line numbers refer to.
     fn eval_file(&self) -> &PathBuf {
         self.run.data.eval.as_ref().unwrap_or(&self.run.data.train)
@@ -321,6 +349,114 @@ impl Sources<'_> {
     }
 }
 
+/// What one preparation over several users computed, by `(file, line)`: the base response
+/// of each prompt and the reference's log-probs of each encoded example. A user's own
+/// preparation looks its examples up here instead of generating and scoring them again.
+pub(crate) struct Shared {
+    numerics: Numerics,
+    bases: std::collections::HashMap<(PathBuf, usize), (String, bapo_data::BaseResponse)>,
+    refs: std::collections::HashMap<(PathBuf, usize), crate::train::ReferenceLogps>,
+}
+
+impl Shared {
+    /// From the preparation of `run` (whose `data.users` covers every user to be trained).
+    pub(crate) fn of<B: AutodiffBackend>(run: &RunConfig, p: &Prepared<B>) -> Self {
+        let (t, e) = (
+            run.data.train.clone(),
+            run.data
+                .eval
+                .clone()
+                .unwrap_or_else(|| run.data.train.clone()),
+        );
+        let lines = p.train_ex.iter().map(|x| (t.clone(), x.line));
+        let lines = lines.chain(p.eval_ex.iter().map(|x| (e.clone(), x.line)));
+        let bases = lines
+            .zip(
+                p.anchors
+                    .bases
+                    .iter()
+                    .cloned()
+                    .zip(p.anchors.responses.iter().cloned()),
+            )
+            .collect();
+        let enc = p.train_enc.iter().map(|x| (t.clone(), x.line));
+        let enc = enc.chain(p.eval_enc.iter().map(|x| (e.clone(), x.line)));
+        let refs = enc
+            .zip(p.refs.train.iter().chain(&p.refs.eval).cloned())
+            .collect();
+        Self {
+            numerics: p.anchors.numerics.clone(),
+            bases,
+            refs,
+        }
+    }
+
+    fn missing(key: &(PathBuf, usize)) -> RunError {
+        format!(
+            "{}:{}: not in the shared preparation (a different data file or settings?)",
+            key.0.display(),
+            key.1
+        )
+        .into()
+    }
+
+    fn check(&self, numerics: &Numerics) -> Result<(), RunError> {
+        if self.numerics.backend != numerics.backend || self.numerics.logps != numerics.logps {
+            return Err(format!(
+                "the shared base responses were computed on {} ({}), this run is on {} ({})",
+                self.numerics.backend, self.numerics.logps, numerics.backend, numerics.logps
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn anchors(
+        &self,
+        keys: &[(PathBuf, usize)],
+        numerics: &Numerics,
+    ) -> Result<AnchorCache, RunError> {
+        self.check(numerics)?;
+        let mut bases = Vec::with_capacity(keys.len());
+        let mut responses = Vec::with_capacity(keys.len());
+        for k in keys {
+            let (b, r) = self.bases.get(k).ok_or_else(|| Self::missing(k))?;
+            bases.push(b.clone());
+            responses.push(r.clone());
+        }
+        Ok(AnchorCache {
+            format: ANCHOR_CACHE_FORMAT,
+            fingerprint: "shared".into(),
+            numerics: self.numerics.clone(),
+            bases,
+            responses,
+        })
+    }
+
+    fn refs(
+        &self,
+        (train_file, train_enc): (&Path, &[EncodedExample]),
+        (eval_file, eval_enc): (&Path, &[EncodedExample]),
+        numerics: &Numerics,
+    ) -> Result<ReferenceCache, RunError> {
+        self.check(numerics)?;
+        let look = |file: &Path, enc: &[EncodedExample]| {
+            enc.iter()
+                .map(|x| {
+                    let k = (file.to_path_buf(), x.line);
+                    self.refs.get(&k).cloned().ok_or_else(|| Self::missing(&k))
+                })
+                .collect::<Result<Vec<_>, RunError>>()
+        };
+        Ok(ReferenceCache {
+            fingerprint: "shared".into(),
+            numerics: self.numerics.clone(),
+            train: look(train_file, train_enc)?,
+            eval: look(eval_file, eval_enc)?,
+        })
+    }
+}
+
 /// The reference's log-probs of every encoded example, from `reference_logps.cache.json` when
 /// it matches, else computed and cached.
 fn reference_cache<B: burn::tensor::backend::Backend>(
@@ -386,7 +522,7 @@ fn write_anchors_jsonl(
 /// Reads the preference data, keeps `data.users`, shuffles with the seed and splits off the
 /// held-out examples (or reads `data.eval`): `(all, train, eval)`.
 #[allow(clippy::type_complexity)]
-fn split_data(
+pub(crate) fn split_data(
     run: &RunConfig,
 ) -> Result<
     (

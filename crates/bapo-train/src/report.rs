@@ -190,6 +190,11 @@ pub(crate) struct EvalExtras<'a> {
     pub(crate) max_new_tokens: usize,
     pub(crate) base_knowledge: Option<crate::eval::KnowledgeResults>,
     pub(crate) base_output: Option<bapo_drift::OutputStats>,
+    /// The user's dimension and pole when the run personalises for one known pole
+    /// (`data.users = ["concise"]`, ...): `eval_personalisation/*` compares answers with
+    /// `base_answers`, the base model's decoded answers to `out_prompts`.
+    pub(crate) pole: Option<(bapo_data::synth::Dimension, usize)>,
+    pub(crate) base_answers: Option<Vec<String>>,
     pub(crate) tok: &'a bapo_model::Tokenizer,
     pub(crate) template: &'a bapo_data::ChatTemplate,
 }
@@ -232,8 +237,20 @@ pub(crate) fn full_eval<B: Backend>(
         m.insert(format!("eval_{k}"), v);
     }
     if !x.out_prompts.is_empty() {
-        let o =
-            crate::eval::output_stats(model, &x.out_prompts, x.max_new_tokens, &x.eos_ids, device);
+        let answers = crate::eval::greedy_answers(
+            model,
+            &x.out_prompts,
+            x.max_new_tokens,
+            &x.eos_ids,
+            device,
+        );
+        let o = bapo_drift::OutputStats::new(&answers);
+        if let (Some(pole), Some(base)) = (x.pole, &x.base_answers) {
+            let texts = decode_all(x.tok, &answers)?;
+            let (success, delta) = crate::eval::personalisation(pole, base, &texts);
+            m.insert("eval_personalisation/success".into(), success);
+            m.insert("eval_personalisation/delta_measure".into(), delta);
+        }
         m.insert("eval_output/mean_length".into(), o.mean_length);
         m.insert("eval_output/eos_rate".into(), o.eos_rate);
         m.insert("eval_output/distinct_2".into(), o.distinct_2);
@@ -245,6 +262,20 @@ pub(crate) fn full_eval<B: Backend>(
         }
     }
     Ok((m, summaries, results))
+}
+
+/// The text of each answer (tokens without EOS).
+pub(crate) fn decode_all(
+    tok: &bapo_model::Tokenizer,
+    answers: &[(Vec<u32>, bool)],
+) -> Result<Vec<String>, RunError> {
+    answers
+        .iter()
+        .map(|(t, _)| {
+            tok.decode(t)
+                .map_err(|e| format!("decoding an answer: {e}").into())
+        })
+        .collect()
 }
 
 /// Frobenius norm of each weight's change from the reference: `‖scale·A·B‖` per adapted

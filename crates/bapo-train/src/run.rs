@@ -20,7 +20,7 @@ pub use crate::cache::Numerics;
 use crate::checkpoint::{resume_from, save_checkpoint, Weights};
 use crate::figure::training_figure;
 use crate::gate::GateSpec;
-use crate::prepare::{prepare, Prepared};
+use crate::prepare::{prepare, Prepared, Shared};
 use crate::report::{eval_report, full_eval, weight_change_norms, EvalExtras};
 
 pub use crate::io::{write_atomic, RunError};
@@ -35,7 +35,7 @@ pub fn run_training<B: AutodiffBackend>(
     device: &B::Device,
     resume: bool,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, Mode::Train { resume })
+    run_job::<B>(run, device, Mode::Train { resume }, None)
 }
 
 /// `bapo anchor`: only the base responses and reference log-probs (cached as for training);
@@ -44,11 +44,11 @@ pub fn run_anchors<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
 ) -> Result<PathBuf, RunError> {
-    run_job::<B>(run, device, Mode::Anchors)
+    run_job::<B>(run, device, Mode::Anchors, None)
 }
 
 /// What `run_job` does after the shared preparation (data, anchors, reference log-probs).
-enum Mode {
+pub(crate) enum Mode {
     Anchors,
     Train {
         resume: bool,
@@ -85,15 +85,17 @@ pub fn run_eval<B: AutodiffBackend>(
             report,
             gate,
         },
+        None,
     )
 }
 
-fn run_job<B: AutodiffBackend>(
+pub(crate) fn run_job<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
     mode: Mode,
+    shared: Option<&Shared>,
 ) -> Result<PathBuf, RunError> {
-    let (model, p) = prepare::<B>(run, device)?;
+    let (model, p) = prepare::<B>(run, device, shared)?;
     let resume = match mode {
         Mode::Anchors => return Ok(run.output.dir.join("anchors.jsonl")),
         Mode::Train { resume } => resume,
@@ -171,6 +173,11 @@ fn evaluate_base<'a, B: AutodiffBackend>(
         max_new_tokens: run.anchor.max_new_tokens,
         base_knowledge: None,
         base_output: None,
+        pole: match run.data.users.as_deref() {
+            Some([user]) => bapo_data::synth::Dimension::of_pole(user),
+            _ => None,
+        },
+        base_answers: None,
         tok,
         template,
     };
@@ -188,13 +195,17 @@ fn evaluate_base<'a, B: AutodiffBackend>(
         &extras,
     )?;
     if !extras.out_prompts.is_empty() {
-        extras.base_output = Some(crate::eval::output_stats(
+        let answers = crate::eval::greedy_answers(
             &p.reference,
             &extras.out_prompts,
             extras.max_new_tokens,
             &extras.eos_ids,
             device,
-        ));
+        );
+        extras.base_output = Some(bapo_drift::OutputStats::new(&answers));
+        if extras.pole.is_some() {
+            extras.base_answers = Some(crate::report::decode_all(tok, &answers)?);
+        }
     }
     extras.base_knowledge = Some(results);
     tracing::info!(secs = t0.elapsed().as_secs_f64(), "base model evaluated");

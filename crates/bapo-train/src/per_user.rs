@@ -1,0 +1,355 @@
+//! `bapo train --per-user`: one adapter per user of the data file, in turn, into
+//! `<output.dir>/users/<user>/`. The base responses and reference log-probs of every selected
+//! user's prompts are computed once (cached in `<output.dir>/shared/`) and looked up by each
+//! user's run; each user's run is the same job as `data.users = [user]` alone, bit for bit.
+//! `users_summary.json` (rewritten after every user) ends with one row per user.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::checkpoint::latest_checkpoint;
+use crate::config::RunConfig;
+use crate::io::{write_atomic, RunError};
+use crate::prepare::{prepare, split_data, Shared};
+use crate::run::{run_job, Mode};
+
+/// `--shard i/n`: this process trains the users at positions i-1, i-1+n, i-1+2n, ... of the
+/// sorted user list (1-based, like `cargo nextest --partition count:i/n`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("--shard `{s}`: expected i/n with 1 <= i <= n (e.g. 1/4)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || count == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What `--per-user` trains.
+#[derive(Debug, Clone, Default)]
+pub struct PerUser {
+    /// `--users a,b`: only these (each must occur in the data); default: every user.
+    pub users: Option<Vec<String>>,
+    pub shard: Option<Shard>,
+    /// Skip users whose run finished; continue an interrupted one from its newest checkpoint.
+    pub resume: bool,
+}
+
+/// Every `user` of the training file (sorted), each line of both files checked to have one.
+pub fn users_of(run: &RunConfig) -> Result<Vec<String>, RunError> {
+    let mut users = BTreeSet::new();
+    let mut files = vec![&run.data.train];
+    files.extend(&run.data.eval);
+    for (i, file) in files.into_iter().enumerate() {
+        for e in bapo_data::read_preferences(file)? {
+            match e.user {
+                Some(u) if i == 0 => {
+                    users.insert(u);
+                }
+                Some(_) => {}
+                None => {
+                    return Err(format!(
+                        "{}:{}: field `user` is missing; --per-user trains one adapter per \
+                         `user`, so every pair needs one",
+                        file.display(),
+                        e.line
+                    )
+                    .into())
+                }
+            }
+        }
+    }
+    Ok(users.into_iter().collect())
+}
+
+/// The users this process trains: `--users` (checked against the file), then `--shard`.
+pub fn select(all: &[String], spec: &PerUser, file: &Path) -> Result<Vec<String>, RunError> {
+    let mut users = match &spec.users {
+        None => all.to_vec(),
+        Some(want) => {
+            for u in want {
+                if !all.contains(u) {
+                    return Err(format!(
+                        "--users: no pair of {} has user `{u}` (its users: {})",
+                        file.display(),
+                        all.join(", ")
+                    )
+                    .into());
+                }
+            }
+            all.iter().filter(|u| want.contains(u)).cloned().collect()
+        }
+    };
+    if let Some(s) = spec.shard {
+        users = users
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % s.count == s.index - 1)
+            .map(|(_, u)| u)
+            .collect();
+    }
+    Ok(users)
+}
+
+/// Trains every selected user (see the module docs); returns the summary's path. A user whose
+/// training fails is reported in the summary and the others still train; the error then
+/// names every failed user. Ctrl-C stops at once (`--resume` continues).
+pub fn run_per_user<B: AutodiffBackend>(
+    run: &RunConfig,
+    device: &B::Device,
+    spec: &PerUser,
+) -> Result<PathBuf, RunError> {
+    let all = users_of(run)?;
+    let users = select(&all, spec, &run.data.train)?;
+    if let Some(u) = &run.data.users {
+        tracing::info!(config = ?u, "--per-user: data.users from the config is replaced by each user in turn");
+    }
+    let out = &run.output.dir;
+    let tag = spec
+        .shard
+        .map(|s| format!("-{}-of-{}", s.index, s.count))
+        .unwrap_or_default();
+    let summary_path = out.join(format!("users_summary{tag}.json"));
+    tracing::info!(users = ?users, shard = ?spec.shard.map(|s| s.to_string()), "per-user training");
+    let mut rows = Vec::new();
+    if users.is_empty() {
+        tracing::warn!("no user falls in this shard: nothing to train");
+        write_summary(&summary_path, spec, &rows)?;
+        return Ok(summary_path);
+    }
+    // Once for every selected user: base responses and reference log-probs.
+    let mut shared_run = run.clone();
+    shared_run.data.users = Some(users.clone());
+    shared_run.output.dir = out.join(format!("shared{tag}"));
+    let shared = {
+        let (_, p) = prepare::<B>(&shared_run, device, None)?;
+        Shared::of(&shared_run, &p)
+    };
+    let mut failed = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let mut user_run = run.clone();
+        user_run.data.users = Some(vec![user.clone()]);
+        user_run.output.dir = out.join("users").join(user);
+        let dir = user_run.output.dir.clone();
+        let (_, train_ex, eval_ex) = split_data(&user_run)?;
+        let mut row = serde_json::json!({
+            "user": user,
+            "dir": dir,
+            "train_pairs": train_ex.len(),
+            "eval_pairs": eval_ex.len(),
+        });
+        if spec.resume && finished(&dir, run.train.max_steps) {
+            tracing::info!(user, "already trained: skipped (--resume)");
+            row["status"] = "finished earlier".into();
+        } else {
+            let resume = spec.resume && latest_checkpoint(&dir).is_some();
+            eprintln!(
+                "user {}/{}: {user} ({} pairs{})",
+                i + 1,
+                users.len(),
+                train_ex.len(),
+                if resume { ", resuming" } else { "" }
+            );
+            let t0 = std::time::Instant::now();
+            let res = run_job::<B>(&user_run, device, Mode::Train { resume }, Some(&shared));
+            row["seconds"] = t0.elapsed().as_secs_f64().into();
+            match res {
+                Ok(_) => row["status"] = "trained".into(),
+                Err(e) if crate::train::stop_requested() => {
+                    write_summary(&summary_path, spec, &rows)?;
+                    return Err(format!("user {user}: {e}").into());
+                }
+                Err(e) => {
+                    tracing::error!(user, error = %e, "training failed; the next user goes on");
+                    row["status"] = "failed".into();
+                    row["error"] = e.to_string().into();
+                    failed.push(user.clone());
+                }
+            }
+        }
+        if row["status"] != "failed" {
+            row["metrics"] = user_metrics(&dir)?;
+        }
+        rows.push(row);
+        write_summary(&summary_path, spec, &rows)?;
+    }
+    eprintln!("{}", summary_table(&rows));
+    if !failed.is_empty() {
+        return Err(format!(
+            "training failed for {} of {} users ({}); see {}",
+            failed.len(),
+            users.len(),
+            failed.join(", "),
+            summary_path.display()
+        )
+        .into());
+    }
+    Ok(summary_path)
+}
+
+/// A user's run ended: its adapter (or model) is saved and metrics reach `max_steps`.
+fn finished(dir: &Path, max_steps: usize) -> bool {
+    let saved =
+        dir.join("adapter/adapter_config.json").exists() || dir.join("model/config.json").exists();
+    saved
+        && last_row(&dir.join("metrics.jsonl"))
+            .and_then(|r| r["step"].as_u64())
+            .is_some_and(|s| s as usize == max_steps)
+}
+
+fn last_row(path: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+/// The summary's numbers for one user: the final evaluation's held-out preference accuracy
+/// and margin, personalisation toward the user's pole, drift, and each knowledge set's and
+/// format's accuracy change from the base model (`eval_base.json`), with their mean.
+fn user_metrics(dir: &Path) -> Result<serde_json::Value, RunError> {
+    let metrics = dir.join("metrics.jsonl");
+    let last = last_row(&metrics).ok_or_else(|| format!("{}: no metrics", metrics.display()))?;
+    let base_path = dir.join("eval_base.json");
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&base_path)
+            .map_err(|e| format!("{}: {e}", base_path.display()))?,
+    )?;
+    let mut m = serde_json::Map::new();
+    for k in [
+        "step",
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_personalisation/success",
+        "eval_personalisation/delta_measure",
+        "eval_anchor_drift/mean",
+        "eval_anchor/violation_rate",
+        "eval_kl/token",
+        "eval_weight_distance",
+        "eval_output/delta_mean_length",
+    ] {
+        if let Some(v) = last.get(k).filter(|v| v.is_number()) {
+            m.insert(k.into(), v.clone());
+        }
+    }
+    let mut deltas = Vec::new();
+    if let Some(obj) = last.as_object() {
+        for (k, v) in obj {
+            let Some(stem) = k.strip_suffix("/acc") else {
+                continue;
+            };
+            if !stem.starts_with("eval_knowledge/") {
+                continue;
+            }
+            if let (Some(a), Some(b)) = (v.as_f64(), base[k].as_f64()) {
+                m.insert(format!("{stem}/delta_acc"), (a - b).into());
+                deltas.push(a - b);
+            }
+            if let Some(d) = obj.get(&format!("{stem}/delta_margin")) {
+                m.insert(format!("{stem}/delta_margin"), d.clone());
+            }
+        }
+    }
+    if !deltas.is_empty() {
+        let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
+        m.insert("eval_knowledge/mean_delta_acc".into(), mean.into());
+    }
+    Ok(m.into())
+}
+
+fn write_summary(path: &Path, spec: &PerUser, rows: &[serde_json::Value]) -> Result<(), RunError> {
+    let doc = serde_json::json!({
+        "shard": spec.shard.map(|s| s.to_string()),
+        "users": rows,
+    });
+    write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    Ok(())
+}
+
+/// The summary as a markdown table (printed at the end).
+pub fn summary_table(rows: &[serde_json::Value]) -> String {
+    let cols = [
+        ("pref. acc", "eval_rewards/accuracies"),
+        ("margin", "eval_rewards/margins"),
+        ("toward pole", "eval_personalisation/success"),
+        ("Δ knowledge acc", "eval_knowledge/mean_delta_acc"),
+        ("anchor drift", "eval_anchor_drift/mean"),
+        ("KL/token", "eval_kl/token"),
+    ];
+    let mut s = String::from("| user | status |");
+    for (h, _) in cols {
+        s.push_str(&format!(" {h} |"));
+    }
+    s.push_str(&format!("\n|---|---|{}\n", "---:|".repeat(cols.len())));
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} |",
+            r["user"].as_str().unwrap_or("?"),
+            r["status"].as_str().unwrap_or("?")
+        ));
+        for (_, k) in cols {
+            match r["metrics"][k].as_f64() {
+                Some(v) => s.push_str(&format!(" {v:+.3} |")),
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_users_and_bad_specs_are_refused() {
+        let all: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let mut seen = Vec::new();
+        for i in 1..=3 {
+            let spec = PerUser {
+                shard: Some(format!("{i}/3").parse().unwrap()),
+                ..Default::default()
+            };
+            seen.extend(select(&all, &spec, Path::new("f")).unwrap());
+        }
+        seen.sort();
+        assert_eq!(seen, all);
+        let spec = PerUser {
+            shard: Some("2/3".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(select(&all, &spec, Path::new("f")).unwrap(), ["b", "e"]);
+        for bad in ["0/2", "3/2", "2", "a/b", "1/0"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let spec = PerUser {
+            users: Some(vec!["c".into(), "zed".into()]),
+            ..Default::default()
+        };
+        let e = select(&all, &spec, Path::new("f.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`zed`") && e.contains("f.jsonl"), "{e}");
+    }
+}
