@@ -172,6 +172,17 @@ enum Cmd {
         /// that the gate compares against: its adapter's results, or its base model's.
         #[arg(long, value_name = "REPORT")]
         baseline: Option<PathBuf>,
+        /// Evaluate every user trained by `bapo train --per-user`: `users/<user>/adapter` into
+        /// `users/<user>/report.{json,html}` (the gate, when given, applies to each), then
+        /// `users_report.json` and the index `report.html`.
+        #[arg(long, conflicts_with_all = ["adapter", "report"])]
+        per_user: bool,
+        /// With --per-user: only these users (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "per_user")]
+        users: Option<Vec<String>>,
+        /// With --per-user: the users at positions i, i+n, ... (1-based) of the sorted list.
+        #[arg(long, value_name = "I/N", requires = "per_user")]
+        shard: Option<bapo_train::per_user::Shard>,
     },
     /// Merge a LoRA adapter into the base weights and write an HF checkpoint directory
     /// (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that HF
@@ -460,7 +471,7 @@ enum Job {
     Train {
         resume: bool,
     },
-    PerUser(bapo_train::per_user::PerUser),
+    PerUser(bapo_train::per_user::PerUser, bapo_train::per_user::Job),
     Compare {
         config: PathBuf,
         spec: bapo_train::compare::CompareSpec,
@@ -478,7 +489,9 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
                 gate,
             } => run_eval::<A>(cfg, device, adapter, report, gate),
             Job::Train { resume } => run_training::<A>(cfg, device, resume),
-            Job::PerUser(spec) => bapo_train::per_user::run_per_user::<A>(cfg, device, &spec),
+            Job::PerUser(spec, job) => {
+                bapo_train::per_user::run_per_user::<A>(cfg, device, &spec, job)
+            }
             Job::Compare { config, spec } => {
                 bapo_train::compare::run_compare::<A>(&config, &spec, device).map(|md| {
                     println!("{md}");
@@ -514,11 +527,14 @@ fn infer<B: Backend>(
                 cfg.train.max_steps = m;
             }
             let job = if per_user {
-                Job::PerUser(bapo_train::per_user::PerUser {
-                    users,
-                    shard,
-                    resume,
-                })
+                Job::PerUser(
+                    bapo_train::per_user::PerUser {
+                        users,
+                        shard,
+                        resume,
+                    },
+                    bapo_train::per_user::Job::Train,
+                )
             } else {
                 Job::Train { resume }
             };
@@ -535,11 +551,25 @@ fn infer<B: Backend>(
             max_drop,
             max_margin_drop,
             baseline,
+            per_user,
+            users,
+            shard,
         } => {
-            let gate = gate_spec(max_drop, max_margin_drop, baseline, adapter.is_some())?;
+            let has_adapter = adapter.is_some() || per_user;
+            let gate = gate_spec(max_drop, max_margin_drop, baseline, has_adapter)?;
             let mut cfg = RunConfig::from_file_with(&config, &set)?;
             if let Some(o) = output {
                 cfg.output.dir = o;
+            }
+            if per_user {
+                let spec = bapo_train::per_user::PerUser {
+                    users,
+                    shard,
+                    resume: false,
+                };
+                let job = Job::PerUser(spec, bapo_train::per_user::Job::Eval { gate });
+                println!("{}", trainer(&cfg, &device, job)?.display());
+                return Ok(());
             }
             let report = report.unwrap_or_else(|| cfg.output.dir.join("report.json"));
             println!(

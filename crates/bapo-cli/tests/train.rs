@@ -622,6 +622,22 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
         221
     );
     assert!(r["gate"].is_null());
+    // report.html: every number it shows is report.json's; the answers side by side.
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    let (checked, texts) = check_html_numbers(&html, &r);
+    assert!(checked > 20, "{checked} numeric cells");
+    let answers = r["answers"].as_array().unwrap();
+    assert!(!answers.is_empty());
+    for a in answers {
+        for k in ["prompt", "base", "policy"] {
+            let t = a[k].as_str().unwrap();
+            assert!(
+                texts.iter().any(|x| x == t),
+                "{k} answer missing from the page: {t}"
+            );
+        }
+    }
+    assert!(html.contains("<svg"), "the training figure is embedded");
 
     // The retention gate, passing: against the base model, a 100 % drop is allowed. Its drop
     // is the paired mean, so it equals base acc minus policy acc from the same report.
@@ -1282,6 +1298,50 @@ fn stale_mismatched_or_corrupt_caches_are_detected_and_rebuilt() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `v` at a `/`-joined path whose keys may themselves contain `/` (metric names): the longest
+/// key that matches a prefix wins; array elements by index.
+fn at_path<'a>(v: &'a serde_json::Value, segs: &[&str]) -> Option<&'a serde_json::Value> {
+    if segs.is_empty() {
+        return Some(v);
+    }
+    if let Some(a) = v.as_array() {
+        return at_path(a.get(segs[0].parse::<usize>().ok()?)?, &segs[1..]);
+    }
+    (1..=segs.len())
+        .rev()
+        .find_map(|n| at_path(v.get(segs[..n].join("/"))?, &segs[n..]))
+}
+
+/// Parses `html` and checks every numeric cell against `doc` (report.json): the cell's
+/// `data-value` is the JSON number at its `data-key` path and its text that number to 4
+/// places. Returns the number of cells checked and the page's table-cell texts.
+fn check_html_numbers(html: &str, doc: &serde_json::Value) -> (usize, Vec<String>) {
+    let dom = tl::parse(html, tl::ParserOptions::default()).expect("valid HTML");
+    let parser = dom.parser();
+    let (mut checked, mut texts) = (0, Vec::new());
+    for h in dom.query_selector("td").unwrap() {
+        let tag = h.get(parser).unwrap().as_tag().unwrap();
+        let text = tag.inner_text(parser).to_string();
+        let attr = |k: &str| {
+            tag.attributes()
+                .get(k)
+                .flatten()
+                .map(|b| b.as_utf8_str().to_string())
+        };
+        if let (Some(key), Some(value)) = (attr("data-key"), attr("data-value")) {
+            let segs: Vec<&str> = key.split('/').collect();
+            let want = at_path(doc, &segs)
+                .and_then(|v| v.as_f64())
+                .unwrap_or_else(|| panic!("{key} not a number in the report"));
+            assert_eq!(value.parse::<f64>().unwrap(), want, "{key}");
+            assert_eq!(text, format!("{want:.4}"), "{key}");
+            checked += 1;
+        }
+        texts.push(text);
+    }
+    (checked, texts)
+}
+
 /// The first `n` pairs of each of `users` from the bundled persona data, into `dir/users.jsonl`.
 fn persona_subset(dir: &Path, users: &[&str], n: usize) -> PathBuf {
     let text = std::fs::read_to_string(root().join("data/personas/train.jsonl")).unwrap();
@@ -1461,6 +1521,48 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
     let res = bapo(&["train", "--config", cfg, "--per-user", "--shard", "3/2"]);
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("--shard `3/2`"));
+
+    // bapo eval --per-user: each user's report (gated), their pages, and an index.
+    let res = bapo(&[
+        "eval",
+        "--config",
+        cfg,
+        "--per-user",
+        "--users",
+        "child,concise",
+        "--max-drop",
+        "1",
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("users_report.json")).unwrap())
+            .unwrap();
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    let (checked, texts) = check_html_numbers(&html, &index);
+    assert!(checked >= 8, "{checked}");
+    for (i, user) in ["child", "concise"].iter().enumerate() {
+        assert!(texts.contains(&user.to_string()));
+        assert!(html.contains(&format!("href=\"users/{user}/report.html\"")));
+        let row = &index["users"][i];
+        assert_eq!(row["status"], "evaluated");
+        assert_eq!(row["metrics"]["gate/pass"], true);
+        let udir = run.join("users").join(user);
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(udir.join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            row["metrics"]["eval_kl/token"],
+            doc["policy"]["eval_kl/token"]
+        );
+        let page = std::fs::read_to_string(udir.join("report.html")).unwrap();
+        let (checked, _) = check_html_numbers(&page, &doc);
+        assert!(checked > 10, "{user}: {checked}");
+        assert!(page.contains("Retention gate"));
+    }
     let res = bapo(&["train", "--config", cfg, "--users", "child"]);
     assert!(!res.status.success(), "--users without --per-user");
     let mut lines: Vec<String> = std::fs::read_to_string(&data)

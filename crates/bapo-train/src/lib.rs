@@ -12,6 +12,7 @@ pub mod eval;
 mod figure;
 pub mod gate;
 pub mod generation;
+pub mod html;
 pub mod io;
 pub mod logps;
 pub mod lora;

@@ -3,6 +3,7 @@
 //! user's prompts are computed once (cached in `<output.dir>/shared/`) and looked up by each
 //! user's run; each user's run is the same job as `data.users = [user]` alone, bit for bit.
 //! `users_summary.json` (rewritten after every user) ends with one row per user.
+//! `bapo eval --per-user` evaluates each user's adapter the same way and writes an index page.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -113,13 +114,24 @@ pub fn select(all: &[String], spec: &PerUser, file: &Path) -> Result<Vec<String>
     Ok(users)
 }
 
-/// Trains every selected user (see the module docs); returns the summary's path. A user whose
-/// training fails is reported in the summary and the others still train; the error then
-/// names every failed user. Ctrl-C stops at once (`--resume` continues).
+/// What to do for each user.
+pub enum Job {
+    /// Train (`bapo train --per-user`): `users_summary.json`.
+    Train,
+    /// Evaluate each user's adapter, as `bapo eval --adapter users/<user>/adapter` would, into
+    /// `users/<user>/report.{json,html}`, with the retention gate when given; then
+    /// `users_report.json` and the index `report.html` beside `users/`.
+    Eval { gate: Option<crate::gate::GateSpec> },
+}
+
+/// Trains (or evaluates) every selected user (see the module docs); returns the summary's
+/// path. A user whose job fails is reported in the summary and the others still run; the
+/// error then names every failed user. Ctrl-C stops at once (`--resume` continues).
 pub fn run_per_user<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
     spec: &PerUser,
+    job: Job,
 ) -> Result<PathBuf, RunError> {
     let all = users_of(run)?;
     let users = select(&all, spec, &run.data.train)?;
@@ -131,7 +143,10 @@ pub fn run_per_user<B: AutodiffBackend>(
         .shard
         .map(|s| format!("-{}-of-{}", s.index, s.count))
         .unwrap_or_default();
-    let summary_path = out.join(format!("users_summary{tag}.json"));
+    let summary_path = match job {
+        Job::Train => out.join(format!("users_summary{tag}.json")),
+        Job::Eval { .. } => out.join(format!("users_report{tag}.json")),
+    };
     tracing::info!(users = ?users, shard = ?spec.shard.map(|s| s.to_string()), "per-user training");
     let mut rows = Vec::new();
     if users.is_empty() {
@@ -160,6 +175,28 @@ pub fn run_per_user<B: AutodiffBackend>(
             "train_pairs": train_ex.len(),
             "eval_pairs": eval_ex.len(),
         });
+        if let Job::Eval { gate } = &job {
+            let outcome = eval_user::<B>(&user_run, device, gate.clone(), &shared);
+            match outcome {
+                Ok(metrics) => {
+                    row["status"] = "evaluated".into();
+                    row["metrics"] = metrics;
+                }
+                Err(e) => {
+                    tracing::error!(user, error = %e, "evaluation failed; the next user goes on");
+                    row["status"] = "failed".into();
+                    row["error"] = e.to_string().into();
+                    failed.push(user.clone());
+                    // A failed gate still wrote the report: show its numbers.
+                    if let Ok(m) = report_metrics(&dir.join("report.json")) {
+                        row["metrics"] = m;
+                    }
+                }
+            }
+            rows.push(row);
+            write_summary(&summary_path, spec, &rows)?;
+            continue;
+        }
         if spec.resume && finished(&dir, run.train.max_steps) {
             tracing::info!(user, "already trained: skipped (--resume)");
             row["status"] = "finished earlier".into();
@@ -196,9 +233,18 @@ pub fn run_per_user<B: AutodiffBackend>(
         write_summary(&summary_path, spec, &rows)?;
     }
     eprintln!("{}", summary_table(&rows));
+    if let Job::Eval { .. } = job {
+        let index = out.join(format!("report{tag}.html"));
+        write_atomic(&index, crate::html::index_page(&rows, &COLUMNS).as_bytes())?;
+        tracing::info!(index = %index.display(), "per-user report written");
+    }
     if !failed.is_empty() {
+        let what = match job {
+            Job::Train => "training",
+            Job::Eval { .. } => "evaluation (or its retention gate)",
+        };
         return Err(format!(
-            "training failed for {} of {} users ({}); see {}",
+            "{what} failed for {} of {} users ({}); see {}",
             failed.len(),
             users.len(),
             failed.join(", "),
@@ -207,6 +253,60 @@ pub fn run_per_user<B: AutodiffBackend>(
         .into());
     }
     Ok(summary_path)
+}
+
+/// `bapo eval` of one user's adapter (or fully fine-tuned model) into its directory; the
+/// report's numbers for the summary.
+fn eval_user<B: AutodiffBackend>(
+    user_run: &RunConfig,
+    device: &B::Device,
+    gate: Option<crate::gate::GateSpec>,
+    shared: &Shared,
+) -> Result<serde_json::Value, RunError> {
+    let dir = &user_run.output.dir;
+    let adapter = ["adapter", "model"]
+        .map(|d| dir.join(d))
+        .into_iter()
+        .find(|d| d.is_dir())
+        .ok_or_else(|| {
+            format!(
+                "{}: no adapter/ or model/ (train this user first: bapo train --per-user)",
+                dir.display()
+            )
+        })?;
+    let report = dir.join("report.json");
+    let mode = Mode::Eval {
+        adapter: Some(adapter),
+        report: report.clone(),
+        gate,
+    };
+    run_job::<B>(user_run, device, mode, Some(shared))?;
+    report_metrics(&report)
+}
+
+/// The summary's numbers from a user's `report.json`: the personalised model's metrics of
+/// [`COLUMNS`], the mean knowledge accuracy change, and whether the gate passed.
+fn report_metrics(path: &Path) -> Result<serde_json::Value, RunError> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)?;
+    let mut m = serde_json::Map::new();
+    for (_, k) in COLUMNS {
+        if let Some(v) = doc["policy"].get(k).filter(|v| v.is_number()) {
+            m.insert(k.into(), v.clone());
+        }
+    }
+    let deltas: Vec<f64> = doc["knowledge"]["policy"]
+        .as_object()
+        .map(|o| o.values().filter_map(|s| s["delta_acc"].as_f64()).collect())
+        .unwrap_or_default();
+    if !deltas.is_empty() {
+        let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
+        m.insert("eval_knowledge/mean_delta_acc".into(), mean.into());
+    }
+    if let Some(p) = doc["gate"]["pass"].as_bool() {
+        m.insert("gate/pass".into(), p.into());
+    }
+    Ok(m.into())
 }
 
 /// A user's run ended: its adapter (or model) is saved and metrics reach `max_steps`.
@@ -286,16 +386,19 @@ fn write_summary(path: &Path, spec: &PerUser, rows: &[serde_json::Value]) -> Res
     Ok(())
 }
 
+/// The summary's columns: heading and metric.
+pub const COLUMNS: [(&str, &str); 6] = [
+    ("pref. acc", "eval_rewards/accuracies"),
+    ("margin", "eval_rewards/margins"),
+    ("toward pole", "eval_personalisation/success"),
+    ("Δ knowledge acc", "eval_knowledge/mean_delta_acc"),
+    ("anchor drift", "eval_anchor_drift/mean"),
+    ("KL/token", "eval_kl/token"),
+];
+
 /// The summary as a markdown table (printed at the end).
 pub fn summary_table(rows: &[serde_json::Value]) -> String {
-    let cols = [
-        ("pref. acc", "eval_rewards/accuracies"),
-        ("margin", "eval_rewards/margins"),
-        ("toward pole", "eval_personalisation/success"),
-        ("Δ knowledge acc", "eval_knowledge/mean_delta_acc"),
-        ("anchor drift", "eval_anchor_drift/mean"),
-        ("KL/token", "eval_kl/token"),
-    ];
+    let cols = COLUMNS;
     let mut s = String::from("| user | status |");
     for (h, _) in cols {
         s.push_str(&format!(" {h} |"));

@@ -195,15 +195,19 @@ pub(crate) struct EvalExtras<'a> {
     /// `base_answers`, the base model's decoded answers to `out_prompts`.
     pub(crate) pole: Option<(bapo_data::synth::Dimension, usize)>,
     pub(crate) base_answers: Option<Vec<String>>,
+    /// The conversation of each of `out_prompts`, as text (for the report).
+    pub(crate) out_texts: Vec<String>,
     pub(crate) tok: &'a bapo_model::Tokenizer,
     pub(crate) template: &'a bapo_data::ChatTemplate,
 }
 
-/// Flat `eval_` metrics, knowledge summaries, per-item knowledge results.
+/// Flat `eval_` metrics, knowledge summaries, per-item knowledge results, and the greedy
+/// answers to `out_prompts` (tokens without EOS, whether it ended on EOS).
 pub(crate) type EvalOutcome = (
     BTreeMap<String, f64>,
     BTreeMap<String, bapo_drift::McSummary>,
     crate::eval::KnowledgeResults,
+    Vec<(Vec<u32>, bool)>,
 );
 
 /// Every eval metric (`eval_`-prefixed) of `model`, and the knowledge summaries.
@@ -236,8 +240,9 @@ pub(crate) fn full_eval<B: Backend>(
     for (k, v) in crate::eval::knowledge_metrics(&summaries) {
         m.insert(format!("eval_{k}"), v);
     }
+    let mut answers = Vec::new();
     if !x.out_prompts.is_empty() {
-        let answers = crate::eval::greedy_answers(
+        answers = crate::eval::greedy_answers(
             model,
             &x.out_prompts,
             x.max_new_tokens,
@@ -261,7 +266,7 @@ pub(crate) fn full_eval<B: Backend>(
             );
         }
     }
-    Ok((m, summaries, results))
+    Ok((m, summaries, results, answers))
 }
 
 /// The text of each answer (tokens without EOS).
@@ -325,16 +330,29 @@ pub(crate) fn eval_report<B: Backend>(
         }
         Some(dir) => Some(bapo_model::load_pretrained::<B>(dir, device)?.model),
     };
-    let (metrics, summaries, items, distance) = match &policy {
+    let (metrics, summaries, items, distance, answers) = match &policy {
         Some(p) => {
-            let (mut m, s, items) =
+            let (mut m, s, items, answers) =
                 full_eval(p, Some(reference), eval_enc, refs, run, eos, device, extras)?;
             let wd = bapo_drift::weights::weight_distance(&weight_change_norms(p, reference));
             m.insert("eval_weight_distance".into(), wd.global);
-            (Some(m), Some(s), Some(items), Some(wd))
+            let answers = decode_all(extras.tok, &answers)?;
+            (Some(m), Some(s), Some(items), Some(wd), Some(answers))
         }
-        None => (None, None, None, None),
+        None => (None, None, None, None, None),
     };
+    // Held-out prompts with the base model's and the personalised model's greedy answers.
+    let base_answers = extras.base_answers.clone().unwrap_or_default();
+    let answers: Vec<serde_json::Value> = extras
+        .out_texts
+        .iter()
+        .zip(&base_answers)
+        .enumerate()
+        .map(|(i, (prompt, base))| {
+            let policy = answers.as_ref().and_then(|a| a.get(i));
+            serde_json::json!({"prompt": prompt, "base": base, "policy": policy})
+        })
+        .collect();
     let no_items = crate::eval::KnowledgeResults::new();
     let base_items = extras.base_knowledge.as_ref().unwrap_or(&no_items);
     let verdict = match (gate, &items) {
@@ -382,11 +400,19 @@ pub(crate) fn eval_report<B: Backend>(
             "policy": items,
         },
         "gate": verdict.as_ref().map(|(_, json)| json),
+        "answers": answers,
     });
     if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     write_atomic(report, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    let svg = std::fs::read_to_string(run.output.dir.join("training.svg")).ok();
+    let html = report.with_extension("html");
+    write_atomic(
+        &html,
+        crate::html::report_page(&doc, svg.as_deref()).as_bytes(),
+    )?;
+    tracing::info!(report = %report.display(), html = %html.display(), "report written");
     if let Some(((_, Some(failed)), _)) = &verdict {
         return Err(format!(
             "retention gate failed ({} written): {failed}",

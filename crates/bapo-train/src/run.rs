@@ -178,13 +178,25 @@ fn evaluate_base<'a, B: AutodiffBackend>(
             _ => None,
         },
         base_answers: None,
+        out_texts: p
+            .eval_ex
+            .iter()
+            .take(run.eval.output_prompts)
+            .map(|e| {
+                let turns = e
+                    .prompt
+                    .iter()
+                    .map(|m| format!("{}: {}", m.role, m.content));
+                turns.collect::<Vec<_>>().join("\n")
+            })
+            .collect(),
         tok,
         template,
     };
     let context = p.config.max_position_embeddings;
     crate::eval::check_knowledge_context(&extras.sets, &extras.formats, tok, template, context)?;
     let t0 = std::time::Instant::now();
-    let (metrics, summaries, results) = full_eval(
+    let (metrics, summaries, results, answers) = full_eval(
         &p.reference,
         None,
         &p.eval_enc,
@@ -195,17 +207,8 @@ fn evaluate_base<'a, B: AutodiffBackend>(
         &extras,
     )?;
     if !extras.out_prompts.is_empty() {
-        let answers = crate::eval::greedy_answers(
-            &p.reference,
-            &extras.out_prompts,
-            extras.max_new_tokens,
-            &extras.eos_ids,
-            device,
-        );
         extras.base_output = Some(bapo_drift::OutputStats::new(&answers));
-        if extras.pole.is_some() {
-            extras.base_answers = Some(crate::report::decode_all(tok, &answers)?);
-        }
+        extras.base_answers = Some(crate::report::decode_all(tok, &answers)?);
     }
     extras.base_knowledge = Some(results);
     tracing::info!(secs = t0.elapsed().as_secs_f64(), "base model evaluated");
@@ -284,7 +287,7 @@ fn fit<B: AutodiffBackend>(
                 device,
                 extras,
             ) {
-                Ok((ev, _, _)) => {
+                Ok((ev, _, _, _)) => {
                     for (k, v) in ev {
                         row[k] = serde_json::json!(v);
                     }
