@@ -245,6 +245,27 @@ enum Cmd {
         #[arg(long)]
         adapter: Option<PathBuf>,
     },
+    /// An OpenAI-compatible HTTP server: one base model, every user's LoRA adapter over it
+    /// (`model: "bapo/<user>"` or the `user` field; `bapo/base` for the base model).
+    Serve {
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapters: `<dir>/<user>/`, `<dir>/<user>/adapter/`, or the output of
+        /// `bapo train --per-user` (`<dir>/users/<user>/adapter/`).
+        #[arg(long)]
+        adapters: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// 0 picks a free port (the address is printed).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Adapters kept attached at once (least recently used dropped first).
+        #[arg(long, default_value_t = 8)]
+        max_adapters: usize,
+        /// `max_tokens` of a request that gives none (cut to what the context leaves).
+        #[arg(long, default_value_t = 256)]
+        default_max_tokens: usize,
+    },
 }
 
 /// Whether log lines carry ANSI colours: on a terminal, unless `NO_COLOR` is set and non-empty.
@@ -270,9 +291,15 @@ fn main() {
     // so nothing is left half-written.
     let _ = ctrlc::set_handler(|| {
         static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst)
-            || !bapo_train::train::request_stop()
-        {
+        if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("interrupted");
+            std::process::exit(130);
+        }
+        if bapo_serve::request_shutdown() {
+            eprintln!("Ctrl-C: finishing in-flight requests (Ctrl-C again to quit now)");
+            return;
+        }
+        if !bapo_train::train::request_stop() {
             eprintln!("interrupted");
             std::process::exit(130);
         }
@@ -770,6 +797,25 @@ fn infer<B: Backend>(
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(())
+        }
+        Cmd::Serve {
+            model,
+            adapters,
+            host,
+            port,
+            max_adapters,
+            default_max_tokens,
+        } => {
+            let loaded = load_pretrained::<B>(&model, &device)?;
+            let opts = bapo_serve::ServeOptions {
+                addr: std::net::SocketAddr::new(host, port),
+                adapters,
+                max_adapters,
+                default_max_tokens,
+            };
+            bapo_serve::serve(loaded, device, opts, |addr| {
+                eprintln!("bapo serve: listening on http://{addr}");
+            })
         }
         Cmd::Generate {
             model,

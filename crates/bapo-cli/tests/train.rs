@@ -1581,3 +1581,275 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bapo serve` as a child process on a free port; killed on drop.
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Server {
+    fn start(model: &Path, adapters: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bapo"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model)
+            .arg("--adapters")
+            .arg(adapters)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("server exited").unwrap();
+            if let Some(u) = line.split("listening on ").nth(1) {
+                break u.trim().to_string();
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, url }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// POSTs `body` to the chat endpoint: status and body text.
+fn post_chat(url: &str, body: &str) -> (u16, String) {
+    let mut res = http()
+        .post(&format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap();
+    (
+        res.status().as_u16(),
+        res.body_mut().read_to_string().unwrap(),
+    )
+}
+
+fn chat_body(model: &str, prompt: &str, extra: &str) -> String {
+    format!(
+        r#"{{"model": "{model}", "messages": [{{"role": "user", "content": {}}}], "temperature": 0, "max_tokens": 12{extra}}}"#,
+        serde_json::json!(prompt)
+    )
+}
+
+/// The `content` of a non-streamed answer.
+fn content(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A streamed answer's `data:` documents, reassembled: text, finish reason, `[DONE]` last.
+fn reassemble(body: &str) -> (String, String) {
+    let datas: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"), "{body}");
+    let (mut text, mut finish) = (String::new(), String::new());
+    for d in &datas[..datas.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(d).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish)
+}
+
+#[test]
+fn serve_answers_each_user_with_their_adapter_over_http() {
+    let dir = fresh_dir("bapo-serve");
+    let data = persona_subset(&dir, &["concise", "child"], 8);
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            &root().join("data/demo/concise.jsonl").display().to_string(),
+            &data.display().to_string(),
+        )
+        .replace(
+            "max_length = 96",
+            "max_length = 128\nmax_prompt_length = 64",
+        )
+        .replace("learning_rate = 1e-2", "learning_rate = 5e-2")
+        .replace("max_steps = 3", "max_steps = 6");
+    std::fs::write(&cfg, text).unwrap();
+    let res = bapo(&["train", "--config", cfg.to_str().unwrap(), "--per-user"]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let (model, run) = (root().join("tests/fixtures/tiny-llama"), dir.join("run"));
+    let server = Server::start(&model, &run);
+    let url = server.url.clone();
+
+    let mut res = http().get(&format!("{url}/health")).call().unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert!(res.body_mut().read_to_string().unwrap().contains("ok"));
+    let mut res = http().get(&format!("{url}/v1/models")).call().unwrap();
+    let models: serde_json::Value =
+        serde_json::from_str(&res.body_mut().read_to_string().unwrap()).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["bapo/base", "bapo/child", "bapo/concise"]);
+
+    // Each user's answer is `bapo generate --adapter`'s, and the users' answers differ.
+    let prompt = "Why is the sky blue?";
+    let mut answers = std::collections::BTreeMap::new();
+    for user in ["base", "child", "concise"] {
+        let (status, body) = post_chat(&url, &chat_body(&format!("bapo/{user}"), prompt, ""));
+        assert_eq!(status, 200, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["model"], format!("bapo/{user}"));
+        assert_eq!(doc["usage"]["completion_tokens"], 12, "{body}");
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+        ];
+        let adapter = run.join("users").join(user).join("adapter");
+        if user != "base" {
+            args.extend(["--adapter", adapter.to_str().unwrap()]);
+        }
+        args.extend(["--max-new-tokens", "12"]);
+        let out = bapo(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        assert_eq!(
+            content(&body),
+            line["completion"].as_str().unwrap(),
+            "{user}"
+        );
+        answers.insert(user, content(&body));
+    }
+    assert_ne!(answers["child"], answers["concise"]);
+    // The `user` field selects the adapter too.
+    let by_field = post_chat(&url, &chat_body("any", prompt, r#", "user": "child""#));
+    assert_eq!(content(&by_field.1), answers["child"]);
+
+    // Streaming reassembles to the same answer; a stop string cuts both the same way.
+    let (status, body) = post_chat(
+        &url,
+        &chat_body("bapo/child", prompt, r#", "stream": true"#),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        reassemble(&body),
+        (answers["child"].clone(), "length".into())
+    );
+    let whole = &answers["concise"];
+    let cut = whole
+        .char_indices()
+        .nth(whole.chars().count() / 2)
+        .unwrap()
+        .0;
+    let stop = whole[cut..].chars().take(2).collect::<String>();
+    let want = &whole[..whole.find(&stop).unwrap()];
+    let extra = format!(r#", "stop": [{}]"#, serde_json::json!(stop));
+    let (_, body) = post_chat(&url, &chat_body("bapo/concise", prompt, &extra));
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            content(&body).as_str(),
+            doc["choices"][0]["finish_reason"].as_str()
+        ),
+        (want, Some("stop"))
+    );
+    let (_, body) = post_chat(
+        &url,
+        &chat_body(
+            "bapo/concise",
+            prompt,
+            &format!("{extra}, \"stream\": true"),
+        ),
+    );
+    assert_eq!(reassemble(&body), (want.to_string(), "stop".into()));
+
+    // Concurrent requests (batched by adapter) give the sequential answers.
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let url = url.clone();
+            let user = ["child", "concise", "base"][i % 3];
+            let body = chat_body(&format!("bapo/{user}"), prompt, "");
+            std::thread::spawn(move || (user, post_chat(&url, &body)))
+        })
+        .collect();
+    for h in handles {
+        let (user, (status, body)) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(content(&body), answers[user], "{user} under concurrency");
+    }
+
+    // Bad requests: OpenAI's error shape, the server stays up.
+    for (body, status, want) in [
+        ("{not json".to_string(), 400, "invalid_request_error"),
+        (chat_body("bapo/nobody", prompt, ""), 404, "model_not_found"),
+        (chat_body("bapo/../x", prompt, ""), 404, "model_not_found"),
+        (
+            chat_body("bapo/child", prompt, "")
+                .replace("\"max_tokens\": 12", "\"max_tokens\": 100000"),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            r#"{"model": "bapo/child", "messages": []}"#.to_string(),
+            400,
+            "messages",
+        ),
+    ] {
+        let (s, b) = post_chat(&url, &body);
+        assert_eq!(s, status, "{body}: {b}");
+        let e: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert!(e["error"]["message"].is_string(), "{b}");
+        assert!(b.contains(want), "{b}");
+    }
+
+    // Ctrl-C drains: a request in flight is answered, then the server exits 0.
+    let long =
+        chat_body("bapo/base", prompt, "").replace("\"max_tokens\": 12", "\"max_tokens\": 200");
+    let u = url.clone();
+    let inflight = std::thread::spawn(move || post_chat(&u, &long));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut server = server;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (s, b) = inflight.join().unwrap();
+    assert_eq!(s, 200, "{b}");
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

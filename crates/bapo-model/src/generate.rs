@@ -2,6 +2,8 @@
 //! gets its own positions and padding mask; greedy or temperature/top-p sampling (seeded);
 //! rows stop on EOS independently.
 
+use std::ops::ControlFlow;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
@@ -100,12 +102,30 @@ pub fn generate<B: Backend>(
     cfg: &GenerationConfig,
     device: &B::Device,
 ) -> Vec<Generated> {
+    generate_streaming(model, prompts, cfg, device, &mut |_| {
+        ControlFlow::Continue(())
+    })
+}
+
+/// What [`generate_streaming`]'s callback sees after each decoding step: every row so far.
+pub type OnStep<'a> = dyn FnMut(&[Generated]) -> ControlFlow<()> + Send + 'a;
+
+/// [`generate`], calling `on_step` with every row after each new token (a server streams from
+/// it); `Break` stops decoding there (every consumer has what it wants). Same tokens as
+/// `generate` up to the step it stops at.
+pub fn generate_streaming<B: Backend>(
+    model: &Llama<B>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    on_step: &mut OnStep,
+) -> Vec<Generated> {
     // Only where products will be split: larger batches keep their threads as they were.
     let split = crate::split::split_threads() > 1 && prompts.len() <= crate::split::MAX_ROWS;
     if split && rayon::current_thread_index().is_none() {
-        rayon::scope(|_| generate_here(model, prompts, cfg, device))
+        rayon::scope(|_| generate_here(model, prompts, cfg, device, on_step))
     } else {
-        generate_here(model, prompts, cfg, device)
+        generate_here(model, prompts, cfg, device, on_step)
     }
 }
 
@@ -114,6 +134,7 @@ fn generate_here<B: Backend>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     device: &B::Device,
+    on_step: &mut OnStep,
 ) -> Vec<Generated> {
     let b = prompts.len();
     let mut out: Vec<Generated> = vec![
@@ -175,7 +196,11 @@ fn generate_here<B: Backend>(
             }
             step_ids.push(tok as i64);
         }
-        if step + 1 == cfg.max_new_tokens || out.iter().all(|r| r.stopped_on_eos) {
+        let wanted = on_step(&out);
+        if step + 1 == cfg.max_new_tokens
+            || out.iter().all(|r| r.stopped_on_eos)
+            || wanted.is_break()
+        {
             break;
         }
         for v in valid.iter_mut() {

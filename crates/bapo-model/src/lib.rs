@@ -22,7 +22,7 @@ pub mod tokenizer;
 
 pub use config::{HfConfig, LlamaConfig};
 pub use error::{ModelError, Result};
-pub use generate::{generate, Generated, GenerationConfig};
+pub use generate::{generate, generate_streaming, Generated, GenerationConfig, OnStep};
 pub use load::{load_pretrained, LoadedModel};
 pub use model::{KvCache, Llama};
 pub use tokenizer::Tokenizer;
