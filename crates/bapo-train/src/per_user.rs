@@ -1,7 +1,7 @@
 //! `bapo train --per-user`: one adapter per user of the data file, in turn, into
-//! `<output.dir>/users/<user>/`. The base responses and reference log-probs of every selected
-//! user's prompts are computed once (cached in `<output.dir>/shared/`) and looked up by each
-//! user's run; each user's run is the same job as `data.users = [user]` alone, bit for bit.
+//! `<output.dir>/users/<user>/`. The base responses and reference log-probs of every user's
+//! prompts (every user of the file; of the shard with `--shard`) are computed once (cached in
+//! `<output.dir>/shared/`) and looked up by each user's run; each user's run is the same job as `data.users = [user]` alone, bit for bit.
 //! `users_summary.json` (rewritten after every user) ends with one row per user.
 //! `bapo eval --per-user` evaluates each user's adapter the same way and writes an index page.
 
@@ -147,16 +147,21 @@ pub fn run_per_user<B: AutodiffBackend>(
         Job::Train => out.join(format!("users_summary{tag}.json")),
         Job::Eval { .. } => out.join(format!("users_report{tag}.json")),
     };
-    tracing::info!(users = ?users, shard = ?spec.shard.map(|s| s.to_string()), "per-user training");
+    tracing::info!(users = ?users, shard = ?spec.shard.map(|s| s.to_string()), "per user");
     let mut rows = Vec::new();
     if users.is_empty() {
         tracing::warn!("no user falls in this shard: nothing to train");
         write_summary(&summary_path, spec, &rows)?;
         return Ok(summary_path);
     }
-    // Once for every selected user: base responses and reference log-probs.
+    // Once for every user of the file (of the shard: each shard prepares its own users), so
+    // that a later `--users` selection reuses it: base responses and reference log-probs.
     let mut shared_run = run.clone();
-    shared_run.data.users = Some(users.clone());
+    shared_run.data.users = Some(if spec.shard.is_some() {
+        users.clone()
+    } else {
+        all.clone()
+    });
     shared_run.output.dir = out.join(format!("shared{tag}"));
     let shared = {
         let (_, p) = prepare::<B>(&shared_run, device, None)?;
