@@ -70,6 +70,17 @@ fn bapo(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// [`bapo`], asserting that it succeeded (its log in the failure message).
+fn bapo_ok(args: &[&str]) -> std::process::Output {
+    let res = bapo(args);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    res
+}
+
 #[test]
 fn train_writes_metrics_anchors_and_adapter_and_reuses_caches() {
     let dir = fresh_dir("bapo-train-cli");
@@ -1358,12 +1369,12 @@ fn persona_subset(dir: &Path, users: &[&str], n: usize) -> PathBuf {
     p
 }
 
-#[test]
-fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
-    let dir = fresh_dir("bapo-per-user");
-    let data = persona_subset(&dir, &["concise", "child", "friendly"], 8);
-    let cfg = config(&dir, "");
-    let text = std::fs::read_to_string(&cfg)
+/// [`config`] on [`persona_subset`]'s 8 pairs per user (prompts cut to 64 tokens), with
+/// `edits` (from, to) applied to the text: the data file and the config.
+fn persona_config(dir: &Path, users: &[&str], edits: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+    let data = persona_subset(dir, users, 8);
+    let cfg = config(dir, "");
+    let mut text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace(
             &root().join("data/demo/concise.jsonl").display().to_string(),
@@ -1372,10 +1383,26 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
         .replace(
             "max_length = 96",
             "max_length = 128\nmax_prompt_length = 64",
-        )
-        .replace("eval_fraction = 0.125", "eval_fraction = 0.25")
-        .replace("[output]", "[eval]\noutput_prompts = 2\n[output]");
+        );
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from}");
+        text = text.replace(from, to);
+    }
     std::fs::write(&cfg, text).unwrap();
+    (data, cfg)
+}
+
+#[test]
+fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
+    let dir = fresh_dir("bapo-per-user");
+    let (data, cfg) = persona_config(
+        &dir,
+        &["concise", "child", "friendly"],
+        &[
+            ("eval_fraction = 0.125", "eval_fraction = 0.25"),
+            ("[output]", "[eval]\noutput_prompts = 2\n[output]"),
+        ],
+    );
     let cfg = cfg.to_str().unwrap();
     let run = dir.join("run");
     let res = bapo(&[
@@ -1465,7 +1492,7 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
     // --resume skips finished users (nothing retrained: metrics untouched).
     let metrics = run.join("users/concise/metrics.jsonl");
     let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
-    let res = bapo(&[
+    let resume = [
         "train",
         "--config",
         cfg,
@@ -1473,33 +1500,14 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
         "--users",
         "child,concise",
         "--resume",
-    ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    ];
+    bapo_ok(&resume);
     assert_eq!(
         std::fs::metadata(&metrics).unwrap().modified().unwrap(),
         before
     );
     // --shard 2/2 of [child, concise] is concise alone, with its own summary file.
-    let res = bapo(&[
-        "train",
-        "--config",
-        cfg,
-        "--per-user",
-        "--users",
-        "child,concise",
-        "--resume",
-        "--shard",
-        "2/2",
-    ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    bapo_ok(&[&resume[..], &["--shard", "2/2"]].concat());
     let shard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(run.join("users_summary-2-of-2.json")).unwrap(),
     )
@@ -1677,21 +1685,14 @@ fn reassemble(body: &str) -> (String, String) {
 #[test]
 fn serve_answers_each_user_with_their_adapter_over_http() {
     let dir = fresh_dir("bapo-serve");
-    let data = persona_subset(&dir, &["concise", "child"], 8);
-    let cfg = config(&dir, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            &root().join("data/demo/concise.jsonl").display().to_string(),
-            &data.display().to_string(),
-        )
-        .replace(
-            "max_length = 96",
-            "max_length = 128\nmax_prompt_length = 64",
-        )
-        .replace("learning_rate = 1e-2", "learning_rate = 5e-2")
-        .replace("max_steps = 3", "max_steps = 6");
-    std::fs::write(&cfg, text).unwrap();
+    let (_, cfg) = persona_config(
+        &dir,
+        &["concise", "child"],
+        &[
+            ("learning_rate = 1e-2", "learning_rate = 5e-2"),
+            ("max_steps = 3", "max_steps = 6"),
+        ],
+    );
     let res = bapo(&["train", "--config", cfg.to_str().unwrap(), "--per-user"]);
     assert!(
         res.status.success(),

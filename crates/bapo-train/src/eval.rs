@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use bapo_data::{ChatTemplate, Message};
 use bapo_drift::mc::{read_items, Format, McItem, McItemResult, McSummary};
-use bapo_drift::OutputStats;
 use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
@@ -289,23 +288,6 @@ pub fn greedy_answers<B: Backend>(
             (t, g.stopped_on_eos)
         })
         .collect()
-}
-
-/// Greedy generations from `prompts` (token ids), summarised.
-pub fn output_stats<B: Backend>(
-    model: &Llama<B>,
-    prompts: &[Vec<u32>],
-    max_new_tokens: usize,
-    eos_ids: &[u32],
-    device: &B::Device,
-) -> OutputStats {
-    OutputStats::new(&greedy_answers(
-        model,
-        prompts,
-        max_new_tokens,
-        eos_ids,
-        device,
-    ))
 }
 
 /// Personalisation on held-out prompts for a user who is a pole of a known dimension
