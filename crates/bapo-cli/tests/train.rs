@@ -1415,9 +1415,26 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
     ]);
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{err}");
-    // Base responses and reference log-probs once, in shared/; none per user.
-    assert!(run.join("shared/anchors.cache.json").exists());
-    assert!(run.join("shared/reference_logps.cache.json").exists());
+    // Base responses and reference log-probs once, for the selection (not every user: no
+    // `shared/`); none per user.
+    assert!(!run.join("shared").exists());
+    let shared: Vec<PathBuf> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("shared-")
+        })
+        .collect();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert!(shared[0].join("anchors.cache.json").exists());
+    assert!(shared[0].join("reference_logps.cache.json").exists());
+    let made = std::fs::metadata(shared[0].join("anchors.cache.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
     assert!(!run.join("users/friendly").exists(), "not selected");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("users_summary.json")).unwrap())
@@ -1449,6 +1466,13 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
         ] {
             assert_eq!(m[k], last[k], "{user} {k}");
         }
+        let h = &row["heterogeneity"];
+        assert_eq!(h["pairs"], row["train_pairs"], "{row}");
+        assert!(h["logp_gap"].as_f64().is_some_and(f64::is_finite), "{row}");
+        assert!(
+            h["measure_gap"].as_f64().is_some_and(f64::is_finite),
+            "{row}"
+        );
         let s = m["eval_personalisation/success"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&s), "{s}");
         // Knowledge change = final accuracy - the base model's (eval_base.json).
@@ -1502,6 +1526,11 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
         "--resume",
     ];
     bapo_ok(&resume);
+    let again = std::fs::metadata(shared[0].join("anchors.cache.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(again, made, "the same selection reuses its shared caches");
     assert_eq!(
         std::fs::metadata(&metrics).unwrap().modified().unwrap(),
         before

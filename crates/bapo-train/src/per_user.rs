@@ -1,7 +1,8 @@
 //! `bapo train --per-user`: one adapter per user of the data file, in turn, into
-//! `<output.dir>/users/<user>/`. The base responses and reference log-probs of every user's
-//! prompts (every user of the file; of the shard with `--shard`) are computed once (cached in
-//! `<output.dir>/shared/`) and looked up by each user's run; each user's run is the same job as `data.users = [user]` alone, bit for bit.
+//! `<output.dir>/users/<user>/`. The base responses and reference log-probs of every selected
+//! user's prompts are computed once (cached in `<output.dir>/shared/` when every user of the
+//! file is selected, else in `shared-<hash of the selection>/`) and looked up by each user's
+//! run; each user's run is the same job as `data.users = [user]` alone, bit for bit.
 //! `users_summary.json` (rewritten after every user) ends with one row per user.
 //! `bapo eval --per-user` evaluates each user's adapter the same way and writes an index page.
 
@@ -154,15 +155,12 @@ pub fn run_per_user<B: AutodiffBackend>(
         write_summary(&summary_path, spec, &rows)?;
         return Ok(summary_path);
     }
-    // Once for every user of the file (of the shard: each shard prepares its own users), so
-    // that a later `--users` selection reuses it: base responses and reference log-probs.
+    // Once for every selected user: base responses and reference log-probs, in `shared/`
+    // when that is every user of the file, else in a directory named after the selection (so
+    // no selection recomputes or overwrites another's).
     let mut shared_run = run.clone();
-    shared_run.data.users = Some(if spec.shard.is_some() {
-        users.clone()
-    } else {
-        all.clone()
-    });
-    shared_run.output.dir = out.join(format!("shared{tag}"));
+    shared_run.data.users = Some(users.clone());
+    shared_run.output.dir = out.join(shared_dir_name(&users, &all));
     let shared = {
         let (_, p) = prepare::<B>(&shared_run, device, None)?;
         Shared::of(&shared_run, &p)
@@ -179,6 +177,7 @@ pub fn run_per_user<B: AutodiffBackend>(
             "dir": dir,
             "train_pairs": train_ex.len(),
             "eval_pairs": eval_ex.len(),
+            "heterogeneity": heterogeneity(user, &train_ex, &run.data.train, &shared),
         });
         if let Job::Eval { gate } = &job {
             let outcome = eval_user::<B>(&user_run, device, gate.clone(), &shared);
@@ -314,6 +313,65 @@ fn report_metrics(path: &Path) -> Result<serde_json::Value, RunError> {
     Ok(m.into())
 }
 
+/// How far a user's preferences lie from what the base model already does, over the user's
+/// training pairs: `logp_gap`, the mean of the reference's per-token log-prob of the rejected
+/// answer minus the chosen one (> 0: the base model prefers what the user rejects); and, for a
+/// user named after a pole (`concise`, ...), `measure_gap`, the mean move of the chosen answer
+/// from the base model's own answer along the pole's measure (> 0: toward the pole; the base
+/// answers are cut at `anchor.max_new_tokens`).
+fn heterogeneity(
+    user: &str,
+    train_ex: &[bapo_data::PreferenceExample],
+    file: &Path,
+    shared: &Shared,
+) -> serde_json::Value {
+    let refs: Vec<crate::train::ReferenceLogps> = train_ex
+        .iter()
+        .filter_map(|e| shared.reference(file, e.line).copied())
+        .collect();
+    let mut h = serde_json::json!({
+        "pairs": refs.len(),
+        "logp_gap": logp_gap(&refs),
+    });
+    if let Some((dim, pole)) = bapo_data::synth::Dimension::of_pole(user) {
+        let moves: Vec<f64> = train_ex
+            .iter()
+            .filter_map(|e| {
+                let base = shared.base_text(file, e.line)?;
+                Some(dim.direction(pole) * (dim.measure(&e.chosen) - dim.measure(base)))
+            })
+            .collect();
+        if !moves.is_empty() {
+            h["measure_gap"] = (moves.iter().sum::<f64>() / moves.len() as f64).into();
+        }
+    }
+    h
+}
+
+/// Mean over pairs of the per-token reference log-prob of rejected minus chosen.
+fn logp_gap(refs: &[crate::train::ReferenceLogps]) -> Option<f64> {
+    if refs.is_empty() {
+        return None;
+    }
+    Some(refs.iter().map(|r| r.mean[1] - r.mean[0]).sum::<f64>() / refs.len() as f64)
+}
+
+/// `shared` for every user of the file, else `shared-<8 hex digits of the selection's hash>`.
+fn shared_dir_name(users: &[String], all: &[String]) -> String {
+    if users == all {
+        return "shared".into();
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(users.join("\n").as_bytes());
+    format!(
+        "shared-{}",
+        h[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
 /// A user's run ended: its adapter (or model) is saved and metrics reach `max_steps`.
 fn finished(dir: &Path, max_steps: usize) -> bool {
     let saved =
@@ -404,16 +462,19 @@ pub const COLUMNS: [(&str, &str); 6] = [
 /// The summary as a markdown table (printed at the end).
 pub fn summary_table(rows: &[serde_json::Value]) -> String {
     let cols = COLUMNS;
-    let mut s = String::from("| user | status |");
+    let mut s = String::from("| user | status | logp gap |");
     for (h, _) in cols {
         s.push_str(&format!(" {h} |"));
     }
-    s.push_str(&format!("\n|---|---|{}\n", "---:|".repeat(cols.len())));
+    s.push_str(&format!("\n|---|---|---:|{}\n", "---:|".repeat(cols.len())));
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} |",
+            "| {} | {} | {} |",
             r["user"].as_str().unwrap_or("?"),
-            r["status"].as_str().unwrap_or("?")
+            r["status"].as_str().unwrap_or("?"),
+            r["heterogeneity"]["logp_gap"]
+                .as_f64()
+                .map_or("–".into(), |v| format!("{v:+.3}"))
         ));
         for (_, k) in cols {
             match r["metrics"][k].as_f64() {
@@ -429,6 +490,17 @@ pub fn summary_table(rows: &[serde_json::Value]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logp_gap_is_the_mean_per_token_rejected_minus_chosen() {
+        let r = |c: f64, rj: f64| crate::train::ReferenceLogps {
+            sum: [0.0; 3],
+            mean: [c, rj, -1.0],
+        };
+        // (-1 - -3) and (-2 - -1): mean of +2 and -1.
+        assert_eq!(logp_gap(&[r(-3.0, -1.0), r(-1.0, -2.0)]), Some(0.5));
+        assert_eq!(logp_gap(&[]), None);
+    }
 
     #[test]
     fn shards_partition_the_users_and_bad_specs_are_refused() {

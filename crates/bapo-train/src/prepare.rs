@@ -391,6 +391,22 @@ impl Shared {
         }
     }
 
+    /// The reference's log-probs of the example at `file:line` (`None` if dropped).
+    pub(crate) fn reference(
+        &self,
+        file: &Path,
+        line: usize,
+    ) -> Option<&crate::train::ReferenceLogps> {
+        self.refs.get(&(file.to_path_buf(), line))
+    }
+
+    /// The base response (text) to the prompt at `file:line`.
+    pub(crate) fn base_text(&self, file: &Path, line: usize) -> Option<&str> {
+        self.bases
+            .get(&(file.to_path_buf(), line))
+            .map(|(t, _)| t.as_str())
+    }
+
     fn missing(key: &(PathBuf, usize)) -> RunError {
         format!(
             "{}:{}: not in the shared preparation (a different data file or settings?)",
