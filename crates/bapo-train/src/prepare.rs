@@ -166,16 +166,17 @@ impl Sources<'_> {
         train_ex: &[PreferenceExample],
         eval_ex: &[PreferenceExample],
     ) -> Vec<(PathBuf, usize)> {
-        let (t, e) = (&self.run.data.train, self.eval_file());
-        let train = train_ex.iter().map(|x| (t.clone(), x.line));
-        train
-            .chain(eval_ex.iter().map(|x| (e.clone(), x.line)))
-            .collect()
+        let line = |x: &PreferenceExample| x.line;
+        split_keys(
+            self.run,
+            train_ex.iter().map(line),
+            eval_ex.iter().map(line),
+        )
     }
 
     /// The file each split's line numbers refer to.
     fn eval_file(&self) -> &PathBuf {
-        self.run.data.eval.as_ref().unwrap_or(&self.run.data.train)
+        eval_file(self.run)
     }
 
     /// `data.max_length` within the model's context; a prompt that alone fills `max_length` is
@@ -349,6 +350,23 @@ impl Sources<'_> {
     }
 }
 
+/// The file the eval split's line numbers refer to: `data.eval`, else the training file.
+fn eval_file(run: &RunConfig) -> &PathBuf {
+    run.data.eval.as_ref().unwrap_or(&run.data.train)
+}
+
+/// `(file, line)` of each training line, then of each eval line: the key under which
+/// [`Shared`] keeps an example's base response and reference log-probs.
+fn split_keys(
+    run: &RunConfig,
+    train: impl Iterator<Item = usize>,
+    eval: impl Iterator<Item = usize>,
+) -> Vec<(PathBuf, usize)> {
+    let (t, e) = (&run.data.train, eval_file(run));
+    let train = train.map(|l| (t.clone(), l));
+    train.chain(eval.map(|l| (e.clone(), l))).collect()
+}
+
 /// What one preparation over several users computed, by `(file, line)`: the base response
 /// of each prompt and the reference's log-probs of each encoded example. A user's own
 /// preparation looks its examples up here instead of generating and scoring them again.
@@ -361,16 +379,13 @@ pub(crate) struct Shared {
 impl Shared {
     /// From the preparation of `run` (whose `data.users` covers every user to be trained).
     pub(crate) fn of<B: AutodiffBackend>(run: &RunConfig, p: &Prepared<B>) -> Self {
-        let (t, e) = (
-            run.data.train.clone(),
-            run.data
-                .eval
-                .clone()
-                .unwrap_or_else(|| run.data.train.clone()),
+        let examples = split_keys(
+            run,
+            p.train_ex.iter().map(|x| x.line),
+            p.eval_ex.iter().map(|x| x.line),
         );
-        let lines = p.train_ex.iter().map(|x| (t.clone(), x.line));
-        let lines = lines.chain(p.eval_ex.iter().map(|x| (e.clone(), x.line)));
-        let bases = lines
+        let bases = examples
+            .into_iter()
             .zip(
                 p.anchors
                     .bases
@@ -379,9 +394,13 @@ impl Shared {
                     .zip(p.anchors.responses.iter().cloned()),
             )
             .collect();
-        let enc = p.train_enc.iter().map(|x| (t.clone(), x.line));
-        let enc = enc.chain(p.eval_enc.iter().map(|x| (e.clone(), x.line)));
+        let enc = split_keys(
+            run,
+            p.train_enc.iter().map(|x| x.line),
+            p.eval_enc.iter().map(|x| x.line),
+        );
         let refs = enc
+            .into_iter()
             .zip(p.refs.train.iter().chain(&p.refs.eval).cloned())
             .collect();
         Self {
