@@ -1,6 +1,8 @@
 //! The `bapo` binary. The only place a Burn backend is named: every command is written once,
 //! generic over `B: Backend`, and `--backend` picks the instantiation.
 
+mod dist;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,7 +11,7 @@ use bapo_data::Message;
 use bapo_model::{generate, load_pretrained, GenerationConfig};
 use bapo_train::gate::{Baseline, GateLimits, GateSpec};
 use bapo_train::run::write_atomic;
-use bapo_train::{run_anchors, run_eval, run_training, score_examples, RunConfig, Scorer};
+use bapo_train::{run_anchors, run_eval, score_examples, RunConfig, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -97,6 +99,16 @@ enum Cmd {
         /// sorted list, so that n machines split the users without coordination.
         #[arg(long, value_name = "I/N", requires = "per_user")]
         shard: Option<bapo_train::per_user::Shard>,
+        /// Data-parallel training on several devices of this machine, one thread each
+        /// (burn-collective): `cuda:0,cuda:1`, or `flex,flex` to try it on a CPU. Each micro-batch
+        /// is split between them; the result equals one device's run with the same batch.
+        #[arg(long, value_delimiter = ',', value_name = "BACKEND[:INDEX],...", conflicts_with = "per_user")]
+        devices: Option<Vec<String>>,
+        /// Data-parallel training over MPI processes: `mpirun -np N bapo train --mpi …` (or
+        /// `srun` under Slurm). Rank 0 logs, evaluates and saves; with --devices, each process
+        /// takes the entry at its node-local rank (modulo the list). Needs the `mpi` feature.
+        #[arg(long, conflicts_with = "per_user")]
+        mpi: bool,
     },
     /// The forgetting experiment: DPO, DPO with β 0.5, DPO + NLL and BAPO (λ 0.5, 1, 2) on the
     /// same data, seed and budget at each heterogeneity level; writes compare.json,
@@ -274,9 +286,14 @@ fn colour_logs(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
 }
 
 fn main() {
+    // Under MPI only rank 0 logs at `info`; the others say only what goes wrong.
+    let level = match dist::launcher_rank() {
+        Some(r) if r > 0 && std::env::args().any(|a| a == "--mpi") => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal, never with NO_COLOR set (https://no-color.org).
@@ -401,8 +418,27 @@ fn backend(cli: &Cli) -> Result<BackendKind> {
     }
 }
 
+/// `--devices` of `bapo train`, if given.
+fn device_list(cmd: &Cmd) -> Option<&[String]> {
+    match cmd {
+        Cmd::Train {
+            devices: Some(d), ..
+        } => Some(d),
+        _ => None,
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<()> {
-    let kind = backend(&cli)?;
+    let (kind, indices) = match device_list(&cli.command) {
+        Some(list) => {
+            let (k, indices) = dist::parse_devices(list)?;
+            if let Some(b) = cli.backend.filter(|&b| b != k) {
+                bail!("--devices names {k:?} devices but --backend is {b:?}");
+            }
+            (k, indices)
+        }
+        None => (backend(&cli)?, vec![0]),
+    };
     if let Some(n) = cli.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -430,33 +466,50 @@ fn dispatch(cli: Cli) -> Result<()> {
     };
     bapo_model::split::set_split_threads(split);
     tracing::info!(backend = ?kind, threads, concurrent = micro, split, "compute backend");
+    // A CPU backend has one device: its peers share it (a test of the wiring, no speed-up).
+    let cpu = |i: usize| {
+        if i == 0 {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("--devices: {kind:?} has one device, index 0 (got {i})"))
+        }
+    };
     match kind {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
             return run::<burn::backend::Autodiff<burn::backend::NdArray>>(
                 cli.command,
-                Default::default(),
+                indices.iter().map(|&i| cpu(i).map(|_| Default::default())).collect::<Result<_>>()?,
             );
         }
         BackendKind::Flex => {
             #[cfg(feature = "flex")]
             return run::<burn::backend::Autodiff<burn::backend::Flex>>(
                 cli.command,
-                Default::default(),
+                indices.iter().map(|&i| cpu(i).map(|_| Default::default())).collect::<Result<_>>()?,
             );
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
             return run::<burn::backend::Autodiff<burn::backend::Wgpu>>(
                 cli.command,
-                Default::default(),
+                indices
+                    .iter()
+                    .map(|&i| match i {
+                        0 => burn::backend::wgpu::WgpuDevice::DefaultDevice,
+                        i => burn::backend::wgpu::WgpuDevice::DiscreteGpu(i),
+                    })
+                    .collect(),
             );
         }
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             return run::<burn::backend::Autodiff<burn::backend::Cuda>>(
                 cli.command,
-                Default::default(),
+                indices
+                    .iter()
+                    .map(|&i| burn::backend::cuda::CudaDevice::new(i))
+                    .collect(),
             );
         }
     }
@@ -497,6 +550,7 @@ enum Job {
     },
     Train {
         resume: bool,
+        mpi: bool,
     },
     PerUser(bapo_train::per_user::PerUser, bapo_train::per_user::Job),
     Compare {
@@ -505,8 +559,10 @@ enum Job {
     },
 }
 
-/// Every command, generic over an autodiff backend; inference uses its inner backend.
-fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
+/// Every command, generic over an autodiff backend; inference uses its inner backend. Every
+/// command but data-parallel `train` uses the first of `devices`.
+fn run<A: AutodiffBackend>(cmd: Cmd, devices: Vec<A::Device>) -> Result<()> {
+    let device = devices[0].clone();
     infer::<A::InnerBackend>(cmd, device, |cfg, device, job| {
         let res = match job {
             Job::Anchors => run_anchors::<A>(cfg, device),
@@ -515,7 +571,7 @@ fn run<A: AutodiffBackend>(cmd: Cmd, device: A::Device) -> Result<()> {
                 report,
                 gate,
             } => run_eval::<A>(cfg, device, adapter, report, gate),
-            Job::Train { resume } => run_training::<A>(cfg, device, resume),
+            Job::Train { resume, mpi } => dist::train::<A>(cfg, &devices, resume, mpi),
             Job::PerUser(spec, job) => {
                 bapo_train::per_user::run_per_user::<A>(cfg, device, &spec, job)
             }
@@ -545,6 +601,8 @@ fn infer<B: Backend>(
             per_user,
             users,
             shard,
+            devices: _,
+            mpi,
         } => {
             let mut cfg = RunConfig::from_file_with(&config, &set)?;
             if let Some(o) = output {
@@ -563,7 +621,7 @@ fn infer<B: Backend>(
                     bapo_train::per_user::Job::Train,
                 )
             } else {
-                Job::Train { resume }
+                Job::Train { resume, mpi }
             };
             let adapter = trainer(&cfg, &device, job)?;
             println!("{}", adapter.display());

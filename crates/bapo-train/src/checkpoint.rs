@@ -101,7 +101,7 @@ pub(crate) fn resume_from<B: AutodiffBackend>(
     out: &Path,
     policy: Llama<B>,
     weights: &Weights,
-    metrics_path: &Path,
+    metrics_path: Option<&Path>,
     device: &B::Device,
 ) -> Result<(Llama<B>, Resume<B>), RunError> {
     let (step, dir) = latest_checkpoint(out)
@@ -129,7 +129,24 @@ pub(crate) fn resume_from<B: AutodiffBackend>(
         device,
     )
     .map_err(|e| format!("{}: {e}", dir.join("optimizer.bin").display()))?;
-    // Keep the log up to the checkpoint; steps after it are recomputed.
+    // Keep the log up to the checkpoint; steps after it are recomputed (by the rank that
+    // writes it: `metrics_path` is `None` on the others).
+    if let Some(metrics_path) = metrics_path {
+        truncate_log(metrics_path, step)?;
+    }
+    tracing::info!(step, checkpoint = %dir.display(), "resuming");
+    Ok((
+        policy,
+        Resume {
+            step,
+            num_tokens,
+            optimizer,
+        },
+    ))
+}
+
+/// Cuts `metrics.jsonl` back to the lines of steps up to `step`.
+fn truncate_log(metrics_path: &Path, step: usize) -> Result<(), RunError> {
     let kept: String = std::fs::read_to_string(metrics_path)
         .unwrap_or_default()
         .lines()
@@ -142,13 +159,5 @@ pub(crate) fn resume_from<B: AutodiffBackend>(
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(metrics_path, kept.as_bytes())?;
-    tracing::info!(step, checkpoint = %dir.display(), "resuming");
-    Ok((
-        policy,
-        Resume {
-            step,
-            num_tokens,
-            optimizer,
-        },
-    ))
+    Ok(())
 }

@@ -17,9 +17,12 @@ pub(crate) fn bar(len: usize, what: &str) -> ProgressBar {
     ProgressBar::new(len as u64).with_style(style)
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename.
+/// Writes `bytes` to `path` through a temp file and a rename. The temp file's name is unique to
+/// the call (process id and a counter), so threads writing the same path never share one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{seq}", std::process::id()));
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -8,6 +8,7 @@ mod checkpoint;
 pub mod compare;
 pub mod concurrent;
 pub mod config;
+pub mod dist;
 pub mod eval;
 mod figure;
 pub mod gate;

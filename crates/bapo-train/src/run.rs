@@ -14,7 +14,8 @@ use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::RunConfig;
-use crate::train::{train, Optim, StepLog};
+use crate::dist::{agree, parameter_fingerprint, GradSync, Single};
+use crate::train::{train_dist, Optim, StepLog};
 
 pub use crate::cache::Numerics;
 use crate::checkpoint::{resume_from, save_checkpoint, Weights};
@@ -36,6 +37,20 @@ pub fn run_training<B: AutodiffBackend>(
     resume: bool,
 ) -> Result<PathBuf, RunError> {
     run_job::<B>(run, device, Mode::Train { resume }, None)
+}
+
+/// [`run_training`] as one rank of data-parallel training (every rank calls it with the same
+/// `run`): rank 0 prepares first (base responses and reference log-probs into the caches) while
+/// the others wait, then they load what it cached; rank 0 alone evaluates, logs, checkpoints and
+/// saves the adapter, and writes `dist.json` (engine, world size, and whether every replica
+/// ended with the same parameters, bit for bit — an error if not).
+pub fn run_training_dist<B: AutodiffBackend>(
+    run: &RunConfig,
+    device: &B::Device,
+    resume: bool,
+    sync: &mut dyn GradSync<B::InnerBackend>,
+) -> Result<PathBuf, RunError> {
+    run_job_with::<B>(run, device, Mode::Train { resume }, None, sync)
 }
 
 /// `bapo anchor`: only the base responses and reference log-probs (cached as for training);
@@ -95,12 +110,33 @@ pub(crate) fn run_job<B: AutodiffBackend>(
     mode: Mode,
     shared: Option<&Shared>,
 ) -> Result<PathBuf, RunError> {
-    let (model, p) = prepare::<B>(run, device, shared)?;
+    run_job_with::<B>(run, device, mode, shared, &mut Single)
+}
+
+fn run_job_with<B: AutodiffBackend>(
+    run: &RunConfig,
+    device: &B::Device,
+    mode: Mode,
+    shared: Option<&Shared>,
+    sync: &mut dyn GradSync<B::InnerBackend>,
+) -> Result<PathBuf, RunError> {
+    let lead = sync.rank() == 0;
+    let (model, p) = if lead {
+        let prepared = prepare::<B>(run, device, shared)?;
+        sync.barrier()?;
+        prepared
+    } else {
+        sync.barrier()?;
+        prepare::<B>(run, device, shared)?
+    };
     let resume = match mode {
         Mode::Anchors => return Ok(run.output.dir.join("anchors.jsonl")),
         Mode::Train { resume } => resume,
         Mode::Eval { .. } => false,
     };
+    if !lead {
+        return fit(run, device, model, &p, None, resume, sync);
+    }
     let all_items = matches!(mode, Mode::Eval { .. });
     let (extras, base) = evaluate_base(run, &p, (&p.tok, &p.template), all_items, device)?;
     if let Mode::Eval {
@@ -129,7 +165,7 @@ pub(crate) fn run_job<B: AutodiffBackend>(
         &run.output.dir.join("eval_base.json"),
         serde_json::to_string_pretty(&base.row)?.as_bytes(),
     )?;
-    fit(run, device, model, &p, &extras, &base.row, resume)
+    fit(run, device, model, &p, Some((&extras, &base.row)), resume, sync)
 }
 
 /// The base model's own results: flat metrics, knowledge summaries, and the `eval_base.json` row.
@@ -232,16 +268,54 @@ fn evaluate_base<'a, B: AutodiffBackend>(
 /// Trains the policy (LoRA on the frozen base, or every weight when there is no `[lora]`
 /// section), logging `metrics.jsonl`, evaluating and checkpointing as configured; saves the
 /// adapter (or model), draws the training figure and prints a summary. Returns the saved
-/// directory.
+/// directory. `lead` (the evaluation extras and the base model's row) is given on the rank that
+/// writes; on the other ranks of data-parallel training `fit` only trains (returns the output
+/// directory).
 fn fit<B: AutodiffBackend>(
     run: &RunConfig,
     device: &B::Device,
     model: Llama<B>,
     p: &Prepared<B>,
-    extras: &EvalExtras,
-    base_row: &serde_json::Value,
+    lead: Option<(&EvalExtras, &serde_json::Value)>,
     resume: bool,
+    sync: &mut dyn GradSync<B::InnerBackend>,
 ) -> Result<PathBuf, RunError> {
+    let Some((extras, base_row)) = lead else {
+        let policy = match &run.lora {
+            Some(l) => l.attach(model, run.train.seed, device),
+            None => bapo_model::export::with_stable_ids(model, true),
+        };
+        let weights = match &run.lora {
+            Some(_) => Weights::Adapter,
+            None => Weights::Full(&p.config, &p.tok),
+        };
+        let (policy, resume_state) = if resume {
+            let (policy, state) = resume_from(&run.output.dir, policy, &weights, None, device)?;
+            (policy, Some(state))
+        } else {
+            (policy, None)
+        };
+        let nothing = |_: &StepLog, _: &Llama<B>, _: &Optim<B>| {};
+        let res = train_dist(
+            policy,
+            &p.train_enc,
+            &p.refs.train,
+            &run.train,
+            p.eos,
+            device,
+            resume_state,
+            nothing,
+            sync,
+        );
+        let policy = match res {
+            Ok(policy) => policy,
+            // Every rank stopped after the same step; rank 0 reports it.
+            Err(crate::train::TrainError::Interrupted { .. }) => return Ok(run.output.dir.clone()),
+            Err(e) => return Err(format!("rank {}: {e}", sync.rank()).into()),
+        };
+        agree(sync, parameter_fingerprint(&policy))?;
+        return Ok(run.output.dir.clone());
+    };
     let out = &run.output.dir;
     let (reference, eos) = (&p.reference, p.eos);
     // Full fine-tuning: ids derived from the HF names, so a saved optimiser state applies
@@ -256,7 +330,7 @@ fn fit<B: AutodiffBackend>(
     };
     let metrics_path = out.join("metrics.jsonl");
     let (policy, resume_state) = if resume {
-        let (policy, state) = resume_from(out, policy, &weights, &metrics_path, device)?;
+        let (policy, state) = resume_from(out, policy, &weights, Some(&metrics_path), device)?;
         (policy, Some(state))
     } else {
         std::fs::File::create(&metrics_path)?;
@@ -341,7 +415,7 @@ fn fit<B: AutodiffBackend>(
             std::ops::ControlFlow::Continue(())
         }
     };
-    let trained = train(
+    let trained = train_dist(
         policy,
         &p.train_enc,
         &p.refs.train,
@@ -350,6 +424,7 @@ fn fit<B: AutodiffBackend>(
         device,
         resume_state,
         &mut on_step,
+        sync,
     );
     pb.finish_and_clear();
     if let Some(e) = write_err {
@@ -371,6 +446,9 @@ fn fit<B: AutodiffBackend>(
         }
         Err(other) => return Err(other.into()),
     };
+    if sync.world_size() > 1 {
+        write_dist_report(out, &policy, &run.train, sync)?;
+    }
     let adapter_dir = out.join(match weights {
         Weights::Adapter => "adapter",
         Weights::Full(..) => "model",
@@ -386,6 +464,39 @@ fn fit<B: AutodiffBackend>(
     }
     print_summary(run, &last, &adapter_dir, &metrics_path);
     Ok(adapter_dir)
+}
+
+/// Checks with every rank that the replicas ended identical (an error if not) and writes
+/// `dist.json`.
+fn write_dist_report<B: AutodiffBackend>(
+    out: &Path,
+    policy: &Llama<B>,
+    cfg: &crate::train::TrainConfig,
+    sync: &mut dyn GradSync<B::InnerBackend>,
+) -> Result<(), RunError> {
+    let identical = agree(sync, parameter_fingerprint(policy))?;
+    let world = sync.world_size();
+    let doc = serde_json::json!({
+        "engine": sync.engine(),
+        "world_size": world,
+        "global_batch_pairs": cfg.batch_size * cfg.grad_accum,
+        "pairs_per_rank_per_micro_batch": (0..world)
+            .map(|r| crate::dist::rank_slice(cfg.batch_size, r, world).len())
+            .collect::<Vec<_>>(),
+        "replicas_identical": identical,
+    });
+    write_atomic(
+        &out.join("dist.json"),
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?;
+    if !identical {
+        return Err(format!(
+            "the {world} replicas ended with different parameters ({})",
+            out.join("dist.json").display()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// A short summary a person can read; the same numbers are the last line of metrics.jsonl.

@@ -49,31 +49,38 @@ pub(crate) struct MicroOut {
     pub backward_s: f64,
 }
 
-/// Runs the micro-batches `batches` (example indices each), `threads` at a time, and returns
-/// their outputs in the order given. `threads <= 1` runs them one after another on `model`.
+/// Runs the micro-batches `batches` (example indices each, with the weight of its loss: 1, or
+/// in data-parallel training this rank's share of the micro-batch times the world size),
+/// `threads` at a time, and returns their outputs in the order given. `threads <= 1` runs them
+/// one after another on `model`.
 pub(crate) fn micro_batches<B: AutodiffBackend>(
     model: &Llama<B>,
-    batches: &[Vec<usize>],
+    batches: &[(Vec<usize>, f64)],
     threads: usize,
     inp: &StepInputs<'_, B>,
 ) -> Result<Vec<MicroOut>, TrainError> {
     if threads <= 1 || batches.len() <= 1 {
-        return batches.iter().map(|b| micro_batch(model, b, inp)).collect();
+        return batches
+            .iter()
+            .map(|(b, w)| micro_batch(model, b, *w, inp))
+            .collect();
     }
     crate::concurrent::map_ordered(
         batches,
         threads,
-        |idx| micro_batch(&model.clone().map(&mut FreshLeaves), idx, inp),
+        |(idx, w)| micro_batch(&model.clone().map(&mut FreshLeaves), idx, *w, inp),
         |_, _| {},
     )
     .into_iter()
     .collect()
 }
 
-/// Forward, objective, metrics and backward of one micro-batch (loss divided by `grad_accum`).
+/// Forward, objective, metrics and backward of one micro-batch (loss times `weight`, divided by
+/// `grad_accum`).
 fn micro_batch<B: AutodiffBackend>(
     model: &Llama<B>,
     idx: &[usize],
+    weight: f64,
     inp: &StepInputs<'_, B>,
 ) -> Result<MicroOut, TrainError> {
     let cfg = inp.cfg;
@@ -119,7 +126,12 @@ fn micro_batch<B: AutodiffBackend>(
     // The metrics' read-back synchronised the device: the forward pass ends here.
     let forward_s = tf.elapsed().as_secs_f64();
     let tb = std::time::Instant::now();
-    let grads = out.loss.div_scalar(cfg.grad_accum as f64).backward();
+    let loss = if weight == 1.0 {
+        out.loss.div_scalar(cfg.grad_accum as f64)
+    } else {
+        out.loss.mul_scalar(weight / cfg.grad_accum as f64)
+    };
+    let grads = loss.backward();
     let grads = GradientsParams::from_grads(grads, model);
     Ok(MicroOut {
         grads,

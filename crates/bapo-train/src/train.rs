@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::dist::{agree, all_reduce_grads, fingerprint_str, rank_slice, GradSync, Single};
 use crate::logps::to_host;
 pub use crate::logps::{batch_logps, completion_logps, reference_logps};
 use crate::step::{micro_batches, StepInputs};
@@ -199,6 +200,28 @@ pub struct Resume<B: AutodiffBackend> {
 /// stops the loop, and `train` returns [`TrainError::Interrupted`] for that step.
 #[allow(clippy::too_many_arguments)] // data, references, settings, device, resume point, callback: all distinct
 pub fn train<B: AutodiffBackend, C: StepControl>(
+    model: Llama<B>,
+    examples: &[EncodedExample],
+    refs: &[ReferenceLogps],
+    cfg: &TrainConfig,
+    pad_id: u32,
+    device: &B::Device,
+    resume: Option<Resume<B>>,
+    on_step: impl FnMut(&StepLog, &Llama<B>, &Optim<B>) -> C,
+) -> Result<Llama<B>, TrainError> {
+    train_dist(
+        model, examples, refs, cfg, pad_id, device, resume, on_step, &mut Single,
+    )
+}
+
+/// [`train`] as one rank of data-parallel training: every rank passes the same arguments
+/// (model, data, settings, resume point) and its own `sync`. Rank r takes slice r of each
+/// micro-batch ([`rank_slice`]); the gradients are averaged over the ranks after accumulation
+/// and before clipping, and the step's metrics, token count and stop request are summed, so
+/// every rank clips, steps and stops identically and `on_step` sees the same log on each (the
+/// caller decides which rank writes). With one rank this is [`train`], bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dist<B: AutodiffBackend, C: StepControl>(
     mut model: Llama<B>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
@@ -207,7 +230,9 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
     device: &B::Device,
     resume: Option<Resume<B>>,
     mut on_step: impl FnMut(&StepLog, &Llama<B>, &Optim<B>) -> C,
+    sync: &mut dyn GradSync<B::InnerBackend>,
 ) -> Result<Llama<B>, TrainError> {
+    let (rank, world) = (sync.rank(), sync.world_size());
     let objective = cfg
         .objective()
         .map_err(|what| TrainError::Config { what })?;
@@ -224,6 +249,17 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
         .with_weight_decay(cfg.weight_decay as f32)
         .with_epsilon(1e-8)
         .init::<B, Llama<B>>();
+    if examples.len().min(cfg.batch_size) < world {
+        return Err(TrainError::Config {
+            what: format!(
+                "train.batch_size {} over {} training pairs gives micro-batches of {} pairs, \
+                 fewer than the {world} ranks: every rank needs at least one pair",
+                cfg.batch_size,
+                examples.len(),
+                examples.len().min(cfg.batch_size)
+            ),
+        });
+    }
     let mut sampler = Sampler::new(examples.len(), cfg.seed);
     let (first_step, mut num_tokens) = match resume {
         Some(r) => {
@@ -249,7 +285,9 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
     };
     let _guard = TrainingGuard::new();
     for step in first_step..cfg.max_steps {
-        if stop_requested() {
+        // With several ranks the stop request travels with the step's sums (below), so that
+        // every rank stops after the same step.
+        if world == 1 && stop_requested() {
             return Err(TrainError::Interrupted { step });
         }
         // Dropout masks come from the backend's RNG: reseed it per step, so a resumed run draws
@@ -259,8 +297,17 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
             cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         let t0 = std::time::Instant::now();
-        let batches: Vec<Vec<usize>> = (0..cfg.grad_accum)
-            .map(|_| sampler.next(cfg.batch_size))
+        // (this rank's pairs, loss weight, share of the micro-batch's pairs)
+        let batches: Vec<(Vec<usize>, f64)> = (0..cfg.grad_accum)
+            .map(|_| {
+                let b = sampler.next(cfg.batch_size);
+                if world == 1 {
+                    return (b, 1.0);
+                }
+                let mine = b[rank_slice(b.len(), rank, world)].to_vec();
+                let weight = (mine.len() * world) as f64 / b.len() as f64;
+                (mine, weight)
+            })
             .collect();
         let inputs = StepInputs {
             examples,
@@ -275,17 +322,46 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
         let (mut forward_s, mut backward_s, mut step_tokens) = (0.0, 0.0, 0usize);
-        for out in outs {
+        for (out, (_, weight)) in outs.into_iter().zip(&batches) {
+            // Metrics are means over the micro-batch's pairs: this rank's share of the sum.
+            let share = weight / world as f64;
             for (k, v) in out.metrics {
-                *sums.entry(k).or_default() += v;
+                *sums.entry(k).or_default() += if world == 1 { v } else { v * share };
             }
             acc.accumulate(&model, out.grads);
             forward_s += out.forward_s;
             backward_s += out.backward_s;
             step_tokens += out.tokens;
         }
+        let ts = std::time::Instant::now();
+        let mut grads = acc.grads();
+        let mut stop_all = false;
+        if world > 1 {
+            grads = all_reduce_grads(&model, grads, sync)?;
+            let mut v: Vec<f64> = sums.values().copied().collect();
+            v.push(step_tokens as f64);
+            v.push(f64::from(u8::from(stop_requested())));
+            sync.all_reduce_sum(&mut v)?;
+            let names: Vec<&str> = sums.keys().map(String::as_str).collect();
+            if !agree(sync, fingerprint_str(&names.join("\n")))? {
+                return Err(crate::dist::SyncError::Diverged {
+                    what: format!("the step's metric names (this rank: {names:?})"),
+                }
+                .into());
+            }
+            stop_all = v.pop() != Some(0.0);
+            step_tokens = v.pop().expect("token count") as usize;
+            for (slot, x) in sums.values_mut().zip(v) {
+                *slot = x;
+            }
+            if stop_all {
+                // Every rank's `on_step` saves its checkpoint as on Ctrl-C.
+                STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let sync_s = ts.elapsed().as_secs_f64();
         let tb = std::time::Instant::now();
-        let (grads, grad_norm) = clip_global_norm(&model, acc.grads(), cfg.max_grad_norm);
+        let (grads, grad_norm) = clip_global_norm(&model, grads, cfg.max_grad_norm);
         // The norm's read-back waits for the backward pass on asynchronous devices.
         backward_s += tb.elapsed().as_secs_f64();
         if !grad_norm.is_finite() {
@@ -305,6 +381,9 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
         sums.insert("time/forward_s".into(), forward_s);
         sums.insert("time/backward_s".into(), backward_s);
         sums.insert("time/optimizer_s".into(), optimizer_s);
+        if world > 1 {
+            sums.insert("time/sync_s".into(), sync_s);
+        }
         tracing::debug!(
             step = step + 1,
             forward_s,
@@ -321,7 +400,7 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
             tokens_per_s: step_tokens as f64 / t0.elapsed().as_secs_f64(),
             metrics: sums,
         };
-        if on_step(&log, &model, &optim).stop() {
+        if on_step(&log, &model, &optim).stop() || stop_all {
             return Err(TrainError::Interrupted { step: step + 1 });
         }
     }

@@ -175,4 +175,7 @@ pub enum TrainError {
     /// `on_step` call (which saves the checkpoint) had completed.
     #[error("interrupted after step {step}")]
     Interrupted { step: usize },
+    /// A collective operation of data-parallel training failed (another rank failed, say).
+    #[error("data-parallel training: {0}")]
+    Sync(#[from] crate::dist::SyncError),
 }
