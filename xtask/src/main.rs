@@ -172,6 +172,13 @@ fn fetch_member(dist: &Pinned, member: &str, out_name: &str, out_sha256: &str) -
     Ok(out)
 }
 
+/// Whether `program` is an executable on `PATH`.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join(program).is_file())
+    })
+}
+
 /// Whether a Vulkan driver (e.g. Mesa lavapipe) is installed for the wgpu backend.
 fn vulkan_available() -> bool {
     ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
@@ -209,6 +216,13 @@ fn test(extra: &[String]) -> Result<()> {
         }
     } else {
         eprintln!("warning: no Vulkan driver found (apt-get install mesa-vulkan-drivers libvulkan1): wgpu parity tests are not run");
+    }
+    // Data-parallel training over MPI: built and tested where an MPI library and its launcher
+    // are installed (.ci/run installs Open MPI and libclang).
+    if on_path("mpicc") && on_path("mpirun") {
+        cmd.args(["--features", "bapo-cli/mpi"]);
+    } else {
+        eprintln!("warning: no MPI found (apt-get install libopenmpi-dev openmpi-bin libclang-dev): the mpirun tests are not run");
     }
     cmd.args(extra);
     run(&mut cmd)
