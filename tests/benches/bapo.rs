@@ -235,6 +235,76 @@ fn bench_objective_kl<B: Backend>(c: &mut Criterion, backend: &str, device: &B::
     g.finish();
 }
 
+/// Data-parallel synchronisation of one step: every LoRA r 8 gradient (random values of the real
+/// shapes) flattened, averaged over 2 local peers by burn-collective and cut back out
+/// (`bapo_train::dist::all_reduce_grads`), timed on rank 0 over `iters` steps.
+fn bench_all_reduce<A: AutodiffBackend>(
+    c: &mut Criterion,
+    backend: &str,
+    ms: &[Model<A::InnerBackend>],
+    device: &A::Device,
+) {
+    use burn::module::ParamId;
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    /// Random gradients for the trainable (LoRA, all 2-D) parameters.
+    struct RandomGrads<A: AutodiffBackend>(Vec<(ParamId, Tensor<A::InnerBackend, 2>)>);
+    impl<A: AutodiffBackend> ModuleVisitor<A> for RandomGrads<A> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+            let t = param.val();
+            if t.is_require_grad() {
+                let [a, b] = t.dims()[..] else {
+                    panic!("a trainable parameter that is not 2-D")
+                };
+                let g = Tensor::<A::InnerBackend, 2>::random(
+                    [a, b],
+                    Distribution::Normal(0.0, 1e-3),
+                    &t.inner().device(),
+                );
+                self.0.push((param.id, g));
+            }
+        }
+    }
+    let mut g = c.benchmark_group(format!("{backend}/all_reduce"));
+    g.sample_size(10).measurement_time(budget(10));
+    for m in ms {
+        let policy: Llama<A> =
+            LoraConfig::default().attach(Llama::<A>::from_inner(m.model.clone()), 0, device);
+        let mut v = RandomGrads::<A>(Vec::new());
+        policy.visit(&mut v);
+        let grads = v.0;
+        let numel: usize = grads.iter().map(|(_, t)| t.shape().num_elements()).sum();
+        let fresh = || {
+            let mut g = GradientsParams::new();
+            for (id, t) in &grads {
+                g.register(*id, t.clone());
+            }
+            g
+        };
+        g.throughput(Throughput::Bytes((4 * numel) as u64));
+        let devices = vec![device.clone(); 2];
+        g.bench_function(BenchmarkId::new(m.name, "lora_r8_2peers"), |b| {
+            b.iter_custom(|iters| {
+                let times = bapo_train::dist::local::run_local_peers::<A::InnerBackend, _>(
+                    &devices,
+                    |peer, _| {
+                        let t0 = std::time::Instant::now();
+                        for _ in 0..iters {
+                            let out = bapo_train::dist::all_reduce_grads(&policy, fresh(), peer)?;
+                            assert_eq!(out.len(), grads.len());
+                        }
+                        sync::<A::InnerBackend>(&devices[0]);
+                        Ok(t0.elapsed())
+                    },
+                )
+                .expect("all-reduce");
+                times[0]
+            })
+        });
+    }
+    g.finish();
+}
+
 /// CPU backends, where concurrent micro-batches pay (`bapo_train::concurrent`).
 fn cpu(backend: &str) -> bool {
     matches!(backend, "flex" | "ndarray")
@@ -250,6 +320,7 @@ fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) 
     bench_step::<A>(c, backend, &ms, &device);
     bench_generate(c, backend, &ms, &device);
     bench_objective_kl::<A::InnerBackend>(c, backend, &device);
+    bench_all_reduce::<A>(c, backend, &ms, &device);
 }
 
 fn benches(c: &mut Criterion) {

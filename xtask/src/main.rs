@@ -174,9 +174,8 @@ fn fetch_member(dist: &Pinned, member: &str, out_name: &str, out_sha256: &str) -
 
 /// Whether `program` is an executable on `PATH`.
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// Whether a Vulkan driver (e.g. Mesa lavapipe) is installed for the wgpu backend.

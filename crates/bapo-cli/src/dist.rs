@@ -62,11 +62,14 @@ pub(crate) fn train<A: AutodiffBackend>(
     if let [device] = devices {
         return bapo_train::run_training::<A>(cfg, device, resume);
     }
-    tracing::info!(peers = devices.len(), "data-parallel training on local peers");
-    let outs = bapo_train::dist::local::run_local_peers::<A::InnerBackend, _>(
-        devices,
-        |sync, device| bapo_train::run::run_training_dist::<A>(cfg, device, resume, sync),
-    )?;
+    tracing::info!(
+        peers = devices.len(),
+        "data-parallel training on local peers"
+    );
+    let outs =
+        bapo_train::dist::local::run_local_peers::<A::InnerBackend, _>(devices, |sync, device| {
+            bapo_train::run::run_training_dist::<A>(cfg, device, resume, sync)
+        })?;
     Ok(outs.into_iter().next().expect("rank 0's result"))
 }
 

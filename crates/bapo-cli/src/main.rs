@@ -102,7 +102,12 @@ enum Cmd {
         /// Data-parallel training on several devices of this machine, one thread each
         /// (burn-collective): `cuda:0,cuda:1`, or `flex,flex` to try it on a CPU. Each micro-batch
         /// is split between them; the result equals one device's run with the same batch.
-        #[arg(long, value_delimiter = ',', value_name = "BACKEND[:INDEX],...", conflicts_with = "per_user")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_name = "BACKEND[:INDEX],...",
+            conflicts_with = "per_user"
+        )]
         devices: Option<Vec<String>>,
         /// Data-parallel training over MPI processes: `mpirun -np N bapo train --mpi …` (or
         /// `srun` under Slurm). Rank 0 logs, evaluates and saves; with --devices, each process
@@ -471,7 +476,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         if i == 0 {
             Ok(())
         } else {
-            Err(anyhow::anyhow!("--devices: {kind:?} has one device, index 0 (got {i})"))
+            Err(anyhow::anyhow!(
+                "--devices: {kind:?} has one device, index 0 (got {i})"
+            ))
         }
     };
     match kind {
@@ -479,14 +486,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             #[cfg(feature = "ndarray")]
             return run::<burn::backend::Autodiff<burn::backend::NdArray>>(
                 cli.command,
-                indices.iter().map(|&i| cpu(i).map(|_| Default::default())).collect::<Result<_>>()?,
+                indices
+                    .iter()
+                    .map(|&i| cpu(i).map(|_| Default::default()))
+                    .collect::<Result<_>>()?,
             );
         }
         BackendKind::Flex => {
             #[cfg(feature = "flex")]
             return run::<burn::backend::Autodiff<burn::backend::Flex>>(
                 cli.command,
-                indices.iter().map(|&i| cpu(i).map(|_| Default::default())).collect::<Result<_>>()?,
+                indices
+                    .iter()
+                    .map(|&i| cpu(i).map(|_| Default::default()))
+                    .collect::<Result<_>>()?,
             );
         }
         BackendKind::Wgpu => {

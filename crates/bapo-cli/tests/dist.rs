@@ -62,7 +62,11 @@ fn bapo(args: &[&str]) -> std::process::Output {
 
 fn bapo_ok(args: &[&str]) -> std::process::Output {
     let res = bapo(args);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     res
 }
 
@@ -83,7 +87,12 @@ fn worst_relative(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTen
         .map(|(k, x)| {
             let y = &b[k];
             assert_eq!(x.shape, y.shape, "{k}");
-            let d: f64 = x.data.iter().zip(&y.data).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum();
+            let d: f64 = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+                .sum();
             let n: f64 = x.data.iter().map(|p| (*p as f64).powi(2)).sum();
             (d / n.max(1e-30)).sqrt()
         })
@@ -110,7 +119,11 @@ fn same_curve(a: &Path, b: &Path) {
         assert_eq!(x["step"], y["step"]);
         assert_eq!(x["num_tokens"], y["num_tokens"], "step {}", x["step"]);
         let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
-        assert!((lx - ly).abs() <= 1e-5 * lx.abs(), "step {}: loss {lx} vs {ly}", x["step"]);
+        assert!(
+            (lx - ly).abs() <= 1e-5 * lx.abs(),
+            "step {}: loss {lx} vs {ly}",
+            x["step"]
+        );
     }
 }
 
@@ -125,11 +138,22 @@ fn two_local_peers_equal_one_process_and_resume_with_another_world_size() {
     let cfg = cfg.to_str().unwrap();
     let (single, local) = (dir.join("single"), dir.join("local"));
     bapo_ok(&["train", "--config", cfg]);
-    bapo_ok(&["train", "--config", cfg, "--output", local.to_str().unwrap(), "--devices", "flex,flex"]);
+    bapo_ok(&[
+        "train",
+        "--config",
+        cfg,
+        "--output",
+        local.to_str().unwrap(),
+        "--devices",
+        "flex,flex",
+    ]);
     let d = dist_json(&local);
     assert_eq!(d["engine"], "burn-collective (local)");
     assert_eq!(d["world_size"], 2);
-    assert_eq!(d["pairs_per_rank_per_micro_batch"], serde_json::json!([2, 2]));
+    assert_eq!(
+        d["pairs_per_rank_per_micro_batch"],
+        serde_json::json!([2, 2])
+    );
     // Every replica's final parameters hashed bit for bit and compared across the ranks.
     assert_eq!(d["replicas_identical"], true);
     let worst = worst_relative(&adapter(&single), &adapter(&local));
@@ -144,7 +168,13 @@ fn two_local_peers_equal_one_process_and_resume_with_another_world_size() {
     // ends where the uninterrupted single run did.
     let resumed = dir.join("resumed");
     std::fs::create_dir_all(&resumed).unwrap();
-    for f in ["checkpoint-2", "metrics.jsonl", "anchors.cache.json", "reference_logps.cache.json", "anchors.jsonl"] {
+    for f in [
+        "checkpoint-2",
+        "metrics.jsonl",
+        "anchors.cache.json",
+        "reference_logps.cache.json",
+        "anchors.jsonl",
+    ] {
         let from = local.join(f);
         if from.is_dir() {
             std::fs::create_dir_all(resumed.join(f)).unwrap();
@@ -156,13 +186,28 @@ fn two_local_peers_equal_one_process_and_resume_with_another_world_size() {
             std::fs::copy(&from, resumed.join(f)).unwrap();
         }
     }
-    bapo_ok(&["train", "--config", cfg, "--output", resumed.to_str().unwrap(), "--resume"]);
+    bapo_ok(&[
+        "train",
+        "--config",
+        cfg,
+        "--output",
+        resumed.to_str().unwrap(),
+        "--resume",
+    ]);
     let worst = worst_relative(&adapter(&single), &adapter(&resumed));
     assert!(worst <= REL, "resumed on one process: {worst}");
     same_curve(&single, &resumed);
 
     // Errors name what is wrong.
-    let res = bapo(&["train", "--config", cfg, "--output", dir.join("x").to_str().unwrap(), "--devices", "flex,flex,flex,flex,flex"]);
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg,
+        "--output",
+        dir.join("x").to_str().unwrap(),
+        "--devices",
+        "flex,flex,flex,flex,flex",
+    ]);
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success());
     assert!(err.contains("fewer than the 5 ranks"), "{err}");
@@ -179,7 +224,12 @@ fn mpirun(np: usize) -> Command {
     // CI runs as root in a container with fewer cores than some runs want.
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .args(["--oversubscribe", "-np", &np.to_string(), env!("CARGO_BIN_EXE_bapo")]);
+        .args([
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+            env!("CARGO_BIN_EXE_bapo"),
+        ]);
     c
 }
 
@@ -205,12 +255,26 @@ fn mpirun_two_ranks_equal_one_process_and_a_killed_rank_ends_the_job() {
     let (single, mpi) = (dir.join("single"), dir.join("mpi"));
     bapo_ok(&["train", "--config", cfg]);
     let res = mpirun(2)
-        .args(["train", "--config", cfg, "--output", mpi.to_str().unwrap(), "--mpi"])
+        .args([
+            "train",
+            "--config",
+            cfg,
+            "--output",
+            mpi.to_str().unwrap(),
+            "--mpi",
+        ])
         .output()
         .unwrap();
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let d = dist_json(&mpi);
-    assert_eq!((d["engine"].as_str(), d["world_size"].as_u64()), (Some("mpi"), Some(2)));
+    assert_eq!(
+        (d["engine"].as_str(), d["world_size"].as_u64()),
+        (Some("mpi"), Some(2))
+    );
     assert_eq!(d["replicas_identical"], true);
     let worst = worst_relative(&adapter(&single), &adapter(&mpi));
     assert!(worst <= REL, "mpi vs one process: {worst}");
@@ -219,7 +283,16 @@ fn mpirun_two_ranks_equal_one_process_and_a_killed_rank_ends_the_job() {
     // Rank 1 killed mid-run: the launcher ends rank 0 too and names the dead rank.
     let killed = dir.join("killed");
     let child = mpirun(2)
-        .args(["train", "--config", cfg, "--output", killed.to_str().unwrap(), "--mpi", "--max-steps", "100000"])
+        .args([
+            "train",
+            "--config",
+            cfg,
+            "--output",
+            killed.to_str().unwrap(),
+            "--mpi",
+            "--max-steps",
+            "100000",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -233,12 +306,19 @@ fn mpirun_two_ranks_equal_one_process_and_a_killed_rank_ends_the_job() {
             _ => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     };
-    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     let t1 = std::time::Instant::now();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(t1.elapsed().as_secs() < 60, "the job took {:?} to end", t1.elapsed());
+    assert!(
+        t1.elapsed().as_secs() < 60,
+        "the job took {:?} to end",
+        t1.elapsed()
+    );
     assert!(err.contains("rank 1") && err.contains("Killed"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

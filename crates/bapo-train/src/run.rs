@@ -165,7 +165,15 @@ fn run_job_with<B: AutodiffBackend>(
         &run.output.dir.join("eval_base.json"),
         serde_json::to_string_pretty(&base.row)?.as_bytes(),
     )?;
-    fit(run, device, model, &p, Some((&extras, &base.row)), resume, sync)
+    fit(
+        run,
+        device,
+        model,
+        &p,
+        Some((&extras, &base.row)),
+        resume,
+        sync,
+    )
 }
 
 /// The base model's own results: flat metrics, knowledge summaries, and the `eval_base.json` row.

@@ -210,7 +210,15 @@ pub fn train<B: AutodiffBackend, C: StepControl>(
     on_step: impl FnMut(&StepLog, &Llama<B>, &Optim<B>) -> C,
 ) -> Result<Llama<B>, TrainError> {
     train_dist(
-        model, examples, refs, cfg, pad_id, device, resume, on_step, &mut Single,
+        model,
+        examples,
+        refs,
+        cfg,
+        pad_id,
+        device,
+        resume,
+        on_step,
+        &mut Single,
     )
 }
 

@@ -137,7 +137,10 @@ pub fn run_local_peers<B: Backend, T: Send>(
                         };
                         if let Err(e) = &res {
                             // A peer stopped because another failed is not the cause.
-                            if !matches!(e.downcast_ref::<SyncError>(), Some(SyncError::PeerFailed { .. })) {
+                            if !matches!(
+                                e.downcast_ref::<SyncError>(),
+                                Some(SyncError::PeerFailed { .. })
+                            ) {
                                 failure.set(rank, e.to_string());
                             }
                         }
@@ -184,8 +187,15 @@ mod tests {
         let devices = vec![Default::default(); 3];
         let out = run_local_peers::<NdArray, _>(&devices, |sync, device| {
             let r = sync.rank() as f32;
-            let t = Tensor::<NdArray, 1>::from_data(TensorData::new(vec![r, 2.0 * r, 1.0], [3]), device);
-            let mean = sync.all_reduce_mean(t)?.into_data().to_vec::<f32>().unwrap();
+            let t = Tensor::<NdArray, 1>::from_data(
+                TensorData::new(vec![r, 2.0 * r, 1.0], [3]),
+                device,
+            );
+            let mean = sync
+                .all_reduce_mean(t)?
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
             let mut s = [r as f64, 1.0];
             sync.all_reduce_sum(&mut s)?;
             let same = super::super::agree(sync, 0xdead_beef_u64)?;
@@ -228,7 +238,11 @@ mod tests {
         assert_eq!(err, "rank 0 of 2 failed: panicked: boom");
         let ok = run_local_peers::<NdArray, _>(&devices[..2], |sync, device| {
             let t = Tensor::<NdArray, 1>::ones([2], device);
-            Ok(sync.all_reduce_mean(t)?.into_data().to_vec::<f32>().unwrap())
+            Ok(sync
+                .all_reduce_mean(t)?
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap())
         })
         .unwrap();
         assert_eq!(ok, vec![vec![1.0, 1.0]; 2]);

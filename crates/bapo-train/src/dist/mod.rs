@@ -152,7 +152,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
 
 /// Every trainable parameter's gradient averaged over the ranks: one flat all-reduce, then
 /// each gradient cut back out in the same order.
-pub(crate) fn all_reduce_grads<B: AutodiffBackend>(
+pub fn all_reduce_grads<B: AutodiffBackend>(
     model: &Llama<B>,
     mut grads: GradientsParams,
     sync: &mut dyn GradSync<B::InnerBackend>,

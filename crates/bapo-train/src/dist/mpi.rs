@@ -42,10 +42,14 @@ impl MpiSync {
     /// The rank among the processes on this node (to pick a GPU), from the launcher's
     /// environment (Open MPI, MPICH/Hydra, Slurm); 0 when none says.
     pub fn local_rank() -> usize {
-        ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
-            .iter()
-            .find_map(|k| std::env::var(k).ok()?.parse().ok())
-            .unwrap_or(0)
+        [
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+        ]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+        .unwrap_or(0)
     }
 
     /// Ends every rank of the job with `code` (after this rank printed why).
