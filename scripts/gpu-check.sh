@@ -15,7 +15,11 @@
 #      3-step BAPO training run (LoRA) on the tiny Llama whose loss curve must equal ndarray's;
 #   3. the criterion benches on cuda (quick mode: 3 s per group): forward log-probs, one BAPO
 #      training step (LoRA r 8, 4 pairs, 12 x 128 tokens), KV-cache generation (batch 1 and 8),
-#      the objective and the chunked token KL. Criterion's reports go to OUT_DIR/criterion.
+#      the objective and the chunked token KL, and the 2-peer all-reduce of LoRA r 8 gradients.
+#      Criterion's reports go to OUT_DIR/criterion;
+#   4. data-parallel wiring on one GPU: 3 steps of the tiny Llama on one device and on two
+#      burn-collective peers sharing it (`--devices cuda:0,cuda:0`); dist.json and both adapters
+#      land in OUT_DIR/dist-{one,two} (compare them as crates/bapo-cli/tests/dist.rs does).
 set -u
 BIN=$(cd "$1" && pwd); MODEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); OUT=$(mkdir -p "$3" && cd "$3" && pwd)
 LOG=$OUT/gpu-check.log
@@ -36,4 +40,28 @@ stage parity-smollm2 120 "$BIN/smollm2" cuda --nocapture
 stage train-parity 120 "$BIN/train_step" --nocapture
 stage bench 240 env BAPO_BENCH_BACKEND=cuda BAPO_BENCH_QUICK=1 CRITERION_HOME="$OUT/criterion" \
   "$BIN/bench" --bench --warm-up-time 1
-grep -E "^=== |test result|worst token|time:|thrpt:|^cuda/" "$LOG" > "$OUT/gpu-check.summary" || true
+DIST_CFG=$OUT/dist.toml
+sed -e "s#{model}#$PWD/tests/fixtures/tiny-llama#" -e "s#{data}#$PWD/data/demo/concise.jsonl#" > "$DIST_CFG" <<'EOF'
+[model]
+path = "{model}"
+[data]
+train = "{data}"
+eval_fraction = 0.125
+max_length = 96
+[anchor]
+max_new_tokens = 6
+batch_size = 8
+[lora]
+rank = 4
+alpha = 8.0
+[train]
+max_steps = 3
+batch_size = 4
+learning_rate = 1e-2
+[output]
+dir = "unused"
+EOF
+stage dist-one 120 "$BIN/bapo" --backend cuda train --config "$DIST_CFG" --output "$OUT/dist-one"
+stage dist-two 120 "$BIN/bapo" train --config "$DIST_CFG" --output "$OUT/dist-two" --devices cuda:0,cuda:0
+cat "$OUT/dist-two/dist.json" >> "$LOG" 2>/dev/null
+grep -E "^=== |test result|worst token|time:|thrpt:|^cuda/|replicas_identical|time/sync_s" "$LOG" > "$OUT/gpu-check.summary" || true
