@@ -893,6 +893,73 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
             assert!(m[key].as_f64().is_some_and(f64::is_finite), "{key}: {m}");
         }
     }
+    // Paired statistics: each run against the base model, BAPO against DPO; the primary
+    // endpoint recomputed here from the runs' per-item results.
+    let cmp = doc["comparisons"].as_array().unwrap();
+    let find = |m: &str, against: &str| {
+        cmp.iter()
+            .find(|c| c["method"] == m && c["against"] == against)
+            .unwrap_or_else(|| panic!("no {m} vs {against} in {cmp:?}"))
+    };
+    assert_eq!(cmp.len(), 3);
+    let items = |m: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(runs.join(m).join("knowledge_items.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (dpo, bapo_items) = (items("dpo-seed0"), items("bapo_l1-seed0"));
+    let pairs = |a: &serde_json::Value, b: &serde_json::Value| -> Vec<(bool, f64, bool, f64)> {
+        let (a, b) = (
+            a["capitals/chat"].as_array().unwrap(),
+            b["capitals/chat"].as_array().unwrap(),
+        );
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                assert_eq!(x["id"], y["id"]);
+                let f = |v: &serde_json::Value| v["margin"].as_f64().unwrap();
+                let c = |v: &serde_json::Value| v["correct"].as_bool().unwrap();
+                (c(x), f(x), c(y), f(y))
+            })
+            .collect()
+    };
+    for (c, a, b) in [
+        (find("dpo", "base"), &dpo["base"], &dpo["policy"]),
+        (
+            find("bapo_l1", "base"),
+            &bapo_items["base"],
+            &bapo_items["policy"],
+        ),
+        (
+            find("bapo_l1", "dpo"),
+            &dpo["policy"],
+            &bapo_items["policy"],
+        ),
+    ] {
+        let p = &c["primary"];
+        let v = pairs(a, b);
+        assert_eq!(p["n"].as_u64(), Some(v.len() as u64));
+        let dm = v.iter().map(|x| x.3 - x.1).sum::<f64>() / v.len() as f64;
+        let got = p["delta_margin"].as_f64().unwrap();
+        assert!((got - dm).abs() < 1e-12, "{got} vs {dm}");
+        let lost = v.iter().filter(|x| x.0 && !x.2).count() as u64;
+        let gained = v.iter().filter(|x| !x.0 && x.2).count() as u64;
+        assert_eq!(p["mcnemar"]["lost"].as_u64(), Some(lost));
+        assert_eq!(p["mcnemar"]["gained"].as_u64(), Some(gained));
+        let p_value = p["mcnemar"]["p"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p_value));
+        let ci = [
+            p["ci95"][0].as_f64().unwrap(),
+            p["ci95"][1].as_f64().unwrap(),
+        ];
+        assert!(
+            ci[0] <= got + 1e-12 && got <= ci[1] + 1e-12,
+            "{ci:?} around {got}"
+        );
+        assert_eq!(c["per_set"].as_array().unwrap().len(), 2, "{c}");
+    }
+    assert!(md.contains("### Paired, item by item"), "{md}");
     assert_eq!(
         &std::fs::read(out.join("compare.png")).unwrap()[1..4],
         b"PNG"

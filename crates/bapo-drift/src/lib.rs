@@ -16,6 +16,7 @@ pub mod gate;
 pub mod kl;
 pub mod mc;
 pub mod output;
+pub mod paired;
 pub mod plot;
 pub mod weights;
 

@@ -493,11 +493,14 @@ fn report(spec: &CompareSpec, results: &[RunResult], secs: f64) -> Result<String
          accuracy, averaged over every set and format; boundary items: |base margin| < 1 nat; \
          easy: base margin ≥ 1 nat.\n",
     );
+    let comparisons = crate::compare_stats::comparisons(results)?;
+    md.push_str(&crate::compare_stats::markdown(&comparisons));
     let doc = json!({
         "spec": spec,
         "wall_s": secs,
         "runs": results,
         "summary": summary,
+        "comparisons": comparisons,
     });
     write_atomic(
         &spec.out.join("compare.json"),

@@ -6,6 +6,7 @@
 mod cache;
 mod checkpoint;
 pub mod compare;
+mod compare_stats;
 pub mod concurrent;
 pub mod config;
 pub mod dist;

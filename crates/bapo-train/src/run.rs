@@ -369,9 +369,23 @@ fn fit<B: AutodiffBackend>(
                 device,
                 extras,
             ) {
-                Ok((ev, _, _, _)) => {
+                Ok((ev, _, items, _)) => {
                     for (k, v) in ev {
                         row[k] = serde_json::json!(v);
+                    }
+                    // The last step's per-item knowledge results beside the base model's, so
+                    // that runs on the same items can be compared item by item (`bapo compare`).
+                    if l.step == run.train.max_steps && !items.is_empty() {
+                        let doc = serde_json::json!({
+                            "base": extras.base_knowledge,
+                            "policy": items,
+                        });
+                        if let Err(e) = write_atomic(
+                            &out.join("knowledge_items.json"),
+                            doc.to_string().as_bytes(),
+                        ) {
+                            write_err.get_or_insert(Box::new(e));
+                        }
                     }
                 }
                 Err(e) => {

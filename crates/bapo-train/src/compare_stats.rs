@@ -1,0 +1,142 @@
+//! `bapo compare`'s paired statistics: every run against the base model, and every other
+//! method against DPO of the same level and seed, item by item on the same knowledge items
+//! (`knowledge_items.json` of each run: its last evaluation beside the base model's).
+//!
+//! Per set and format, and pooled over the chat-format sets — the primary endpoint, declared
+//! before running: the **pooled chat-format gold-margin change** with its paired-bootstrap
+//! 95 % interval (`ci95`), and the accuracy flips with McNemar's exact test (`mcnemar`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bapo_drift::paired::{compare, PairedComparison};
+use bapo_drift::McItemResult;
+use serde_json::{json, Value};
+
+use crate::compare::RunResult;
+use crate::io::RunError;
+
+/// Per `set/format`, the items in scoring order.
+type Items = BTreeMap<String, Vec<McItemResult>>;
+
+/// The bootstrap's seed: fixed, so compare.json is reproducible.
+const SEED: u64 = 0x6261_706f;
+
+/// (base, policy) items of a finished run.
+fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
+    let path = dir.join("knowledge_items.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut doc: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut take = |k: &str| -> Result<Items, RunError> {
+        serde_json::from_value(doc[k].take())
+            .map_err(|e| format!("{}: field `{k}`: {e}", path.display()).into())
+    };
+    Ok((take("base")?, take("policy")?))
+}
+
+/// The chat-format sets' items, concatenated in key order.
+fn pooled_chat(items: &Items) -> Vec<McItemResult> {
+    items
+        .iter()
+        .filter(|(k, _)| k.ends_with("/chat"))
+        .flat_map(|(_, v)| v.iter().cloned())
+        .collect()
+}
+
+fn row(key: &str, c: &PairedComparison) -> Value {
+    json!({
+        "key": key,
+        "n": c.n,
+        "delta_acc": c.delta_acc,
+        "delta_margin": c.delta_margin,
+        "ci95": c.ci95,
+        "mcnemar": c.mcnemar,
+    })
+}
+
+/// `b` against `a`: the primary endpoint and every set/format.
+fn against(a: &Items, b: &Items) -> Result<(Value, Vec<Value>), RunError> {
+    let primary = compare(&pooled_chat(a), &pooled_chat(b), SEED)
+        .map_err(|e| format!("pooled chat items: {e}"))?;
+    let mut rows = Vec::new();
+    for (key, items) in b {
+        let base = a
+            .get(key)
+            .ok_or_else(|| format!("`{key}` missing on one side"))?;
+        rows.push(row(
+            key,
+            &compare(base, items, SEED).map_err(|e| format!("`{key}`: {e}"))?,
+        ));
+    }
+    Ok((row("pooled_chat", &primary), rows))
+}
+
+/// Every run against the base model, and every method but `dpo` against `dpo` of the same level
+/// and seed. Runs without `knowledge_items.json` (knowledge sets off) are left out.
+pub(crate) fn comparisons(results: &[RunResult]) -> Result<Vec<Value>, RunError> {
+    let mut items: BTreeMap<(String, String, u64), (Items, Items)> = BTreeMap::new();
+    for r in results {
+        if r.dir.join("knowledge_items.json").exists() {
+            items.insert(
+                (r.level.clone(), r.method.clone(), r.seed),
+                read_items(&r.dir)?,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for ((level, method, seed), (base, policy)) in &items {
+        let (primary, per_set) = against(base, policy)?;
+        out.push(json!({
+            "level": level, "method": method, "seed": seed, "against": "base",
+            "primary": primary, "per_set": per_set,
+        }));
+        if method == "dpo" {
+            continue;
+        }
+        if let Some((_, dpo)) = items.get(&(level.clone(), "dpo".to_string(), *seed)) {
+            let (primary, per_set) = against(dpo, policy)?;
+            out.push(json!({
+                "level": level, "method": method, "seed": seed, "against": "dpo",
+                "primary": primary, "per_set": per_set,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// The primary endpoint of every comparison as a Markdown table.
+pub(crate) fn markdown(comparisons: &[Value]) -> String {
+    if comparisons.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n### Paired, item by item\n\nPrimary endpoint (declared before running): the change of \
+         the gold answer's margin over the best distractor, pooled over the chat-format knowledge \
+         items, with a paired-bootstrap 95 % interval; accuracy flips with McNemar's exact test.\n\n\
+         | level | method | seed | against | items | Δ margin [95 % CI] | Δ acc | lost / gained | McNemar p |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for c in comparisons {
+        let p = &c["primary"];
+        let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:+.3}"));
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} [{}, {}] | {} | {} / {} | {} |\n",
+            c["level"].as_str().unwrap_or("-"),
+            c["method"].as_str().unwrap_or("-"),
+            c["seed"],
+            c["against"].as_str().unwrap_or("-"),
+            p["n"],
+            f(&p["delta_margin"]),
+            f(&p["ci95"][0]),
+            f(&p["ci95"][1]),
+            f(&p["delta_acc"]),
+            p["mcnemar"]["lost"],
+            p["mcnemar"]["gained"],
+            p["mcnemar"]["p"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.3}")),
+        ));
+    }
+    md
+}
