@@ -8,48 +8,23 @@ use std::process::Command;
 
 use bapo_model::load::HostTensor;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+mod common;
+use common::config;
 
-/// An empty per-process temporary directory with a config: 3 steps of LoRA r 4 on the demo's
-/// concise pairs, a global micro-batch of 4 pairs, a checkpoint at step 2.
+/// An empty per-process temporary directory with [`config`] at micro-batches of 4 pairs (its
+/// output `<dir>/run` is the one-process run).
 fn setup(name: &str) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let r = root();
-    let text = format!(
-        r#"[model]
-path = "{model}"
-[data]
-train = "{data}"
-eval_fraction = 0.125
-max_length = 96
-[anchor]
-max_new_tokens = 6
-batch_size = 8
-[lora]
-rank = 4
-alpha = 8.0
-[train]
-max_steps = 3
-batch_size = 4
-learning_rate = 1e-2
-[output]
-dir = "{out}"
-eval_steps = 2
-save_steps = 2
-"#,
-        model = r.join("tests/fixtures/tiny-llama").display(),
-        data = r.join("data/demo/concise.jsonl").display(),
-        out = dir.join("single").display(),
-    );
-    let cfg = dir.join("cfg.toml");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = config(&dir, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("batch_size = 2\n"));
+    std::fs::write(
+        &cfg,
+        text.replacen("batch_size = 2\n", "batch_size = 4\n", 1),
+    )
+    .unwrap();
     (dir, cfg)
 }
 
@@ -136,7 +111,7 @@ const REL: f64 = 1e-5;
 fn two_local_peers_equal_one_process_and_resume_with_another_world_size() {
     let (dir, cfg) = setup("bapo-dist-local");
     let cfg = cfg.to_str().unwrap();
-    let (single, local) = (dir.join("single"), dir.join("local"));
+    let (single, local) = (dir.join("run"), dir.join("local"));
     bapo_ok(&["train", "--config", cfg]);
     bapo_ok(&[
         "train",
@@ -252,7 +227,7 @@ fn rank_pid(rank: usize) -> Option<u32> {
 fn mpirun_two_ranks_equal_one_process_and_a_killed_rank_ends_the_job() {
     let (dir, cfg) = setup("bapo-dist-mpi");
     let cfg = cfg.to_str().unwrap();
-    let (single, mpi) = (dir.join("single"), dir.join("mpi"));
+    let (single, mpi) = (dir.join("run"), dir.join("mpi"));
     bapo_ok(&["train", "--config", cfg]);
     let res = mpirun(2)
         .args([

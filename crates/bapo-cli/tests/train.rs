@@ -3,46 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn config(dir: &Path, extra: &str) -> PathBuf {
-    let r = root();
-    let text = format!(
-        r#"[model]
-path = "{model}"
-[data]
-train = "{data}"
-eval_fraction = 0.125
-max_length = 96
-[anchor]
-max_new_tokens = 6
-batch_size = 8
-[lora]
-rank = 4
-alpha = 8.0
-[train]
-max_steps = 3
-batch_size = 2
-learning_rate = 1e-2
-{extra}
-[output]
-dir = "{out}"
-eval_steps = 2
-save_steps = 2
-"#,
-        model = r.join("tests/fixtures/tiny-llama").display(),
-        data = r.join("data/demo/concise.jsonl").display(),
-        out = dir.join("run").display(),
-    );
-    let p = dir.join("cfg.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
+mod common;
+use common::{config, root};
 
 /// [`config`] without the `[lora]` section (every weight trains) at a full-fine-tuning rate.
 fn full_ft_config(dir: &Path) -> PathBuf {

@@ -141,10 +141,11 @@ pub fn gate(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn item(id: &str, correct: bool, margin: f64) -> McItemResult {
+    /// A scored item with only what the paired comparisons read.
+    pub(crate) fn item(id: &str, correct: bool, margin: f64) -> McItemResult {
         McItemResult {
             id: id.into(),
             logliks: vec![],

@@ -121,17 +121,7 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn item(id: &str, correct: bool, margin: f64) -> McItemResult {
-        McItemResult {
-            id: id.into(),
-            logliks: vec![],
-            correct,
-            correct_norm: correct,
-            gold_loglik: 0.0,
-            margin,
-        }
-    }
+    use crate::gate::tests::item;
 
     #[test]
     fn bootstrap_interval_is_seeded_and_near_the_normal_one() {
