@@ -497,7 +497,7 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[output]",
         &format!(
-            "[eval]\nknowledge = [\"{}\"]\nknowledge_items = 6\noutput_prompts = 2\nkl_vocab_chunk = 100\n[output]",
+            "[eval]\nknowledge = [\"{}\"]\nknowledge_items = 6\noutput_prompts = 2\ngenerative_items = 3\nkl_vocab_chunk = 100\n[output]",
             knowledge.display()
         ),
     );
@@ -528,6 +528,7 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
         "eval_knowledge/capitals/chat/acc",
         "eval_knowledge/capitals/chat/margin",
         "eval_knowledge/capitals/chat/delta_gold_loglik",
+        "eval_knowledge/capitals/generative/acc",
         "eval_weight_distance",
     ] {
         assert!(
@@ -547,6 +548,14 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
         "{base}"
     );
     assert_eq!(base["eval_anchor_drift/mean"].as_f64(), Some(0.0));
+    // Three items asked generatively: a fraction in thirds.
+    let g = base["eval_knowledge/capitals/generative/acc"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (g * 3.0 - (g * 3.0).round()).abs() < 1e-12 && (0.0..=1.0).contains(&g),
+        "{g}"
+    );
     assert!(
         base["eval_knowledge/capitals/raw/acc"].is_number(),
         "{base}"

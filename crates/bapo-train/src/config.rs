@@ -128,6 +128,10 @@ pub struct EvalSection {
     pub formats: Vec<String>,
     /// Held-out prompts generated from for output drift (0 = off).
     pub output_prompts: usize,
+    /// Items per knowledge set also asked generatively (the question as a user turn, a greedy
+    /// answer of at most 24 tokens, right when it names a gold choice): `eval_knowledge/<set>/
+    /// generative/acc`. 0 = off.
+    pub generative_items: usize,
     /// Vocabulary columns per chunk in the token-KL pass.
     pub kl_vocab_chunk: usize,
     /// Sequences per forward pass when scoring knowledge items.
@@ -141,6 +145,7 @@ impl Default for EvalSection {
             knowledge_items: 0,
             formats: vec!["raw".into(), "chat".into()],
             output_prompts: 0,
+            generative_items: 0,
             kl_vocab_chunk: 8192,
             batch_size: 16,
         }

@@ -290,6 +290,66 @@ pub fn greedy_answers<B: Backend>(
         .collect()
 }
 
+/// New tokens a generative knowledge answer may take.
+pub const GENERATIVE_TOKENS: usize = 24;
+
+/// Whether `answer` names one of `item`'s gold choices (case-insensitive substring).
+pub fn names_gold(item: &McItem, answer: &str) -> bool {
+    let a = answer.to_lowercase();
+    item.gold.iter().any(|&g| {
+        item.choices
+            .get(g)
+            .is_some_and(|c| a.contains(&c.to_lowercase()))
+    })
+}
+
+/// The generative knowledge check: the first `n` items of every set asked as a user turn
+/// (chat template, generation prompt), answered greedily in batches of `batch`; the fraction
+/// whose answer names a gold choice, as `knowledge/<set>/generative/acc`.
+#[allow(clippy::too_many_arguments)] // model, items, tokenizer, template, stop ids, sizes, device
+pub fn generative_knowledge<B: Backend>(
+    model: &Llama<B>,
+    sets: &[KnowledgeSet],
+    n: usize,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    eos_ids: &[u32],
+    batch: usize,
+    device: &B::Device,
+) -> Result<BTreeMap<String, f64>, RunError> {
+    let mut out = BTreeMap::new();
+    for set in sets {
+        let items: Vec<&McItem> = set.items.iter().take(n).collect();
+        if items.is_empty() {
+            continue;
+        }
+        let prompts = items
+            .iter()
+            .map(|it| {
+                let text = template.render(&[Message::user(it.question.clone())], true)?;
+                Ok(tok.encode(&text)?)
+            })
+            .collect::<Result<Vec<Vec<u32>>, RunError>>()?;
+        let mut right = 0usize;
+        for (chunk, its) in prompts.chunks(batch.max(1)).zip(items.chunks(batch.max(1))) {
+            for ((ids, _), it) in greedy_answers(model, chunk, GENERATIVE_TOKENS, eos_ids, device)
+                .iter()
+                .zip(its)
+            {
+                let text = tok
+                    .decode(ids)
+                    .map_err(|e| format!("decoding an answer to `{}`: {e}", it.id))?;
+                right += usize::from(names_gold(it, &text));
+            }
+        }
+        out.insert(
+            format!("knowledge/{}/generative/acc", set.name),
+            right as f64 / items.len() as f64,
+        );
+    }
+    Ok(out)
+}
+
 /// Personalisation on held-out prompts for a user who is a pole of a known dimension
 /// (`concise`, `expert`, ...): the fraction of prompts whose personalised answer lies further
 /// toward that pole than the base model's answer by the dimension's own measure (words, grade,
@@ -316,6 +376,30 @@ pub fn personalisation(
 #[cfg(test)]
 mod tests {
     use bapo_data::synth::Dimension;
+
+    #[test]
+    fn a_generative_answer_is_right_when_it_names_a_gold_choice() {
+        let item = super::McItem {
+            id: "capitals/europe/2".into(),
+            context: "The capital of Albania is".into(),
+            question: "What is the capital of Albania?".into(),
+            choices: vec![
+                "Gibraltar".into(),
+                "Tbilisi".into(),
+                "London".into(),
+                "Tirana".into(),
+            ],
+            gold: vec![3],
+            line: 2,
+        };
+        assert!(super::names_gold(
+            &item,
+            "The capital of Albania is Tirana."
+        ));
+        assert!(super::names_gold(&item, "TIRANA"));
+        assert!(!super::names_gold(&item, "It is London."));
+        assert!(!super::names_gold(&item, "I am not sure."));
+    }
 
     #[test]
     fn personalisation_counts_moves_toward_the_pole() {

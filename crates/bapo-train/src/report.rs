@@ -240,6 +240,21 @@ pub(crate) fn full_eval<B: Backend>(
     for (k, v) in crate::eval::knowledge_metrics(&summaries) {
         m.insert(format!("eval_{k}"), v);
     }
+    if run.eval.generative_items > 0 {
+        let g = crate::eval::generative_knowledge(
+            model,
+            &x.sets,
+            run.eval.generative_items,
+            x.tok,
+            x.template,
+            &x.eos_ids,
+            run.eval.batch_size,
+            device,
+        )?;
+        for (k, v) in g {
+            m.insert(format!("eval_{k}"), v);
+        }
+    }
     let mut answers = Vec::new();
     if !x.out_prompts.is_empty() {
         answers = crate::eval::greedy_answers(
