@@ -9,6 +9,8 @@
 //! - [`weights`]: ‖θ − θ₀‖ global and per layer.
 //! - [`output::OutputStats`]: generated length, EOS rate, distinct-2.
 //! - [`mc`]: multiple-choice knowledge scoring with lm-evaluation-harness semantics.
+//! - [`gate`]: a retention gate (paired drops against a reference run, with limits).
+//! - [`paired`]: two models on the same items — McNemar flips, paired-bootstrap intervals.
 //! - [`plot`]: the training-curve figure (SVG and PNG).
 
 pub mod anchor;
