@@ -9,7 +9,7 @@ use std::process::Command;
 use bapo_model::load::HostTensor;
 
 mod common;
-use common::config;
+use common::{bapo, bapo_ok, config};
 
 /// An empty per-process temporary directory with [`config`] at micro-batches of 4 pairs (its
 /// output `<dir>/run` is the one-process run).
@@ -26,23 +26,6 @@ fn setup(name: &str) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     (dir, cfg)
-}
-
-fn bapo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_bapo"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn bapo_ok(args: &[&str]) -> std::process::Output {
-    let res = bapo(args);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    res
 }
 
 fn adapter(run: &Path) -> BTreeMap<String, HostTensor> {

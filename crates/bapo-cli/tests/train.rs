@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{config, root};
+use common::{bapo, bapo_ok, config, root};
 
 /// [`config`] without the `[lora]` section (every weight trains) at a full-fine-tuning rate.
 fn full_ft_config(dir: &Path) -> PathBuf {
@@ -23,24 +23,6 @@ fn fresh_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn bapo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_bapo"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// [`bapo`], asserting that it succeeded (its log in the failure message).
-fn bapo_ok(args: &[&str]) -> std::process::Output {
-    let res = bapo(args);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
-    res
 }
 
 #[test]

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test crate uses part of it
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -44,4 +45,23 @@ save_steps = 2
     let p = dir.join("cfg.toml");
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// The `bapo` binary run with `args`.
+pub fn bapo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bapo"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`bapo`], asserting that it succeeded (its log in the failure message).
+pub fn bapo_ok(args: &[&str]) -> std::process::Output {
+    let res = bapo(args);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    res
 }
