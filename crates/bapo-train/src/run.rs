@@ -288,21 +288,30 @@ fn fit<B: AutodiffBackend>(
     resume: bool,
     sync: &mut dyn GradSync<B::InnerBackend>,
 ) -> Result<PathBuf, RunError> {
+    let out = &run.output.dir;
+    // Full fine-tuning: ids derived from the HF names, so a saved optimiser state applies
+    // after a restart.
+    let weights = match &run.lora {
+        Some(_) => Weights::Adapter,
+        None => Weights::Full(&p.config, &p.tok),
+    };
+    let policy = match &run.lora {
+        Some(l) => l.attach(model, run.train.seed, device),
+        None => bapo_model::export::with_stable_ids(model, true),
+    };
+    let metrics_path = out.join("metrics.jsonl");
+    // Only the writing rank starts the log or cuts it back to the checkpoint.
+    let log_path = lead.is_some().then_some(metrics_path.as_path());
+    let (policy, resume_state) = if resume {
+        let (policy, state) = resume_from(out, policy, &weights, log_path, device)?;
+        (policy, Some(state))
+    } else {
+        if log_path.is_some() {
+            std::fs::File::create(&metrics_path)?;
+        }
+        (policy, None)
+    };
     let Some((extras, base_row)) = lead else {
-        let policy = match &run.lora {
-            Some(l) => l.attach(model, run.train.seed, device),
-            None => bapo_model::export::with_stable_ids(model, true),
-        };
-        let weights = match &run.lora {
-            Some(_) => Weights::Adapter,
-            None => Weights::Full(&p.config, &p.tok),
-        };
-        let (policy, resume_state) = if resume {
-            let (policy, state) = resume_from(&run.output.dir, policy, &weights, None, device)?;
-            (policy, Some(state))
-        } else {
-            (policy, None)
-        };
         let nothing = |_: &StepLog, _: &Llama<B>, _: &Optim<B>| {};
         let res = train_dist(
             policy,
@@ -318,32 +327,13 @@ fn fit<B: AutodiffBackend>(
         let policy = match res {
             Ok(policy) => policy,
             // Every rank stopped after the same step; rank 0 reports it.
-            Err(crate::train::TrainError::Interrupted { .. }) => return Ok(run.output.dir.clone()),
+            Err(crate::train::TrainError::Interrupted { .. }) => return Ok(out.clone()),
             Err(e) => return Err(format!("rank {}: {e}", sync.rank()).into()),
         };
         agree(sync, parameter_fingerprint(&policy))?;
-        return Ok(run.output.dir.clone());
+        return Ok(out.clone());
     };
-    let out = &run.output.dir;
     let (reference, eos) = (&p.reference, p.eos);
-    // Full fine-tuning: ids derived from the HF names, so a saved optimiser state applies
-    // after a restart.
-    let weights = match &run.lora {
-        Some(_) => Weights::Adapter,
-        None => Weights::Full(&p.config, &p.tok),
-    };
-    let policy = match &run.lora {
-        Some(l) => l.attach(model, run.train.seed, device),
-        None => bapo_model::export::with_stable_ids(model, true),
-    };
-    let metrics_path = out.join("metrics.jsonl");
-    let (policy, resume_state) = if resume {
-        let (policy, state) = resume_from(out, policy, &weights, Some(&metrics_path), device)?;
-        (policy, Some(state))
-    } else {
-        std::fs::File::create(&metrics_path)?;
-        (policy, None)
-    };
     let mut log = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)?;
