@@ -196,6 +196,49 @@ fn test(extra: &[String]) -> Result<()> {
         Some("1") => true,
         _ => vulkan_available(),
     };
+    let mpi = on_path("mpicc") && on_path("mpirun");
+    if !wgpu {
+        eprintln!("warning: no Vulkan driver found (apt-get install mesa-vulkan-drivers libvulkan1): wgpu parity tests are not run");
+    }
+    // Data-parallel training over MPI: built and tested where an MPI library and its launcher
+    // are installed (.ci/run installs Open MPI and libclang).
+    if !mpi {
+        eprintln!("warning: no MPI found (apt-get install libopenmpi-dev openmpi-bin libclang-dev): the mpirun tests are not run");
+    }
+    // Unit and integration tests, then the doc tests, with the same features (one build).
+    // `--tests` leaves out the examples (the profiling driver, the MPI example): each is a
+    // separate multi-backend binary, minutes of a 2-core build; `cargo xtask bench` and
+    // `cargo clippy --all-targets` build them.
+    // Arguments that pick targets themselves (`--test suite`, `--lib`, ...) replace `--tests`.
+    let picks_targets = extra.iter().any(|a| {
+        let a = a.split('=').next().unwrap_or(a);
+        [
+            "--lib",
+            "--bin",
+            "--bins",
+            "--test",
+            "--tests",
+            "--doc",
+            "--example",
+            "--examples",
+            "--bench",
+            "--benches",
+            "--all-targets",
+        ]
+        .contains(&a)
+    });
+    let targets: &[&str] = if picks_targets { &[] } else { &["--tests"] };
+    let first = run(&mut test_command(wgpu, mpi, targets, extra)?);
+    // Doc tests take no test-name filters; they run only in a whole-suite run.
+    let second = if extra.is_empty() {
+        run(&mut test_command(wgpu, mpi, &["--doc"], &[])?)
+    } else {
+        Ok(())
+    };
+    first.and(second)
+}
+
+fn test_command(wgpu: bool, mpi: bool, targets: &[&str], extra: &[String]) -> Result<Command> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root()).args([
@@ -206,6 +249,7 @@ fn test(extra: &[String]) -> Result<()> {
         "--exclude",
         "xtask",
     ]);
+    cmd.args(targets);
     if wgpu {
         cmd.args(["--features", "bapo-tests/wgpu"]);
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
@@ -213,18 +257,12 @@ fn test(extra: &[String]) -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             cmd.env("XDG_RUNTIME_DIR", dir);
         }
-    } else {
-        eprintln!("warning: no Vulkan driver found (apt-get install mesa-vulkan-drivers libvulkan1): wgpu parity tests are not run");
     }
-    // Data-parallel training over MPI: built and tested where an MPI library and its launcher
-    // are installed (.ci/run installs Open MPI and libclang).
-    if on_path("mpicc") && on_path("mpirun") {
+    if mpi {
         cmd.args(["--features", "bapo-cli/mpi"]);
-    } else {
-        eprintln!("warning: no MPI found (apt-get install libopenmpi-dev openmpi-bin libclang-dev): the mpirun tests are not run");
     }
     cmd.args(extra);
-    run(&mut cmd)
+    Ok(cmd)
 }
 
 /// `cargo xtask train`: the main job, from a fresh clone.
