@@ -30,7 +30,11 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
     let m = load_pretrained::<A::InnerBackend>(&smollm2_gguf(), &device).expect("SmolLM2 GGUF");
     eprintln!("load: {:.2} s", t.elapsed().as_secs_f64());
     let vocab = m.config.vocab_size;
-    let model: Llama<A::InnerBackend> = m.model;
+    let model: Llama<A::InnerBackend> = match std::env::var("BAPO_PROFILE_WEIGHTS").as_deref() {
+        // Frozen weights in f16 (inference only: generation, forward).
+        Ok("f16") => m.model.with_weight_dtype(burn::tensor::FloatDType::F16),
+        _ => m.model,
+    };
     let ex = examples(vocab);
     for r in 0..reps {
         let t = Instant::now();

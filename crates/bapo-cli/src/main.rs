@@ -261,6 +261,10 @@ enum Cmd {
         /// A trained adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// `f16` keeps the projection, embedding and head weights in f16 (same transformers
+        /// parity; batch-1 decoding reads half the bytes a token).
+        #[arg(long, default_value = "f32")]
+        weights: String,
     },
     /// An OpenAI-compatible HTTP server: one base model, every user's LoRA adapter over it
     /// (`model: "bapo/<user>"` or the `user` field; `bapo/base` for the base model).
@@ -282,6 +286,10 @@ enum Cmd {
         /// `max_tokens` of a request that gives none (cut to what the context leaves).
         #[arg(long, default_value_t = 256)]
         default_max_tokens: usize,
+        /// `f16` keeps the base model's projection, embedding and head weights in f16
+        /// (adapters stay f32), as `bapo generate --weights`.
+        #[arg(long, default_value = "f32")]
+        weights: String,
     },
 }
 
@@ -481,6 +489,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             ))
         }
     };
+    if let (BackendKind::Ndarray, Cmd::Generate { weights, .. } | Cmd::Serve { weights, .. }) =
+        (kind, &cli.command)
+    {
+        if weights != "f32" {
+            anyhow::bail!(
+                "--weights {weights}: burn-ndarray 0.21 has no f16 tensors; use --backend flex (the default), wgpu or cuda"
+            );
+        }
+    }
     match kind {
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
@@ -876,8 +893,12 @@ fn infer<B: Backend>(
             port,
             max_adapters,
             default_max_tokens,
+            weights,
         } => {
-            let loaded = load_pretrained::<B>(&model, &device)?;
+            let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
+                .map_err(anyhow::Error::msg)?;
+            let mut loaded = load_pretrained::<B>(&model, &device)?;
+            loaded.model = loaded.model.with_weight_dtype(dtype);
             let opts = bapo_serve::ServeOptions {
                 addr: std::net::SocketAddr::new(host, port),
                 adapters,
@@ -897,11 +918,15 @@ fn infer<B: Backend>(
             seed,
             raw,
             adapter,
+            weights,
         } => {
+            let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
+                .map_err(anyhow::Error::msg)?;
             let mut loaded = load_pretrained::<B>(&model, &device)?;
             if let Some(dir) = adapter {
                 loaded.model = bapo_train::lora::load_adapter_dir(loaded.model, &dir, &device)?;
             }
+            loaded.model = loaded.model.with_weight_dtype(dtype);
             let tok = &loaded.tokenizer;
             let template = bapo_train::chat_template(tok);
             let mut prompts = Vec::new();

@@ -178,6 +178,26 @@ fn generate_is_deterministic_for_a_seed() {
     assert!(lines
         .iter()
         .all(|l| l["ids"].as_array().unwrap().len() <= 6));
+    // f16 weights (parity with transformers: tests/tests/smollm2.rs) are seeded alike; a float
+    // type that is not offered is refused by name.
+    let half: Vec<&str> = args.iter().copied().chain(["--weights", "f16"]).collect();
+    let (c, d) = (bapo(&half), bapo(&half));
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(c.stdout, d.stdout);
+    let bad: Vec<&str> = args.iter().copied().chain(["--weights", "bf16"]).collect();
+    let e = bapo(&bad);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("--weights must be f32 or f16, got `bf16`"),
+        "{err}"
+    );
+    let on_ndarray: Vec<&str> = ["--backend", "ndarray"].into_iter().chain(half).collect();
+    let e = bapo(&on_ndarray);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        e.status.code() == Some(1) && err.contains("burn-ndarray 0.21 has no f16 tensors"),
+        "{err}"
+    );
 }
 
 /// A copy of the tiny-Llama fixture directory that a test may break.

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "mpi")]
 use std::process::Command;
 
 use bapo_model::load::HostTensor;

@@ -17,6 +17,7 @@ pub mod export;
 pub mod generate;
 pub mod load;
 pub mod model;
+pub mod precision;
 pub mod split;
 pub mod tokenizer;
 

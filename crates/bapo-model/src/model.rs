@@ -364,7 +364,12 @@ impl<B: Backend> Llama<B> {
         mask: Tensor<B, 4, Bool>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        // In the norms' type: the embedding may be kept in f16 (`Llama::with_weight_dtype`).
         let mut x = self.embed_tokens.forward(tokens);
+        let activations = self.norm.gamma.val().dtype();
+        if x.dtype() != activations {
+            x = x.cast(activations);
+        }
         if let Some(a) = self.layers.first().map(|l| &l.self_attn) {
             let (h, g) = (a.num_heads, a.num_kv_heads);
             let rope = Rope::new(positions, self.head_dim, self.rope_theta, h, g);
@@ -411,8 +416,11 @@ impl<B: Backend> Llama<B> {
     /// `[n, e]` → `[n, v]`.
     pub fn logits_rows(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.weight.val().transpose()),
+            Some(head) => crate::precision::linear_as_weight(head, hidden),
+            None => crate::precision::matmul_as_weight(
+                hidden,
+                self.embed_tokens.weight.val().transpose(),
+            ),
         }
     }
 }

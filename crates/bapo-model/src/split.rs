@@ -75,10 +75,10 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let [inputs, outputs] = w.dims();
     let n = parts::<B>(rows, outputs, &x.device());
     if n == 1 {
-        return linear.forward(x);
+        return crate::precision::linear_as_weight(linear, x);
     }
     let pieces = map_ranges(outputs, n, &|a, b| {
-        x.clone().matmul(w.clone().slice([0..inputs, a..b]))
+        crate::precision::matmul_as_weight(x.clone(), w.clone().slice([0..inputs, a..b]))
     });
     let y = Tensor::cat(pieces, 1);
     match &linear.bias {
@@ -93,10 +93,10 @@ pub fn matmul_rows<B: Backend>(w: Tensor<B, 2>, h: Tensor<B, 2>) -> Tensor<B, 2>
     let [v, e] = w.dims();
     let n = parts::<B>(h.dims()[1], v, &h.device());
     if n == 1 {
-        return w.matmul(h);
+        return crate::precision::matmul_weight_first(w, h);
     }
     let pieces = map_ranges(v, n, &|a, b| {
-        w.clone().slice([a..b, 0..e]).matmul(h.clone())
+        crate::precision::matmul_weight_first(w.clone().slice([a..b, 0..e]), h.clone())
     });
     Tensor::cat(pieces, 0)
 }

@@ -1,14 +1,14 @@
-//! Resume equality, alone in its own test binary: LoRA dropout draws from the backend's
-//! process-wide RNG, which concurrent tests in the same process would disturb.
+//! Resume equality with LoRA dropout on (dropout draws from the backend's process-wide RNG:
+//! every test of this binary holds `common::serial`).
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use bapo_train::lora::{load_adapter, save_adapter};
 use bapo_train::{train, TrainConfig};
 
 #[test]
 fn resumed_training_matches_the_uninterrupted_run() {
+    let _rng = serial();
     use bapo_train::train::{Optim, OptimRecord, Resume};
     use burn::optim::Optimizer;
     use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};

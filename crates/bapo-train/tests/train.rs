@@ -8,11 +8,11 @@ use bapo_train::lora::{adapter_delta_norms, load_adapter, save_adapter};
 use bapo_train::train::Normalisation;
 use bapo_train::{train, ReferenceLogps, TrainConfig};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn fresh_adapters_start_at_the_reference() {
+    let _rng = serial();
     let (model, enc, refs, eos) = setup();
     let policy = logps(&model, &enc, eos);
     let n = enc.len();
@@ -86,6 +86,7 @@ fn run(
 
 #[test]
 fn dpo_learns_the_preference_and_the_anchor_limits_base_drift() {
+    let _rng = serial();
     let (logs, dpo, enc, refs, eos) = run(0.0);
     assert_eq!(logs.len(), 12);
     let first = logs[0].metrics["loss"];
@@ -128,6 +129,7 @@ fn dpo_learns_the_preference_and_the_anchor_limits_base_drift() {
 
 #[test]
 fn adapter_roundtrips_through_safetensors() {
+    let _rng = serial();
     let (_, trained, enc, _, eos) = run(1.0);
     let dir = std::env::temp_dir().join(format!("bapo-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -145,6 +147,7 @@ fn adapter_roundtrips_through_safetensors() {
 
 #[test]
 fn learning_rate_schedule() {
+    let _rng = serial();
     let cfg = TrainConfig {
         learning_rate: 1.0,
         warmup_steps: 3,
@@ -165,6 +168,7 @@ fn learning_rate_schedule() {
 
 #[test]
 fn merged_export_reloads_with_the_adapted_log_probs() {
+    let _rng = serial();
     let (_, trained, enc, _, eos) = run(1.0);
     let device = Default::default();
     let loaded = bapo_model::load_pretrained::<AD>(&fixture(), &device).unwrap();
@@ -210,6 +214,7 @@ fn merged_export_reloads_with_the_adapted_log_probs() {
 /// the fresh policy's (step 0), so the anchor starts exactly at zero.
 #[test]
 fn a_base_response_cut_by_max_new_tokens_is_scored_without_eos() {
+    let _rng = serial();
     use bapo_data::preference::prompt_ids;
     use bapo_data::{encode_examples, BaseResponse, EncodeConfig, Message, PreferenceExample};
     use bapo_model::{generate, GenerationConfig};

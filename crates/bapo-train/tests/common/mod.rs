@@ -15,6 +15,14 @@ use burn::module::AutodiffModule;
 
 pub type AD = Autodiff<NdArray>;
 
+/// Every test of this binary takes this lock first: LoRA initialisation, dropout and `train`'s
+/// per-step reseeding all use the backend's process-wide RNG, so tests running side by side
+/// would change each other's draws (resumed training must replay the same dropout masks).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
 }
