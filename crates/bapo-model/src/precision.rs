@@ -20,16 +20,26 @@ use burn::tensor::{FloatDType, Tensor};
 
 use crate::model::Llama;
 
-/// `x·w` computed in `w`'s float type, returned in `x`'s (plain `x·w` when they agree).
+/// `f(x)` with `x` cast to the weight's float type `wt` and the result cast back to `x`'s (no
+/// casts when the types agree: the f32 path is unchanged bit for bit).
+fn in_weight_type<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    wt: burn::tensor::DType,
+    f: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+) -> Tensor<B, D> {
+    let xt = x.dtype();
+    if xt == wt {
+        return f(x);
+    }
+    f(x.cast(wt)).cast(xt)
+}
+
+/// `x·w` computed in `w`'s float type, returned in `x`'s.
 pub fn matmul_as_weight<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let (xt, wt) = (x.dtype(), w.dtype());
-    if xt == wt {
-        return x.matmul(w);
-    }
-    x.cast(wt).matmul(w).cast(xt)
+    in_weight_type(x, w.dtype(), |x| x.matmul(w))
 }
 
 /// `w·h` computed in `w`'s float type, returned in `h`'s (the tied head's form).
@@ -37,11 +47,7 @@ pub fn matmul_weight_first<B: Backend, const D: usize>(
     w: Tensor<B, D>,
     h: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let (ht, wt) = (h.dtype(), w.dtype());
-    if ht == wt {
-        return w.matmul(h);
-    }
-    w.matmul(h.cast(wt)).cast(ht)
+    in_weight_type(h, w.dtype(), |h| w.matmul(h))
 }
 
 /// `linear.forward(x)` with the product in the weight's type (the bias, if any, stays as is).
