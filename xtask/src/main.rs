@@ -210,7 +210,7 @@ fn test(extra: &[String]) -> Result<()> {
     // separate multi-backend binary, minutes of a 2-core build; `cargo xtask bench` and
     // `cargo clippy --all-targets` build them.
     // Arguments that pick targets themselves (`--test suite`, `--lib`, ...) replace `--tests`.
-    let picks_targets = extra.iter().any(|a| {
+    let picks_targets = extra.iter().take_while(|a| *a != "--").any(|a| {
         let a = a.split('=').next().unwrap_or(a);
         [
             "--lib",
