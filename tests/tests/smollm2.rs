@@ -104,9 +104,9 @@ fn smollm2_gguf_matches_transformers_on_flex() {
 /// Projection, embedding and head weights kept in f16 for inference
 /// (`Llama::with_weight_dtype`, `bapo generate --weights f16`): the same tokenisation, top-10
 /// next tokens and greedy completions token for token as transformers' f32, but log-probs only
-/// within a looser tolerance (measured worst token 2.2e-2 nats, above the f32 path's 1e-2 tolerance):
-/// f16 rounding of every product's input and output over 30 layers. Hence an opt-in for
-/// generation, never used for scoring, the reference pass or training.
+/// within a looser tolerance (measured worst token 2.2e-2 nats, above the f32 path's 1e-2
+/// tolerance). Hence an opt-in for generation, never used for scoring, the reference pass or
+/// training.
 const TOL_F16: Tolerance = Tolerance {
     token: 0.05,
     sum: 0.1,

@@ -10,9 +10,10 @@
 //!
 //! This is an inference setting for batch-1 decoding (`bapo generate --weights f16`,
 //! `bapo serve --weights f16`). Measured on SmolLM2 (flex, 2 threads): batch 1 1.3× the f32
-//! speed, batch 8 0.7× (not yet profiled: use it for one stream at a time). Its log-probs stay within 2.2e-2 nats a token of transformers' f32, above
-//! the f32 path's 1e-2 tolerance (top-10 next tokens and greedy completions identical:
-//! `tests/tests/smollm2.rs`), so scoring, the reference pass and training keep f32.
+//! speed, batch 8 0.7× (not yet profiled: use it for one stream at a time). Its log-probs stay
+//! within 2.2e-2 nats a token of transformers' f32, above the f32 path's 1e-2 tolerance (top-10
+//! next tokens and greedy completions identical: `tests/tests/smollm2.rs`), so scoring, the
+//! reference pass and training keep f32.
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
@@ -22,7 +23,7 @@ use crate::model::Llama;
 
 /// `f(x)` with `x` cast to the weight's float type `wt` and the result cast back to `x`'s (no
 /// casts when the types agree: the f32 path is unchanged bit for bit).
-fn in_weight_type<B: Backend, const D: usize>(
+pub(crate) fn in_weight_type<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     wt: burn::tensor::DType,
     f: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
@@ -56,7 +57,11 @@ pub fn linear_as_weight<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tens
     if w.dtype() == x.dtype() {
         return linear.forward(x);
     }
-    let y = matmul_as_weight(x, w);
+    add_bias(linear, matmul_as_weight(x, w))
+}
+
+/// `y` plus `linear`'s bias, if it has one (broadcast over the rows of `y` `[n, out]`).
+pub(crate) fn add_bias<B: Backend>(linear: &Linear<B>, y: Tensor<B, 2>) -> Tensor<B, 2> {
     match &linear.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,

@@ -77,14 +77,14 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     if n == 1 {
         return crate::precision::linear_as_weight(linear, x);
     }
-    let pieces = map_ranges(outputs, n, &|a, b| {
-        crate::precision::matmul_as_weight(x.clone(), w.clone().slice([0..inputs, a..b]))
+    // One cast of the input (and of the result) for the whole product, not one per range.
+    let y = crate::precision::in_weight_type(x, w.dtype(), |x| {
+        let pieces = map_ranges(outputs, n, &|a, b| {
+            x.clone().matmul(w.clone().slice([0..inputs, a..b]))
+        });
+        Tensor::cat(pieces, 1)
     });
-    let y = Tensor::cat(pieces, 1);
-    match &linear.bias {
-        Some(bias) => y + bias.val().unsqueeze(),
-        None => y,
-    }
+    crate::precision::add_bias(linear, y)
 }
 
 /// `w·h` for `w` `[v, e]` and `h` `[e, n]` (the tied head's form), split by rows of `w` when
@@ -95,8 +95,10 @@ pub fn matmul_rows<B: Backend>(w: Tensor<B, 2>, h: Tensor<B, 2>) -> Tensor<B, 2>
     if n == 1 {
         return crate::precision::matmul_weight_first(w, h);
     }
-    let pieces = map_ranges(v, n, &|a, b| {
-        crate::precision::matmul_weight_first(w.clone().slice([a..b, 0..e]), h.clone())
-    });
-    Tensor::cat(pieces, 0)
+    crate::precision::in_weight_type(h, w.dtype(), |h| {
+        let pieces = map_ranges(v, n, &|a, b| {
+            w.clone().slice([a..b, 0..e]).matmul(h.clone())
+        });
+        Tensor::cat(pieces, 0)
+    })
 }
