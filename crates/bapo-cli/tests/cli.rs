@@ -1,7 +1,9 @@
 //! End-to-end checks of the `bapo` binary against the transformers fixtures.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::bapo;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -11,13 +13,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("bapo-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn bapo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_bapo"))
-        .args(args)
-        .output()
-        .expect("run bapo")
 }
 
 /// `bapo score --model model --input input --output output`.
