@@ -1,7 +1,8 @@
 //! A profiling driver with the bench's exact shapes, for `perf record` and quick A/B timings:
 //! `cargo run --release -p bapo-tests --example profile -- [flex|ndarray] [step|generate1|generate8|forward] [N]`.
 //! Prints each repetition's wall time (and, for steps, the forward/backward/optimiser split from
-//! `train`'s step log). SmolLM2 from `cargo xtask fetch`.
+//! `train`'s step log). SmolLM2 from `cargo xtask fetch`. `BAPO_PROFILE_SHARE=0` turns prompt
+//! sharing off (every row a full sequence), `BAPO_PROFILE_THREADS=N` sets concurrent passes.
 
 use std::time::Instant;
 
@@ -312,6 +313,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
     {
         bapo_model::split::set_split_threads(n);
+    }
+    if std::env::var("BAPO_PROFILE_SHARE").as_deref() == Ok("0") {
+        bapo_train::logps::set_prompt_sharing(false);
     }
     let a: Vec<String> = std::env::args().collect();
     let backend = a.get(1).map_or("flex", String::as_str);

@@ -18,6 +18,7 @@ pub mod generate;
 pub mod load;
 pub mod model;
 pub mod precision;
+pub mod shared_prompt;
 pub mod split;
 pub mod tokenizer;
 
@@ -26,4 +27,5 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, generate_streaming, Generated, GenerationConfig, OnStep};
 pub use load::{load_pretrained, LoadedModel};
 pub use model::{KvCache, Llama};
+pub use shared_prompt::SharedLayout;
 pub use tokenizer::Tokenizer;

@@ -55,7 +55,12 @@ impl Numerics {
     pub fn of<B: Backend>(device: &B::Device) -> Self {
         Self {
             backend: B::name(device),
-            logps: "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated (v3)".into(),
+            logps: if crate::logps::prompt_sharing() {
+                "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated, prompts shared (v4)"
+            } else {
+                "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated (v3)"
+            }
+            .into(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }

@@ -23,6 +23,7 @@ mod prepare;
 mod report;
 pub mod run;
 pub mod score;
+pub mod shared_prompt;
 pub mod step;
 pub mod synth;
 pub mod train;

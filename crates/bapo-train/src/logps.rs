@@ -9,7 +9,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::train_config::ReferenceLogps;
 
-/// Per-row summed and mean completion log-probs of a collated batch.
+/// Per-row summed and mean completion log-probs of a collated batch (each prompt computed once
+/// for its two or three completions when [`prompt_sharing`] is on and the batch allows it).
 ///
 /// # Shapes
 /// outputs `[rows]` each.
@@ -23,6 +24,11 @@ pub fn batch_logps<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), shape), device);
     let attn =
         Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), shape), device);
+    if prompt_sharing() {
+        if let Some(out) = crate::shared_prompt::shared_prompt_logps(model, batch, device) {
+            return (out.sum, out.mean);
+        }
+    }
     let out = completion_logps(
         model,
         tokens,
@@ -32,6 +38,19 @@ pub fn batch_logps<B: Backend>(
         device,
     );
     (out.sum, out.mean)
+}
+
+static PROMPT_SHARING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether [`batch_logps`] computes each prompt once for all its completions
+/// ([`crate::shared_prompt`]; on by default). Off: every row is a full right-padded sequence.
+pub fn set_prompt_sharing(on: bool) {
+    PROMPT_SHARING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current [`set_prompt_sharing`] setting.
+pub fn prompt_sharing() -> bool {
+    PROMPT_SHARING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Completion log-probs of a right-padded batch with the LM head applied only where a logit is

@@ -4,4 +4,5 @@
 
 mod common;
 mod resume;
+mod shared;
 mod train;

@@ -1,0 +1,113 @@
+//! Several completions of one prompt in one pass, the prompt computed once.
+//!
+//! A preference batch holds each prompt three times (`[chosen; rejected; base]`). Under causal
+//! attention a prompt's hidden states and keys/values do not depend on what follows it, so the
+//! prompts run once (`[p, lp]`), their per-layer keys/values are selected for every completion
+//! row, and the completions run against them as a cached continuation, each at its own prompt's
+//! length for RoPE. Forward and backward then do the prompt's work once instead of three times
+//! (the gradient of a shared prompt position is the sum of its completions', which `select`'s
+//! backward adds). The values are the same dot products as the right-padded batch's, with
+//! masked (exactly zero) attention terms in other places of the sums.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::model::{KvCache, LayerCache, Llama};
+
+/// Row layout of a prompt-shared batch, in host memory.
+///
+/// # Shapes
+/// `prompt_lens`: `[p]` real tokens of each right-padded prompt row (every one ≥ 1);
+/// `owners`, `completion_lens`: `[n]`, the prompt row and real length of each completion row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedLayout {
+    pub prompt_lens: Vec<usize>,
+    pub owners: Vec<usize>,
+    pub completion_lens: Vec<usize>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Final hidden states of right-padded `prompts` `[p, lp]` and of right-padded
+    /// `completions` `[n, ls]`, completion row `r` continuing prompt row `layout.owners[r]`.
+    ///
+    /// Returns `(prompt_hidden [p, lp, e], completion_hidden [n, ls, e])`; completion position
+    /// `j` of row `r` is the hidden state of that sequence's position `prompt_len + j`.
+    ///
+    /// # Panics
+    /// When the layout disagrees with the tensors' shapes or a prompt is empty (callers'
+    /// bugs: the training path builds both from one batch).
+    pub fn forward_hidden_shared(
+        &self,
+        prompts: Tensor<B, 2, Int>,
+        completions: Tensor<B, 2, Int>,
+        layout: &SharedLayout,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [p, lp] = prompts.dims();
+        let [n, ls] = completions.dims();
+        let SharedLayout {
+            prompt_lens,
+            owners,
+            completion_lens,
+        } = layout;
+        assert!(
+            prompt_lens.len() == p
+                && owners.len() == n
+                && completion_lens.len() == n
+                && prompt_lens.iter().all(|&l| (1..=lp).contains(&l))
+                && owners.iter().all(|&o| o < p)
+                && completion_lens.iter().all(|&c| c <= ls),
+            "forward_hidden_shared: layout {layout:?} does not fit [{p}, {lp}] and [{n}, {ls}]"
+        );
+        let device = prompts.device();
+        // The prompts: right-padded causal pass, keys/values kept.
+        let mut cache = KvCache::default();
+        let positions = Tensor::<B, 1, Int>::arange(0..lp as i64, &device)
+            .reshape([1, lp])
+            .expand([p, lp]);
+        let mut forbid = Vec::with_capacity(p * lp * lp);
+        for &len in prompt_lens {
+            for q in 0..lp {
+                forbid.extend((0..lp).map(|k| k > q || k >= len));
+            }
+        }
+        let mask = bool_tensor::<B>(forbid, [p, 1, lp, lp], &device);
+        let prompt_hidden = self.forward_cached(prompts, positions, mask, &mut cache);
+        // Every completion row gets its prompt's keys/values.
+        let rows = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(owners.iter().map(|&o| o as i64).collect(), [n]),
+            &device,
+        );
+        for layer in cache.layers.iter_mut() {
+            let c = layer.take().expect("every layer cached its prompt keys");
+            *layer = Some(LayerCache {
+                k: c.k.select(0, rows.clone()),
+                v: c.v.select(0, rows.clone()),
+            });
+        }
+        // The completions: position `len + j`, seeing their prompt's real keys and themselves
+        // causally (padding keys after a real query are beyond the diagonal).
+        let pos: Vec<i64> = owners
+            .iter()
+            .flat_map(|&o| (0..ls).map(move |j| (prompt_lens[o] + j) as i64))
+            .collect();
+        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(pos, [n, ls]), &device);
+        let mut forbid = Vec::with_capacity(n * ls * (lp + ls));
+        for &o in owners {
+            for q in 0..ls {
+                forbid.extend((0..lp).map(|k| k >= prompt_lens[o]));
+                forbid.extend((0..ls).map(|k| k > q));
+            }
+        }
+        let mask = bool_tensor::<B>(forbid, [n, 1, ls, lp + ls], &device);
+        let completion_hidden = self.forward_cached(completions, positions, mask, &mut cache);
+        (prompt_hidden, completion_hidden)
+    }
+}
+
+fn bool_tensor<B: Backend>(
+    v: Vec<bool>,
+    shape: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    Tensor::from_data(TensorData::new(v, shape), device)
+}

@@ -1,0 +1,184 @@
+//! Prompt sharing ([`bapo_train::shared_prompt`]): each prompt computed once for its
+//! completions gives the plain right-padded batch's log-probs and gradients.
+
+use bapo_data::{EncodedExample, PreferenceBatch};
+use bapo_model::Llama;
+use bapo_train::logps::{batch_logps, set_prompt_sharing};
+use bapo_train::shared_prompt::SharedRows;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, ElementConversion, Tensor};
+
+use crate::common::{serial, setup};
+
+fn host<B: Backend>(t: burn::tensor::Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Summed and mean log-probs of `batch` with sharing on and off.
+fn both<B: Backend>(model: &Llama<B>, batch: &PreferenceBatch) -> [(Vec<f32>, Vec<f32>); 2] {
+    let device = Default::default();
+    let run = |on| {
+        set_prompt_sharing(on);
+        let (s, m) = batch_logps(model, batch, &device);
+        (host(s), host(m))
+    };
+    let out = [run(true), run(false)];
+    set_prompt_sharing(true);
+    out
+}
+
+fn batches(enc: &[EncodedExample], pad: u32) -> Vec<PreferenceBatch> {
+    let all: Vec<&EncodedExample> = enc.iter().collect();
+    // Every example alone, all four (prompts of different lengths), and two without base rows.
+    let mut out: Vec<PreferenceBatch> = all
+        .iter()
+        .map(|e| PreferenceBatch::collate(&[e], pad))
+        .collect();
+    out.push(PreferenceBatch::collate(&all, pad));
+    let no_base: Vec<EncodedExample> = enc[1..3]
+        .iter()
+        .map(|e| EncodedExample {
+            base_ids: None,
+            ..e.clone()
+        })
+        .collect();
+    out.push(PreferenceBatch::collate(
+        &no_base.iter().collect::<Vec<_>>(),
+        pad,
+    ));
+    out
+}
+
+/// Within float rounding of the plain batch (measured: equal, or one ulp apart on ndarray); and
+/// bit for bit the same whether an example is scored alone or among others whose prompts are
+/// longer or shorter (the property the anchor's kink needs: the reference pass and training
+/// group examples differently).
+fn check_values<B: Backend>(name: &str, model: &Llama<B>, enc: &[EncodedExample], pad: u32) {
+    let all = batches(enc, pad);
+    for (i, batch) in all.iter().enumerate() {
+        assert!(
+            SharedRows::from_batch(batch).is_some(),
+            "{name}: batch {i} not shared"
+        );
+        let [(s1, m1), (s0, m0)] = both(model, batch);
+        for (a, b) in s1.iter().zip(&s0).chain(m1.iter().zip(&m0)) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{name}: batch {i}: {s1:?} {s0:?}"
+            );
+        }
+    }
+    // Batches 0..4 are the examples alone, batch 4 all four: rows e, 4 + e, 8 + e of it.
+    let together = &both(model, &all[4])[0].0;
+    for (e, alone) in all[..4].iter().enumerate() {
+        let alone = &both(model, alone)[0].0;
+        let rows = [together[e], together[4 + e], together[8 + e]];
+        assert_eq!(
+            alone, &rows,
+            "{name}: example {e} alone vs in a batch of four"
+        );
+    }
+}
+
+/// On both CPU backends, for batches whose prompts differ in length.
+#[test]
+fn shared_prompts_give_the_plain_batchs_log_probs() {
+    let _g = serial();
+    let (model, enc, _, pad) = setup();
+    let model = model.valid();
+    check_values("ndarray", &model, &enc, pad);
+    let flex: Llama<burn::backend::Flex> =
+        bapo_model::load_pretrained(&crate::common::fixture(), &Default::default())
+            .unwrap()
+            .model;
+    check_values("flex", &flex, &enc, pad);
+}
+
+/// The LoRA gradients of a loss on every row agree with the plain batch's (float-level: the
+/// shared prompt's gradient is a sum over its completions in another order).
+#[test]
+fn shared_prompts_give_the_plain_batchs_gradients() {
+    let _g = serial();
+    let (model, enc, _, pad) = setup();
+    // Make the adapters non-zero so that every LoRA factor has a gradient.
+    let model = perturb(model);
+    let all: Vec<&EncodedExample> = enc.iter().collect();
+    let batch = PreferenceBatch::collate(&all, pad);
+    let grads = |on| {
+        set_prompt_sharing(on);
+        let (sum, mean) = batch_logps(&model, &batch, &Default::default());
+        let loss = sum.sum() + mean.sum().mul_scalar(3.0);
+        let g = loss.backward();
+        let mut v = Grads(&g, Vec::new());
+        model.visit(&mut v);
+        v.1
+    };
+    let (on, off) = (grads(true), grads(false));
+    set_prompt_sharing(true);
+    assert_eq!(on.len(), off.len());
+    assert!(!on.is_empty());
+    for ((name, a), (_, b)) in on.iter().zip(&off) {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: max diff {diff} at scale {scale}"
+        );
+    }
+}
+
+/// Trainable parameters that are all zero (the adapters' B factors) get small random values.
+fn perturb<A: AutodiffBackend>(model: Llama<A>) -> Llama<A> {
+    struct Noise;
+    impl<A: AutodiffBackend> ModuleMapper<A> for Noise {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
+            p.map(|t| {
+                if t.is_require_grad() && t.clone().abs().max().into_scalar().elem::<f32>() == 0.0 {
+                    let r = Tensor::<A, D>::random(
+                        t.shape(),
+                        Distribution::Normal(0.0, 0.05),
+                        &t.device(),
+                    );
+                    r.detach().require_grad()
+                } else {
+                    t
+                }
+            })
+        }
+    }
+    model.map(&mut Noise)
+}
+
+/// Host copies of every trainable parameter's gradient, in visiting order.
+struct Grads<'a, A: AutodiffBackend>(&'a A::Gradients, Vec<(String, Vec<f32>)>);
+
+impl<A: AutodiffBackend> ModuleVisitor<A> for Grads<'_, A> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<A, D>>) {
+        if let Some(g) = p.val().grad(self.0) {
+            let v = g.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            self.1
+                .push((format!("{} {:?}", self.1.len(), p.shape()), v));
+        }
+    }
+}
+
+/// Batches whose rows do not repeat one prompt per pair take the plain path.
+#[test]
+fn batches_without_shared_prompts_are_not_split() {
+    let a: &[u32] = &[5, 6, 7];
+    let b: &[u32] = &[5, 6, 8];
+    let c: &[u32] = &[9, 9];
+    let batch = PreferenceBatch::from_sequences(&[(a, c), (b, c)], 0, 1, false);
+    assert_eq!(SharedRows::from_batch(&batch), None);
+    let empty: &[u32] = &[];
+    let batch = PreferenceBatch::from_sequences(&[(empty, c), (empty, a)], 0, 1, false);
+    assert_eq!(SharedRows::from_batch(&batch), None, "empty prompts");
+    let batch = PreferenceBatch::from_sequences(&[(a, c), (a, b)], 0, 1, false);
+    let rows = SharedRows::from_batch(&batch).expect("one prompt, two completions");
+    assert_eq!(rows.prompts, vec![5, 6, 7]);
+    assert_eq!(rows.completions, vec![9, 9, 0, 5, 6, 8]);
+    // First tokens from the prompt's last position (2); then the completion rows (base 3).
+    assert_eq!(rows.predicting_rows(), vec![2, 3, 2, 6, 7]);
+}
