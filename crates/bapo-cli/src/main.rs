@@ -40,6 +40,11 @@ struct Cli {
     /// two cores busy), 1 on GPUs. 1 halves the activation memory of concurrent passes.
     #[arg(long, global = true)]
     concurrent: Option<usize>,
+    /// Compute every row of a preference batch as a full sequence, instead of each prompt
+    /// once for its chosen, rejected and base rows (the default; log-probs agree to float
+    /// rounding, a third less work in the benches' batch). Caches record which was used.
+    #[arg(long, global = true)]
+    no_prompt_sharing: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -478,7 +483,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         BackendKind::Wgpu | BackendKind::Cuda => 1,
     };
     bapo_model::split::set_split_threads(split);
-    tracing::info!(backend = ?kind, threads, concurrent = micro, split, "compute backend");
+    bapo_train::logps::set_prompt_sharing(!cli.no_prompt_sharing);
+    tracing::info!(backend = ?kind, threads, concurrent = micro, split, prompt_sharing = !cli.no_prompt_sharing, "compute backend");
     // A CPU backend has one device: its peers share it (a test of the wiring, no speed-up).
     let cpu = |i: usize| {
         if i == 0 {

@@ -16,11 +16,16 @@ use crate::config::LlamaConfig;
 /// Key/value cache of one attention layer.
 ///
 /// # Shapes
-/// `k`, `v`: `[b, g, t, d]`.
+/// `k`, `v`: `[b, g, t, d]`; `append_order`: `[b · (t + s)]`.
 #[derive(Clone, Debug)]
 pub struct LayerCache<B: Backend> {
     pub k: Tensor<B, 4>,
     pub v: Tensor<B, 4>,
+    /// When set, the next call's keys/values, once appended (`t + s` per row), are reordered
+    /// along the key axis: key `j` of row `r` becomes flat entry `append_order[r·(t + s) + j]`
+    /// (`r·(t + s) + source position`). Used by [`crate::shared_prompt`] to put a completion's
+    /// keys right after its prompt's real ones, where a full sequence has them.
+    pub append_order: Option<Tensor<B, 1, Int>>,
 }
 
 /// Key/value cache of the whole model: one entry per layer, empty before the first call.
@@ -196,10 +201,15 @@ impl<B: Backend> Attention<B> {
             if let Some(prev) = slot.take() {
                 k = Tensor::cat(vec![prev.k, k], 2);
                 v = Tensor::cat(vec![prev.v, v], 2);
+                if let Some(order) = prev.append_order {
+                    k = reorder_keys(k, order.clone());
+                    v = reorder_keys(v, order);
+                }
             }
             *slot = Some(LayerCache {
                 k: k.clone(),
                 v: v.clone(),
+                append_order: None,
             });
         }
         let scores = q.matmul(k.swap_dims(2, 3)) + bias; // [b, g, s·r, t]
@@ -210,6 +220,17 @@ impl<B: Backend> Attention<B> {
             .reshape([b, s, h * d]);
         self.o_proj.forward(out)
     }
+}
+
+/// `x` `[b, g, t, d]` with key `j` of row `r` taken from flat key `order[r·t + j]` (see
+/// [`LayerCache::append_order`]).
+fn reorder_keys<B: Backend>(x: Tensor<B, 4>, order: Tensor<B, 1, Int>) -> Tensor<B, 4> {
+    let [b, g, t, d] = x.dims();
+    x.swap_dims(1, 2)
+        .reshape([b * t, g * d])
+        .select(0, order)
+        .reshape([b, t, g, d])
+        .swap_dims(1, 2)
 }
 
 /// Softmax over the last axis as explicit primitive ops (detached max, subtract, exp, sum,

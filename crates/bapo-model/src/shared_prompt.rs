@@ -6,8 +6,8 @@
 //! row, and the completions run against them as a cached continuation, each at its own prompt's
 //! length for RoPE. Forward and backward then do the prompt's work once instead of three times
 //! (the gradient of a shared prompt position is the sum of its completions', which `select`'s
-//! backward adds). The values are the same dot products as the right-padded batch's, with
-//! masked (exactly zero) attention terms in other places of the sums.
+//! backward adds). Each completion row's keys are reordered to a full sequence's order, so the
+//! values are the right-padded batch's dot products, terms in the same places.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -77,28 +77,52 @@ impl<B: Backend> Llama<B> {
             TensorData::new(owners.iter().map(|&o| o as i64).collect(), [n]),
             &device,
         );
+        // Keys in a full sequence's order: the prompt's real keys, the completion's, then the
+        // prompt's padding (masked). A sum over keys then meets its terms in the same places
+        // as for the right-padded sequence, whatever prompt lengths share the batch (measured:
+        // with the padding between prompt and completion, ndarray's results moved by an ulp
+        // with the batch's longest prompt).
+        let t = lp + ls;
+        let order: Vec<i64> = owners
+            .iter()
+            .enumerate()
+            .flat_map(|(r, &o)| {
+                let l = prompt_lens[o];
+                (0..t).map(move |j| {
+                    let src = if j < l {
+                        j
+                    } else if j < l + ls {
+                        lp + j - l
+                    } else {
+                        j - ls
+                    };
+                    (r * t + src) as i64
+                })
+            })
+            .collect();
+        let order = Tensor::<B, 1, Int>::from_data(TensorData::new(order, [n * t]), &device);
         for layer in cache.layers.iter_mut() {
             let c = layer.take().expect("every layer cached its prompt keys");
             *layer = Some(LayerCache {
                 k: c.k.select(0, rows.clone()),
                 v: c.v.select(0, rows.clone()),
+                append_order: Some(order.clone()),
             });
         }
-        // The completions: position `len + j`, seeing their prompt's real keys and themselves
-        // causally (padding keys after a real query are beyond the diagonal).
+        // The completions: position `len + j`, seeing (in that order) their prompt's real keys
+        // and themselves causally: key `j` is visible to completion query `q` iff `j <= len + q`.
         let pos: Vec<i64> = owners
             .iter()
             .flat_map(|&o| (0..ls).map(move |j| (prompt_lens[o] + j) as i64))
             .collect();
         let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(pos, [n, ls]), &device);
-        let mut forbid = Vec::with_capacity(n * ls * (lp + ls));
+        let mut forbid = Vec::with_capacity(n * ls * t);
         for &o in owners {
             for q in 0..ls {
-                forbid.extend((0..lp).map(|k| k >= prompt_lens[o]));
-                forbid.extend((0..ls).map(|k| k > q));
+                forbid.extend((0..t).map(|k| k > prompt_lens[o] + q));
             }
         }
-        let mask = bool_tensor::<B>(forbid, [n, 1, ls, lp + ls], &device);
+        let mask = bool_tensor::<B>(forbid, [n, 1, ls, t], &device);
         let completion_hidden = self.forward_cached(completions, positions, mask, &mut cache);
         (prompt_hidden, completion_hidden)
     }

@@ -11,6 +11,13 @@ use bapo_objective::{scatter_logps, target_logps, CompletionRows, SequenceLogps}
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+/// Lengths of summed axes (prompt keys, prompt + completion keys, scored positions) are rounded
+/// up to a multiple of this. Sums over a contiguous axis accumulate in several lanes and add a
+/// remainder of `len mod lanes` terms last (ndarray: 8 lanes), so a batch's longest row would
+/// otherwise decide which terms go where: with a multiple of 8, the terms of one row land in
+/// the same lanes whatever it is batched with (measured: one ulp per log-prob otherwise).
+pub const SUM_BLOCK: usize = 8;
+
 /// A batch split into prompt rows and completion rows (host memory, row-major).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedRows {
@@ -24,60 +31,59 @@ pub struct SharedRows {
 }
 
 impl SharedRows {
-    /// The split of `batch`, when its rows follow [`PreferenceBatch::collate`]'s contract: row
-    /// `r` repeats row `r mod pairs`'s prompt (checked token by token), every prompt has at
-    /// least one token (position 0 is never scored, so an empty prompt changes what is), and
-    /// some completion token exists. `None` otherwise: the caller takes the plain path.
+    /// The split of a right-padded `batch` (completion = each row's real tail, as
+    /// [`PreferenceBatch::from_sequences`] builds it; `None` otherwise, and the caller takes the
+    /// plain path). Rows with the same prompt tokens share one prompt row, whatever pairs they
+    /// belong to; every row is computed the same way whichever rows it is batched with, so the
+    /// reference pass and training (which group examples differently) agree bit for bit. A row
+    /// without prompt tokens moves its first token (never scored: nothing predicts position 0)
+    /// into its prompt, so that every prompt row has at least one position.
     pub fn from_batch(batch: &PreferenceBatch) -> Option<Self> {
-        let (rows, len, p) = (batch.rows, batch.len, batch.pairs);
-        if p == 0 || rows % p != 0 {
-            return None;
-        }
-        let mut prompt_of = Vec::with_capacity(rows);
-        let mut completion_lens = Vec::with_capacity(rows);
+        let (rows, len) = (batch.rows, batch.len);
+        let mut splits = Vec::with_capacity(rows);
         for r in 0..rows {
             let attn = &batch.attention[r * len..(r + 1) * len];
             let mask = &batch.completion_mask[r * len..(r + 1) * len];
             let real = attn.iter().take_while(|&&a| a).count();
             let c = mask.iter().filter(|&&m| m != 0.0).count();
             let l = real.checked_sub(c)?;
-            // Right-padded, completion exactly the real tail.
-            let tail_ok =
+            let tail =
                 mask[..l].iter().all(|&m| m == 0.0) && mask[l..real].iter().all(|&m| m != 0.0);
-            if !tail_ok || attn[real..].iter().any(|&a| a) {
+            if !tail || attn[real..].iter().any(|&a| a) {
                 return None;
             }
-            prompt_of.push(l);
-            completion_lens.push(c);
+            splits.push((l.max(1).min(real), real));
         }
-        let prompt_lens: Vec<usize> = prompt_of[..p].to_vec();
-        for r in p..rows {
-            let (o, l) = (r % p, prompt_of[r]);
-            if l != prompt_lens[o]
-                || batch.tokens[r * len..r * len + l] != batch.tokens[o * len..o * len + l]
-            {
-                return None;
-            }
+        let mut index: std::collections::HashMap<&[i64], usize> = Default::default();
+        let (mut prompt_rows, mut owners) = (Vec::new(), Vec::with_capacity(rows));
+        for (r, &(l, _)) in splits.iter().enumerate() {
+            let key = &batch.tokens[r * len..r * len + l];
+            let o = *index.entry(key).or_insert_with(|| {
+                prompt_rows.push(key);
+                prompt_rows.len() - 1
+            });
+            owners.push(o);
         }
-        if prompt_lens.contains(&0) || completion_lens.iter().all(|&c| c == 0) {
+        let prompt_lens: Vec<usize> = prompt_rows.iter().map(|p| p.len().max(1)).collect();
+        let completion_lens: Vec<usize> = splits.iter().map(|&(l, real)| real - l).collect();
+        if completion_lens.iter().all(|&c| c == 0) {
             return None;
         }
-        let lp = *prompt_lens.iter().max()?;
-        let ls = *completion_lens.iter().max()?;
-        let mut prompts = vec![0i64; p * lp];
-        for (o, &l) in prompt_lens.iter().enumerate() {
-            prompts[o * lp..o * lp + l].copy_from_slice(&batch.tokens[o * len..o * len + l]);
+        let lp = prompt_lens.iter().max()?.next_multiple_of(SUM_BLOCK);
+        let ls = completion_lens.iter().max()?.next_multiple_of(SUM_BLOCK);
+        let mut prompts = vec![0i64; prompt_rows.len() * lp];
+        for (o, p) in prompt_rows.iter().enumerate() {
+            prompts[o * lp..o * lp + p.len()].copy_from_slice(p);
         }
         let mut completions = vec![0i64; rows * ls];
-        for r in 0..rows {
-            let (l, c) = (prompt_of[r], completion_lens[r]);
-            completions[r * ls..r * ls + c]
-                .copy_from_slice(&batch.tokens[r * len + l..r * len + l + c]);
+        for (r, &(l, real)) in splits.iter().enumerate() {
+            completions[r * ls..r * ls + real - l]
+                .copy_from_slice(&batch.tokens[r * len + l..r * len + real]);
         }
         Some(Self {
             layout: SharedLayout {
                 prompt_lens,
-                owners: (0..rows).map(|r| r % p).collect(),
+                owners,
                 completion_lens,
             },
             prompts,
@@ -121,7 +127,18 @@ pub fn shared_prompt_logps<B: Backend>(
     device: &B::Device,
 ) -> Option<SequenceLogps<B>> {
     let rows = SharedRows::from_batch(batch)?;
-    let plan = CompletionRows::new(&batch.tokens, &batch.completion_mask, batch.rows, batch.len);
+    // The per-row sum runs over `len - 1` positions: padded to a multiple of SUM_BLOCK.
+    let len = (batch.len - 1).next_multiple_of(SUM_BLOCK) + 1;
+    let (mut tokens, mut mask) = (vec![0i64; batch.rows * len], vec![0f32; batch.rows * len]);
+    for r in 0..batch.rows {
+        let (from, to) = (
+            r * batch.len..(r + 1) * batch.len,
+            r * len..r * len + batch.len,
+        );
+        tokens[to.clone()].copy_from_slice(&batch.tokens[from.clone()]);
+        mask[to].copy_from_slice(&batch.completion_mask[from]);
+    }
+    let plan = CompletionRows::new(&tokens, &mask, batch.rows, len);
     let index = rows.predicting_rows();
     debug_assert_eq!(index.len(), plan.count());
     let (p, n) = (rows.layout.prompt_lens.len(), batch.rows);

@@ -50,7 +50,7 @@ fn batches(enc: &[EncodedExample], pad: u32) -> Vec<PreferenceBatch> {
     out
 }
 
-/// Within float rounding of the plain batch (measured: equal, or one ulp apart on ndarray); and
+/// Within float rounding of the plain batch (measured: equal, or one ulp apart); and
 /// bit for bit the same whether an example is scored alone or among others whose prompts are
 /// longer or shorter (the property the anchor's kink needs: the reference pass and training
 /// group examples differently).
@@ -164,21 +164,118 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for Grads<'_, A> {
     }
 }
 
-/// Batches whose rows do not repeat one prompt per pair take the plain path.
+/// Rows share a prompt row exactly when their prompt tokens are equal; a row without prompt
+/// tokens lends its first (unscored) token to its prompt.
 #[test]
-fn batches_without_shared_prompts_are_not_split() {
+fn rows_share_prompt_rows_by_their_tokens() {
     let a: &[u32] = &[5, 6, 7];
     let b: &[u32] = &[5, 6, 8];
     let c: &[u32] = &[9, 9];
-    let batch = PreferenceBatch::from_sequences(&[(a, c), (b, c)], 0, 1, false);
-    assert_eq!(SharedRows::from_batch(&batch), None);
     let empty: &[u32] = &[];
+    let batch = PreferenceBatch::from_sequences(&[(a, c), (b, c), (a, b)], 0, 1, false);
+    let rows = SharedRows::from_batch(&batch).unwrap();
+    assert_eq!(rows.layout.owners, vec![0, 1, 0]);
+    // Prompt and completion rows padded to 8 positions (SUM_BLOCK).
+    let pad = |v: &[i64]| [v, &[0; 8][..8 - v.len()]].concat();
+    assert_eq!(rows.prompts, [pad(&[5, 6, 7]), pad(&[5, 6, 8])].concat());
+    assert_eq!(
+        rows.completions,
+        [pad(&[9, 9]), pad(&[9, 9]), pad(&[5, 6, 8])].concat()
+    );
+    // First tokens from a prompt's last position (2 or 10); then the completion rows (from 16).
+    assert_eq!(rows.predicting_rows(), vec![2, 16, 10, 24, 2, 32, 33]);
     let batch = PreferenceBatch::from_sequences(&[(empty, c), (empty, a)], 0, 1, false);
-    assert_eq!(SharedRows::from_batch(&batch), None, "empty prompts");
-    let batch = PreferenceBatch::from_sequences(&[(a, c), (a, b)], 0, 1, false);
-    let rows = SharedRows::from_batch(&batch).expect("one prompt, two completions");
-    assert_eq!(rows.prompts, vec![5, 6, 7]);
-    assert_eq!(rows.completions, vec![9, 9, 0, 5, 6, 8]);
-    // First tokens from the prompt's last position (2); then the completion rows (base 3).
-    assert_eq!(rows.predicting_rows(), vec![2, 3, 2, 6, 7]);
+    let rows = SharedRows::from_batch(&batch).unwrap();
+    assert_eq!(rows.prompts, [pad(&[9]), pad(&[5])].concat());
+    assert_eq!(rows.layout.completion_lens, vec![1, 2]);
+    assert_eq!(rows.predicting_rows(), vec![0, 8, 24]);
+    // Not right-padded (a completion token after padding): the plain path.
+    let mut odd = PreferenceBatch::from_sequences(&[(a, c)], 0, 1, false);
+    odd.attention[3] = false;
+    assert_eq!(SharedRows::from_batch(&odd), None);
+}
+
+/// The tiny fixture's pairs (prompts of 37, 38 and 39 tokens): each example's log-probs are the
+/// same bit for bit alone and batched with the others, on ndarray and flex (before the
+/// SUM_BLOCK padding and the key reordering, ndarray's moved by an ulp).
+#[test]
+fn each_example_scores_the_same_alone_and_batched() {
+    let _g = serial();
+    check_alone_vs_batched::<burn::backend::NdArray>("ndarray");
+    check_alone_vs_batched::<burn::backend::Flex>("flex");
+}
+
+fn check_alone_vs_batched<B: Backend>(name: &str) {
+    use bapo_data::*;
+    let dir = crate::common::fixture();
+    let loaded =
+        bapo_model::load_pretrained::<burn::backend::NdArray>(&dir, &Default::default()).unwrap();
+    let tok = &loaded.tokenizer;
+    let examples = read_preferences(&dir.join("pairs.jsonl")).unwrap();
+    let eos = tok.eos_id().unwrap();
+    let bases: Vec<BaseResponse> = std::fs::read_to_string(dir.join("pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            BaseResponse::from_text(
+                &bapo_train::encoder(tok),
+                v["base"].as_str().unwrap(),
+                eos,
+                i + 1,
+            )
+            .unwrap()
+        })
+        .collect();
+    let cfg = EncodeConfig {
+        max_length: 64,
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    };
+    let enc = encode_examples(
+        &examples,
+        Some(&bases),
+        &bapo_train::chat_template(tok),
+        &bapo_train::encoder(tok),
+        eos,
+        &cfg,
+    )
+    .unwrap()
+    .0;
+    for e in &enc {
+        eprintln!(
+            "p {} c {} r {} b {}",
+            e.prompt_ids.len(),
+            e.chosen_ids.len(),
+            e.rejected_ids.len(),
+            e.base_ids.as_ref().unwrap().len()
+        );
+    }
+    let all: Vec<&EncodedExample> = enc.iter().collect();
+    for on in [false, true] {
+        set_prompt_sharing(on);
+        let full = host(
+            batch_logps(
+                &loaded.model,
+                &PreferenceBatch::collate(&all, eos),
+                &Default::default(),
+            )
+            .0,
+        );
+        let n = all.len();
+        for i in 0..n {
+            let one = host(
+                batch_logps(
+                    &loaded.model,
+                    &PreferenceBatch::collate(&[all[i]], eos),
+                    &Default::default(),
+                )
+                .0,
+            );
+            let f = [full[i], full[n + i], full[2 * n + i]];
+            eprintln!("share={on} {i}: {one:?} {f:?} {}", one == f);
+        }
+    }
+    set_prompt_sharing(true);
 }
