@@ -208,8 +208,7 @@ fn each_example_scores_the_same_alone_and_batched() {
 fn check_alone_vs_batched<B: Backend>(name: &str) {
     use bapo_data::*;
     let dir = crate::common::fixture();
-    let loaded =
-        bapo_model::load_pretrained::<burn::backend::NdArray>(&dir, &Default::default()).unwrap();
+    let loaded = bapo_model::load_pretrained::<B>(&dir, &Default::default()).unwrap();
     let tok = &loaded.tokenizer;
     let examples = read_preferences(&dir.join("pairs.jsonl")).unwrap();
     let eos = tok.eos_id().unwrap();
@@ -219,13 +218,8 @@ fn check_alone_vs_batched<B: Backend>(name: &str) {
         .enumerate()
         .map(|(i, l)| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            BaseResponse::from_text(
-                &bapo_train::encoder(tok),
-                v["base"].as_str().unwrap(),
-                eos,
-                i + 1,
-            )
-            .unwrap()
+            let text = v["base"].as_str().unwrap();
+            BaseResponse::from_text(&bapo_train::encoder(tok), text, eos, i + 1).unwrap()
         })
         .collect();
     let cfg = EncodeConfig {
@@ -233,49 +227,25 @@ fn check_alone_vs_batched<B: Backend>(name: &str) {
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let enc = encode_examples(
-        &examples,
-        Some(&bases),
-        &bapo_train::chat_template(tok),
-        &bapo_train::encoder(tok),
-        eos,
-        &cfg,
-    )
-    .unwrap()
-    .0;
-    for e in &enc {
-        eprintln!(
-            "p {} c {} r {} b {}",
-            e.prompt_ids.len(),
-            e.chosen_ids.len(),
-            e.rejected_ids.len(),
-            e.base_ids.as_ref().unwrap().len()
-        );
-    }
+    let template = bapo_train::chat_template(tok);
+    let encoder = bapo_train::encoder(tok);
+    let enc = encode_examples(&examples, Some(&bases), &template, &encoder, eos, &cfg)
+        .unwrap()
+        .0;
+    let lens: Vec<usize> = enc.iter().map(|e| e.prompt_ids.len()).collect();
+    assert_eq!(lens, vec![37, 38, 39]);
     let all: Vec<&EncodedExample> = enc.iter().collect();
-    for on in [false, true] {
-        set_prompt_sharing(on);
-        let full = host(
-            batch_logps(
-                &loaded.model,
-                &PreferenceBatch::collate(&all, eos),
-                &Default::default(),
-            )
-            .0,
-        );
-        let n = all.len();
-        for i in 0..n {
-            let one = host(
-                batch_logps(
-                    &loaded.model,
-                    &PreferenceBatch::collate(&[all[i]], eos),
-                    &Default::default(),
-                )
-                .0,
-            );
-            let f = [full[i], full[n + i], full[2 * n + i]];
-            eprintln!("share={on} {i}: {one:?} {f:?} {}", one == f);
-        }
-    }
     set_prompt_sharing(true);
+    let score = |b: &[&EncodedExample]| {
+        let batch = PreferenceBatch::collate(b, eos);
+        assert!(SharedRows::from_batch(&batch).is_some());
+        host(batch_logps(&loaded.model, &batch, &Default::default()).0)
+    };
+    let full = score(&all);
+    let n = all.len();
+    for i in 0..n {
+        let one = score(&[all[i]]);
+        let f = [full[i], full[n + i], full[2 * n + i]];
+        assert_eq!(one, f, "{name}: example {i} alone vs batched");
+    }
 }
