@@ -7,7 +7,10 @@
 //! length for RoPE. Forward and backward then do the prompt's work once instead of three times
 //! (the gradient of a shared prompt position is the sum of its completions', which `select`'s
 //! backward adds). Each completion row's keys are reordered to a full sequence's order, so the
-//! values are the right-padded batch's dot products, terms in the same places.
+//! values are the right-padded batch's dot products, terms in the same places. Sums over the
+//! key axis still depend on its length on some backends (ndarray adds a `len mod 8` remainder
+//! last): callers that need a row's result independent of its batch pad `lp` and `ls` to a
+//! multiple of 8 (`bapo_train::shared_prompt::SUM_BLOCK`).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
