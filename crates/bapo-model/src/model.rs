@@ -345,17 +345,24 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 3> {
-        let [b, s] = tokens.dims();
-        let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device)
-            .reshape([1, s])
-            .expand([b, s]);
-        let causal = causal_mask::<B>(b, s, &device);
-        let mask = match attention_mask {
-            Some(m) => causal.bool_or(m.bool_not().reshape([b, 1, 1, s]).expand([b, 1, s, s])),
-            None => causal,
-        };
+        let (positions, mask) = right_padded::<B>(tokens.dims(), attention_mask, &tokens.device());
         self.forward_blocks(tokens, positions, mask, None)
+    }
+
+    /// [`Llama::forward_hidden`] that also keeps every layer's keys/values in `cache` (which
+    /// must be empty): the prefill of right-padded rows, for a continuation to run against.
+    pub fn forward_hidden_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        assert!(
+            cache.is_empty(),
+            "forward_hidden_cached: the cache is not empty"
+        );
+        let (positions, mask) = right_padded::<B>(tokens.dims(), attention_mask, &tokens.device());
+        self.forward_cached(tokens, positions, mask, cache)
     }
 
     /// One step of cached decoding (or the prefill): runs `tokens` at `positions` against
@@ -444,6 +451,24 @@ impl<B: Backend> Llama<B> {
             ),
         }
     }
+}
+
+/// Positions `0..s` of every row and the causal mask of right-padded rows `[b, s]` (padding
+/// keys forbidden too, when `attention_mask` marks the real tokens).
+fn right_padded<B: Backend>(
+    [b, s]: [usize; 2],
+    attention_mask: Option<Tensor<B, 2, Bool>>,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 4, Bool>) {
+    let positions = Tensor::<B, 1, Int>::arange(0..s as i64, device)
+        .reshape([1, s])
+        .expand([b, s]);
+    let causal = causal_mask::<B>(b, s, device);
+    let mask = match attention_mask {
+        Some(m) => causal.bool_or(m.bool_not().reshape([b, 1, 1, s]).expand([b, 1, s, s])),
+        None => causal,
+    };
+    (positions, mask)
 }
 
 /// `[b, 1, s, s]` mask, `true` above the diagonal (key after query: forbidden).

@@ -62,19 +62,14 @@ impl<B: Backend> Llama<B> {
             "forward_hidden_shared: layout {layout:?} does not fit [{p}, {lp}] and [{n}, {ls}]"
         );
         let device = prompts.device();
-        // The prompts: right-padded causal pass, keys/values kept.
+        // The prompts: the right-padded pass, keys/values kept.
+        let real: Vec<bool> = prompt_lens
+            .iter()
+            .flat_map(|&len| (0..lp).map(move |k| k < len))
+            .collect();
+        let real = Tensor::<B, 2, Bool>::from_data(TensorData::new(real, [p, lp]), &device);
         let mut cache = KvCache::default();
-        let positions = Tensor::<B, 1, Int>::arange(0..lp as i64, &device)
-            .reshape([1, lp])
-            .expand([p, lp]);
-        let mut forbid = Vec::with_capacity(p * lp * lp);
-        for &len in prompt_lens {
-            for q in 0..lp {
-                forbid.extend((0..lp).map(|k| k > q || k >= len));
-            }
-        }
-        let mask = bool_tensor::<B>(forbid, [p, 1, lp, lp], &device);
-        let prompt_hidden = self.forward_cached(prompts, positions, mask, &mut cache);
+        let prompt_hidden = self.forward_hidden_cached(prompts, Some(real), &mut cache);
         // Every completion row gets its prompt's keys/values.
         let rows = Tensor::<B, 1, Int>::from_data(
             TensorData::new(owners.iter().map(|&o| o as i64).collect(), [n]),
@@ -125,16 +120,8 @@ impl<B: Backend> Llama<B> {
                 forbid.extend((0..t).map(|k| k > prompt_lens[o] + q));
             }
         }
-        let mask = bool_tensor::<B>(forbid, [n, 1, ls, t], &device);
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(forbid, [n, 1, ls, t]), &device);
         let completion_hidden = self.forward_cached(completions, positions, mask, &mut cache);
         (prompt_hidden, completion_hidden)
     }
-}
-
-fn bool_tensor<B: Backend>(
-    v: Vec<bool>,
-    shape: [usize; 4],
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    Tensor::from_data(TensorData::new(v, shape), device)
 }

@@ -19,16 +19,16 @@ pub fn batch_logps<B: Backend>(
     batch: &PreferenceBatch,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let shape = [batch.rows, batch.len];
-    let tokens =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), shape), device);
-    let attn =
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), shape), device);
     if prompt_sharing() {
         if let Some(out) = crate::shared_prompt::shared_prompt_logps(model, batch, device) {
             return (out.sum, out.mean);
         }
     }
+    let shape = [batch.rows, batch.len];
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), shape), device);
+    let attn =
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), shape), device);
     let out = completion_logps(
         model,
         tokens,
