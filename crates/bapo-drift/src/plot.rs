@@ -12,6 +12,19 @@ use plotters::style::FontStyle;
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Per point, a vertical interval `(low, high)` drawn as an error bar; empty = none.
+    pub y_err: Vec<(f64, f64)>,
+}
+
+impl Series {
+    /// A line without error bars.
+    pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name: name.into(),
+            points,
+            y_err: Vec::new(),
+        }
+    }
 }
 
 /// One panel: a titled chart with labelled axes and a legend.
@@ -52,9 +65,13 @@ where
     let rows = panels.len().div_ceil(cols).max(1);
     let cells = area.split_evenly((rows, cols));
     for (panel, cell) in panels.iter().zip(cells) {
-        let pts = panel.series.iter().flat_map(|s| s.points.iter());
+        let pts = panel.series.iter().flat_map(|s| {
+            let bars = s.points.iter().zip(&s.y_err);
+            let ends = bars.flat_map(|(&(x, _), &(lo, hi))| [(x, lo), (x, hi)]);
+            s.points.iter().copied().chain(ends)
+        });
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-        for &(x, y) in pts.filter(|p| p.0.is_finite() && p.1.is_finite()) {
+        for (x, y) in pts.filter(|p| p.0.is_finite() && p.1.is_finite()) {
             x0 = x0.min(x);
             x1 = x1.max(x);
             y0 = y0.min(y);
@@ -95,6 +112,15 @@ where
                 });
             chart
                 .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| e.to_string())?;
+            let bars = s.points.iter().zip(&s.y_err);
+            let finite = |&(&(x, y), &(lo, hi)): &(&(f64, f64), &(f64, f64))| {
+                [x, y, lo, hi].iter().all(|v| v.is_finite())
+            };
+            chart
+                .draw_series(bars.filter(finite).map(|(&(x, _), &(lo, hi))| {
+                    PathElement::new(vec![(x, lo), (x, hi)], color.stroke_width(1))
+                }))
                 .map_err(|e| e.to_string())?;
         }
         chart

@@ -68,11 +68,9 @@ fn figure_files_are_written() {
             Series {
                 name: "a".into(),
                 points: vec![(0.0, 1.0), (6.0, 0.5), (12.0, 0.25)],
+                y_err: vec![(0.8, 1.2), (0.4, 0.6), (0.1, 0.4)],
             },
-            Series {
-                name: "b".into(),
-                points: vec![(0.0, 0.2), (12.0, 0.9)],
-            },
+            Series::new("b", vec![(0.0, 0.2), (12.0, 0.9)]),
         ],
         y_range: None,
     };

@@ -13,8 +13,9 @@
 //! NLL term on the chosen responses (TRL's `rpo_alpha`) adds `α · mean(−mean-token log π(y_c))`.
 //!
 //! The BAPO anchor on base responses `y_b` (the reference model's own answers), with
-//! `d = log π_ref(y_b) − log π(y_b)`: `Hinge` `max(0, d)` (default), `Abs` `|d|`, `Square` `d²`;
-//! the total is `L_pref + λ · mean(anchor)`. `λ = 0` returns exactly the DPO loss (the anchor is
+//! `d = log π_ref(y_b) − log π(y_b)`: `Hinge` `max(0, d)` (default), `Abs` `|d|`, `Square` `d²`,
+//! and `Linear` `d` itself — rehearsal, the baseline without a hinge: its gradient is exactly
+//! that of the NLL of the base responses (`log π_ref` is a constant); the total is `L_pref + λ · mean(anchor)`. `λ = 0` returns exactly the DPO loss (the anchor is
 //! not even added, so gradients are bit-identical).
 //!
 //! All log-prob tensors must use the same normalisation (summed or per-token mean, see
@@ -45,6 +46,9 @@ pub enum Anchor {
     Abs,
     /// `(ref − policy)²`.
     Square,
+    /// `ref − policy`: rehearsal (NLL on the base responses, shifted by the constant reference
+    /// log-prob so that it reads 0 at the start); rewards rising above the reference too.
+    Linear,
 }
 
 /// Settings of the objective.
@@ -129,6 +133,7 @@ pub fn anchor_penalty<B: Backend>(kind: Anchor, a: &AnchorLogps<B>) -> Tensor<B,
         Anchor::Hinge => relu(d),
         Anchor::Abs => d.abs(),
         Anchor::Square => d.square(),
+        Anchor::Linear => d,
     }
 }
 
@@ -286,7 +291,12 @@ impl std::str::FromStr for Anchor {
             "hinge" => Self::Hinge,
             "abs" => Self::Abs,
             "square" => Self::Square,
-            other => return Err(format!("unknown anchor `{other}` (hinge, abs, square)")),
+            "linear" => Self::Linear,
+            other => {
+                return Err(format!(
+                    "unknown anchor `{other}` (hinge, abs, square, linear)"
+                ))
+            }
         })
     }
 }

@@ -102,6 +102,7 @@ fn hand_computed_values() {
         (Anchor::Hinge, 0.5),
         (Anchor::Abs, 0.75),
         (Anchor::Square, (1.0 + 0.25) / 2.0),
+        (Anchor::Linear, (1.0 - 0.5) / 2.0),
     ] {
         let cfg = ObjectiveConfig {
             anchor: kind,
@@ -208,7 +209,7 @@ fn gradients_match_finite_differences() {
         vec![(LossType::Ipo, 1.0)],
         vec![(LossType::Sigmoid, 0.5), (LossType::Hinge, 0.5)],
     ] {
-        for anchor in [Anchor::Hinge, Anchor::Abs, Anchor::Square] {
+        for anchor in [Anchor::Hinge, Anchor::Abs, Anchor::Square, Anchor::Linear] {
             let cfg = ObjectiveConfig {
                 beta: 0.3,
                 losses: losses.clone(),

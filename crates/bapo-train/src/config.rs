@@ -128,6 +128,8 @@ pub struct EvalSection {
     pub formats: Vec<String>,
     /// Held-out prompts generated from for output drift (0 = off).
     pub output_prompts: usize,
+    /// New tokens each of those answers may take (0 = `anchor.max_new_tokens`).
+    pub output_max_new_tokens: usize,
     /// Items per knowledge set also asked generatively (the question as a user turn, a greedy
     /// answer of at most 24 tokens, right when it names a gold choice): `eval_knowledge/<set>/
     /// generative/acc`. 0 = off.
@@ -145,6 +147,7 @@ impl Default for EvalSection {
             knowledge_items: 0,
             formats: vec!["raw".into(), "chat".into()],
             output_prompts: 0,
+            output_max_new_tokens: 0,
             generative_items: 0,
             kl_vocab_chunk: 8192,
             batch_size: 16,

@@ -20,12 +20,14 @@ pub(crate) fn training_figure(
                     .is_some_and(|o| o.keys().any(|k| k.starts_with("eval_knowledge/")))
         }))
         .collect();
-    let series = |key: &str, name: &str| Series {
-        name: name.to_string(),
-        points: evals
-            .iter()
-            .filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?)))
-            .collect(),
+    let series = |key: &str, name: &str| {
+        Series::new(
+            name,
+            evals
+                .iter()
+                .filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?)))
+                .collect(),
+        )
     };
     let keys: Vec<String> = base
         .as_object()

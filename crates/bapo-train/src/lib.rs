@@ -6,7 +6,6 @@
 mod cache;
 mod checkpoint;
 pub mod compare;
-mod compare_stats;
 pub mod concurrent;
 pub mod config;
 pub mod dist;

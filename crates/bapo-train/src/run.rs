@@ -214,7 +214,10 @@ fn evaluate_base<'a, B: AutodiffBackend>(
             })
             .collect::<Result<_, _>>()?,
         eos_ids,
-        max_new_tokens: run.anchor.max_new_tokens,
+        max_new_tokens: match run.eval.output_max_new_tokens {
+            0 => run.anchor.max_new_tokens,
+            n => n,
+        },
         base_knowledge: None,
         base_output: None,
         pole: match run.data.users.as_deref() {

@@ -13,17 +13,17 @@ use bapo_drift::paired::{compare, PairedComparison};
 use bapo_drift::McItemResult;
 use serde_json::{json, Value};
 
-use crate::compare::RunResult;
+use super::RunResult;
 use crate::io::RunError;
 
 /// Per `set/format`, the items in scoring order.
-type Items = BTreeMap<String, Vec<McItemResult>>;
+pub(super) type Items = BTreeMap<String, Vec<McItemResult>>;
 
 /// The bootstrap's seed: fixed, so compare.json is reproducible.
-const SEED: u64 = 0x6261_706f;
+pub(super) const SEED: u64 = 0x6261_706f;
 
 /// (base, policy) items of a finished run.
-fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
+pub(super) fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
     let path = dir.join("knowledge_items.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut doc: Value =
@@ -36,7 +36,7 @@ fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
 }
 
 /// The chat-format sets' items, concatenated in key order.
-fn pooled_chat(items: &Items) -> Vec<McItemResult> {
+pub(super) fn pooled_chat(items: &Items) -> Vec<McItemResult> {
     items
         .iter()
         .filter(|(k, _)| k.ends_with("/chat"))
