@@ -780,7 +780,7 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
         "--config",
         cfg.to_str().unwrap(),
         "--levels",
-        "one_user",
+        "solo_concise,solo_detailed,solo_friendly",
         "--methods",
         "dpo,bapo_l1",
         "--max-train-pairs",
@@ -801,21 +801,24 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
         String::from_utf8_lossy(&res.stderr)
     );
     let md = String::from_utf8_lossy(&res.stdout);
-    assert!(md.contains("| one_user | dpo | 1 |"), "{md}");
-    assert!(md.contains("| one_user | bapo_l1 | 1 |"), "{md}");
-    assert!(md.contains("| one_user | base model | - |"), "{md}");
-    // Per-level data: the level's user only, capped, the profile as a system turn.
-    let train = std::fs::read_to_string(out.join("data/one_user/train.jsonl")).unwrap();
+    for level in ["solo_concise", "solo_detailed", "solo_friendly"] {
+        for row in ["dpo | 1 |", "bapo_l1 | 1 |", "base model | - |"] {
+            assert!(md.contains(&format!("| {level} | {row}")), "{md}");
+        }
+    }
+    // Per-level data: the level's user only, capped, drawn by the seed; design A's prompts
+    // stay plain (no profile turn).
+    let train = std::fs::read_to_string(out.join("data/solo_concise/seed0/train.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = train
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 6);
-    assert!(rows.iter().all(|r| r["user"] == "concise"
-        && r["prompt"][0]["role"] == "system"
-        && r["prompt"][1]["role"] == "user"));
+    assert!(rows
+        .iter()
+        .all(|r| r["user"] == "concise" && r["prompt"].is_string()));
     // Each method's config: its own anchor weight, the level's data; shared anchor cache.
-    let runs = out.join("runs/one_user");
+    let runs = out.join("runs/solo_concise");
     let weight = |m: &str| {
         let c: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(runs.join(m).join("config.json")).unwrap(),
@@ -827,13 +830,24 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
     let (wb, _) = weight("bapo_l1-seed0");
     assert_eq!((wd, wb), (0.0, 1.0));
     assert_eq!(cd["data"]["users"], serde_json::json!(["concise"]));
+    for cache in ["anchors.cache.json", "eval_base.cache.json"] {
+        assert_eq!(
+            std::fs::read(runs.join("dpo-seed0").join(cache)).unwrap(),
+            std::fs::read(runs.join("bapo_l1-seed0").join(cache)).unwrap(),
+            "{cache}"
+        );
+    }
+    // The base model was evaluated once per level: the second method reused it.
+    let log = String::from_utf8_lossy(&res.stderr);
     assert_eq!(
-        std::fs::read(runs.join("dpo-seed0/anchors.cache.json")).unwrap(),
-        std::fs::read(runs.join("bapo_l1-seed0/anchors.cache.json")).unwrap()
+        log.matches("reusing the base model's cached knowledge results")
+            .count(),
+        3,
+        "one reuse per level"
     );
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
-    assert_eq!(doc["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 6);
     for run in doc["runs"].as_array().unwrap() {
         let m = &run["metrics"];
         for key in [
@@ -851,10 +865,10 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
     let cmp = doc["comparisons"].as_array().unwrap();
     let find = |m: &str, against: &str| {
         cmp.iter()
-            .find(|c| c["method"] == m && c["against"] == against)
+            .find(|c| c["level"] == "solo_concise" && c["method"] == m && c["against"] == against)
             .unwrap_or_else(|| panic!("no {m} vs {against} in {cmp:?}"))
     };
-    assert_eq!(cmp.len(), 3);
+    assert_eq!(cmp.len(), 9, "per level: dpo and bapo vs base, bapo vs dpo");
     let items = |m: &str| -> serde_json::Value {
         serde_json::from_str(
             &std::fs::read_to_string(runs.join(m).join("knowledge_items.json")).unwrap(),
@@ -917,6 +931,101 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
         &std::fs::read(out.join("compare.png")).unwrap()[1..4],
         b"PNG"
     );
+    // Design A: each user's logp_gap from its reference cache, each method's knowledge loss
+    // from its per-item results, and DPO's slope over the users, recomputed here.
+    let design = &doc["design_a"];
+    let mut pts = Vec::new();
+    for user in ["concise", "detailed", "friendly"] {
+        let u = design["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["user"] == user)
+            .unwrap();
+        let dir = out.join(format!("runs/solo_{user}/dpo-seed0"));
+        let cache: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference_logps.cache.json")).unwrap(),
+        )
+        .unwrap();
+        let gaps: Vec<f64> = cache["train"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["mean"][1].as_f64().unwrap() - r["mean"][0].as_f64().unwrap())
+            .collect();
+        let gap = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((u["logp_gap"].as_f64().unwrap() - gap).abs() < 1e-12, "{u}");
+        assert!(u["measure_gap"].as_f64().is_some_and(f64::is_finite), "{u}");
+        let k: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("knowledge_items.json")).unwrap(),
+        )
+        .unwrap();
+        let (b, p) = (
+            k["base"]["capitals/chat"].as_array().unwrap(),
+            k["policy"]["capitals/chat"].as_array().unwrap(),
+        );
+        let loss = -b
+            .iter()
+            .zip(p)
+            .map(|(x, y)| y["margin"].as_f64().unwrap() - x["margin"].as_f64().unwrap())
+            .sum::<f64>()
+            / b.len() as f64;
+        let m = u["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["method"] == "dpo")
+            .unwrap();
+        assert!(
+            (m["knowledge_loss"].as_f64().unwrap() - loss).abs() < 1e-12,
+            "{m}"
+        );
+        assert!(m["vs_base"]["ci95"].is_array() && m["vs_base"]["mcnemar"]["p"].is_f64());
+        assert!(m["toward_pole_success"].is_f64(), "output_prompts = 2: {m}");
+        let bapo = u["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["method"] == "bapo_l1")
+            .unwrap();
+        assert!(bapo["vs_dpo"]["ci95"].is_array(), "{bapo}");
+        let verdict = bapo["verdict"].as_str().unwrap();
+        assert!(
+            verdict == "prevents forgetting" || verdict.starts_with("not shown: "),
+            "{verdict}"
+        );
+        pts.push((gap, loss));
+    }
+    let n = pts.len() as f64;
+    let (mx, my) = (
+        pts.iter().map(|p| p.0).sum::<f64>() / n,
+        pts.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let slope = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+        / pts.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+    let dpo_slope = design["slopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["method"] == "dpo")
+        .unwrap();
+    let got = dpo_slope["per_seed"][0]["slope"].as_f64().unwrap();
+    assert!((got - slope).abs() < 1e-9, "{got} vs {slope}");
+    assert!(
+        dpo_slope["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("undetermined: 1 seed"),
+        "{dpo_slope}"
+    );
+    assert!(md.contains("### Design A"), "{md}");
+    for fig in ["heterogeneity.png", "tradeoff.png"] {
+        assert_eq!(
+            &std::fs::read(out.join(fig)).unwrap()[1..4],
+            b"PNG",
+            "{fig}"
+        );
+    }
     // A rerun reuses the finished runs (no training: metrics.jsonl untouched).
     let metrics = runs.join("dpo-seed0/metrics.jsonl");
     let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
@@ -926,6 +1035,23 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
         std::fs::metadata(&metrics).unwrap().modified().unwrap(),
         before
     );
+    // --report-only trains nothing: a level never run is left out.
+    let res = bapo_ok(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--levels",
+        "solo_concise,solo_expert",
+        "--methods",
+        "dpo,bapo_l1",
+        "--out",
+        out.to_str().unwrap(),
+        "--report-only",
+    ]);
+    assert!(!out.join("runs/solo_expert").exists());
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 2, "{:?}", res.status);
     // A level whose users are not in the data is a clear error.
     let only = dir.join("only-concise.jsonl");
     std::fs::write(
@@ -938,7 +1064,7 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
         "--config",
         cfg.to_str().unwrap(),
         "--levels",
-        "three_users",
+        "two_compatible",
         "--out",
         out.to_str().unwrap(),
         "--set",

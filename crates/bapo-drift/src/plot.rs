@@ -83,6 +83,13 @@ where
         let pad = ((y1 - y0) * 0.08).max(1e-3);
         let (y0, y1) = panel.y_range.unwrap_or((y0 - pad, y1 + pad));
         let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+        // Error bars at the first and last x would sit on the frame: leave them a margin.
+        let (x0, x1) = if panel.series.iter().any(|s| !s.y_err.is_empty()) {
+            let m = (x1 - x0) * 0.04;
+            (x0 - m, x1 + m)
+        } else {
+            (x0, x1)
+        };
         let mut chart = ChartBuilder::on(&cell)
             .caption(&panel.title, ("sans-serif", 20))
             .margin(12)

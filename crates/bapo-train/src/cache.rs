@@ -1,5 +1,6 @@
-//! The anchor and reference-log-prob caches: a sha256 fingerprint of every input they depend
-//! on, the numerics that made them, and the rule for reusing or rebuilding them.
+//! The anchor, reference-log-prob and base-evaluation caches: a sha256 fingerprint of every
+//! input they depend on, the numerics that made them, and the rule for reusing or rebuilding
+//! them.
 
 use std::path::{Path, PathBuf};
 
@@ -137,4 +138,61 @@ pub(crate) fn read_cache<T: for<'de> Deserialize<'de>>(
     } else {
         Some(cache)
     }
+}
+
+/// The base model's knowledge results and output answers (`eval_base.cache.json`): the same for
+/// every method trained on one level and seed of `bapo compare`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct BaseEvalCache {
+    pub(crate) fingerprint: String,
+    pub(crate) numerics: Numerics,
+    pub(crate) outcome: crate::report::EvalOutcome,
+}
+
+/// The base evaluation's fingerprint: the reference cache's (model, data, seed, encoding), the
+/// model file itself (the reference fingerprint is a placeholder under `--per-user`), the
+/// `[eval]` section, every knowledge file's bytes, and `outputs` (the output prompts' ids, the
+/// token limit and the stop ids).
+pub(crate) fn base_eval_key(
+    reference: &str,
+    run: &crate::config::RunConfig,
+    outputs: &impl Serialize,
+) -> Result<String, crate::io::RunError> {
+    let mut h = Sha256::new();
+    h.update(reference.as_bytes());
+    let model = crate::config::expand_path(&run.model.path);
+    hash_path(&mut h, &model).map_err(|e| format!("{}: {e}", model.display()))?;
+    h.update(serde_json::to_vec(&run.eval)?);
+    for k in &run.eval.knowledge {
+        hash_path(&mut h, k).map_err(|e| format!("{}: {e}", k.display()))?;
+    }
+    h.update(serde_json::to_vec(outputs)?);
+    Ok(hex(h))
+}
+
+/// The cached outcome at `path` when its fingerprint and numerics match, else `compute`'s
+/// (then cached; a cache that cannot be written is only a warning).
+pub(crate) fn base_eval(
+    path: &Path,
+    fingerprint: String,
+    numerics: &Numerics,
+    compute: impl FnOnce() -> Result<crate::report::EvalOutcome, crate::io::RunError>,
+) -> Result<crate::report::EvalOutcome, crate::io::RunError> {
+    if let Some(c) = read_cache::<BaseEvalCache>(path, &fingerprint, numerics, |c| {
+        (&c.fingerprint, &c.numerics)
+    }) {
+        tracing::info!(cache = %path.display(), "reusing the base model's cached knowledge results and answers");
+        return Ok(c.outcome);
+    }
+    let outcome = compute()?;
+    let c = BaseEvalCache {
+        fingerprint,
+        numerics: numerics.clone(),
+        outcome,
+    };
+    match serde_json::to_vec(&c) {
+        Ok(bytes) => crate::io::write_atomic(path, &bytes)?,
+        Err(e) => tracing::warn!(cache = %path.display(), "base evaluation not cached: {e}"),
+    }
+    Ok(c.outcome)
 }

@@ -227,6 +227,21 @@ pub(crate) fn full_eval<B: Backend>(
     } else {
         evaluate(model, reference, examples, refs, run, pad, device)
     };
+    let (extra, summaries, results, answers) = extras_eval(model, run, device, x)?;
+    m.extend(extra);
+    Ok((m, summaries, results, answers))
+}
+
+/// The part of [`full_eval`] that needs no preference pairs: knowledge items (against
+/// `x.base_knowledge` when given), the generative check and the greedy answers to the output
+/// prompts (with personalisation and output drift against the base model's when given).
+pub(crate) fn extras_eval<B: Backend>(
+    model: &Llama<B>,
+    run: &RunConfig,
+    device: &B::Device,
+    x: &EvalExtras,
+) -> Result<EvalOutcome, RunError> {
+    let mut m = BTreeMap::new();
     let (results, summaries) = crate::eval::knowledge(
         model,
         &x.sets,

@@ -243,16 +243,33 @@ fn evaluate_base<'a, B: AutodiffBackend>(
     let context = p.config.max_position_embeddings;
     crate::eval::check_knowledge_context(&extras.sets, &extras.formats, tok, template, context)?;
     let t0 = std::time::Instant::now();
-    let (metrics, summaries, results, answers) = full_eval(
-        &p.reference,
-        None,
-        &p.eval_enc,
-        &p.refs.eval,
+    let mut metrics = if p.eval_enc.is_empty() {
+        BTreeMap::new()
+    } else {
+        crate::report::evaluate(
+            &p.reference,
+            None,
+            &p.eval_enc,
+            &p.refs.eval,
+            run,
+            p.eos,
+            device,
+        )
+    };
+    // Knowledge and output answers of the base model: the same for every method of a
+    // comparison level, so cached under a fingerprint of what they depend on.
+    let key = crate::cache::base_eval_key(
+        &p.refs.fingerprint,
         run,
-        p.eos,
-        device,
-        &extras,
+        &(&extras.out_prompts, extras.max_new_tokens, &extras.eos_ids),
     )?;
+    let (extra, summaries, results, answers) = crate::cache::base_eval(
+        &run.output.dir.join("eval_base.cache.json"),
+        key,
+        &p.refs.numerics,
+        || crate::report::extras_eval(&p.reference, run, device, &extras),
+    )?;
+    metrics.extend(extra);
     if !extras.out_prompts.is_empty() {
         extras.base_output = Some(bapo_drift::OutputStats::new(&answers));
         extras.base_answers = Some(crate::report::decode_all(tok, &answers)?);

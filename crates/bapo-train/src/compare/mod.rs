@@ -251,7 +251,11 @@ pub fn run_compare<B: AutodiffBackend>(
                 let cfg = RunConfig::from_file_with(config, &ov)?;
                 std::fs::create_dir_all(&dir)?;
                 if let Some(src) = &first {
-                    for f in ["anchors.cache.json", "reference_logps.cache.json"] {
+                    for f in [
+                        "anchors.cache.json",
+                        "reference_logps.cache.json",
+                        "eval_base.cache.json",
+                    ] {
                         if src.join(f).exists() && !dir.join(f).exists() {
                             std::fs::copy(src.join(f), dir.join(f))?;
                         }
