@@ -263,6 +263,14 @@ fn config_errors_name_file_line_and_key() {
         ),
         ("anchor.top_p=1.5", "anchor.top_p must be in (0, 1]"),
         (
+            "eval.formats=[\"chat_system\"]",
+            "eval.formats is invalid: eval.formats: `chat_system` needs eval.system_turns",
+        ),
+        (
+            "train.anchor=\"sideways\"",
+            "train.anchor is invalid: unknown anchor `sideways`",
+        ),
+        (
             "data.max_prompt_length=96",
             "data.max_prompt_length (96) must be below data.max_length (96)",
         ),
@@ -1034,6 +1042,69 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
     assert_eq!(
         std::fs::metadata(&metrics).unwrap().modified().unwrap(),
         before
+    );
+    // Design B: profile turns in the prompts, and knowledge also scored after them.
+    let out_b = dir.join("cmp-b");
+    bapo_ok(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--levels",
+        "two_opposing",
+        "--methods",
+        "dpo",
+        "--max-train-pairs",
+        "4",
+        "--max-eval-pairs",
+        "2",
+        "--out",
+        out_b.to_str().unwrap(),
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "output.eval_steps=1",
+    ]);
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(out_b.join("data/two_opposing/seed0/train.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let prompts = |u: &str| -> Vec<&serde_json::Value> {
+        rows.iter()
+            .filter(|r| r["user"] == u)
+            .map(|r| &r["prompt"][1]["content"])
+            .collect()
+    };
+    assert!(rows.iter().all(|r| r["prompt"][0]["role"] == "system"));
+    let (c, d) = (prompts("concise"), prompts("detailed"));
+    assert!(
+        !c.is_empty() && !d.is_empty() && c.iter().all(|p| !d.contains(p)),
+        "disjoint"
+    );
+    let run_b = out_b.join("runs/two_opposing/dpo-seed0");
+    let k: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_b.join("knowledge_items.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        k["policy"]["capitals/chat_system"]
+            .as_array()
+            .unwrap()
+            .len(),
+        k["policy"]["capitals/chat"].as_array().unwrap().len()
+    );
+    let doc_b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_b.join("compare.json")).unwrap())
+            .unwrap();
+    let own = &doc_b["comparisons"][0]["primary"]["own_turn"];
+    assert_eq!(own["key"], "pooled_chat_system", "{own}");
+    assert!(
+        own["ci95"].is_array() && own["mcnemar"]["p"].is_f64(),
+        "{own}"
+    );
+    assert_eq!(
+        &std::fs::read(out_b.join("own_turn.png")).unwrap()[1..4],
+        b"PNG"
     );
     // --report-only trains nothing: a level never run is left out.
     let res = bapo_ok(&[

@@ -15,6 +15,12 @@ pub struct Message {
 }
 
 impl Message {
+    pub fn system(content: impl Into<String>) -> Self {
+        Self {
+            role: "system".into(),
+            content: content.into(),
+        }
+    }
     pub fn user(content: impl Into<String>) -> Self {
         Self {
             role: "user".into(),

@@ -14,14 +14,17 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The two prompt formats every knowledge set is scored in.
+/// The prompt formats a knowledge set is scored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Format {
     /// `context` + `" " + choice`.
     Raw,
     /// `question` as a user turn through the chat template, the choice opening the answer.
     Chat,
+    /// As `Chat`, after the item's own system turn ([`McItem::system`]; e.g. a user's profile,
+    /// so that knowledge is measured as that user would see the model).
+    ChatSystem,
 }
 
 impl Format {
@@ -31,6 +34,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Chat => "chat",
+            Format::ChatSystem => "chat_system",
         }
     }
 
@@ -38,7 +42,7 @@ impl Format {
     pub fn continuation(self, choice: &str) -> String {
         match self {
             Format::Raw => format!(" {choice}"),
-            Format::Chat => choice.to_string(),
+            Format::Chat | Format::ChatSystem => choice.to_string(),
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct McItem {
     /// Indices of the correct choices (at least one).
     pub gold: Vec<usize>,
     pub line: usize,
+    /// The system turn of the `chat_system` format (not in the file: set by the evaluation).
+    pub system: Option<String>,
 }
 
 /// A malformed knowledge file.
@@ -132,6 +138,7 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>, McError> {
             choices,
             gold,
             line,
+            system: None,
         });
     }
     Ok(out)
@@ -335,6 +342,7 @@ mod tests {
             choices: choices.iter().map(|c| c.to_string()).collect(),
             gold: gold.to_vec(),
             line: 1,
+            system: None,
         }
     }
 

@@ -124,8 +124,12 @@ pub struct EvalSection {
     /// Items per set scored during training (an evenly spaced subset; 0 = all). `bapo eval`
     /// scores every item.
     pub knowledge_items: usize,
-    /// `raw` and/or `chat`.
+    /// `raw`, `chat` and/or `chat_system` (the chat format after a system turn from
+    /// `system_turns`).
     pub formats: Vec<String>,
+    /// The `chat_system` format's system turns: item `i` of each set gets turn `i % len`
+    /// (`bapo compare` sets the level's user profiles here).
+    pub system_turns: Vec<String>,
     /// Held-out prompts generated from for output drift (0 = off).
     pub output_prompts: usize,
     /// New tokens each of those answers may take (0 = `anchor.max_new_tokens`).
@@ -146,6 +150,7 @@ impl Default for EvalSection {
             knowledge: Vec::new(),
             knowledge_items: 0,
             formats: vec!["raw".into(), "chat".into()],
+            system_turns: Vec::new(),
             output_prompts: 0,
             output_max_new_tokens: 0,
             generative_items: 0,
@@ -162,7 +167,15 @@ impl EvalSection {
             .map(|f| match f.as_str() {
                 "raw" => Ok(bapo_drift::mc::Format::Raw),
                 "chat" => Ok(bapo_drift::mc::Format::Chat),
-                other => Err(format!("eval.formats: `{other}` (raw or chat)")),
+                "chat_system" if self.system_turns.is_empty() => Err(
+                    "eval.formats: `chat_system` needs eval.system_turns (the system turns to \
+                     put before each question)"
+                        .into(),
+                ),
+                "chat_system" => Ok(bapo_drift::mc::Format::ChatSystem),
+                other => Err(format!(
+                    "eval.formats: `{other}` (raw, chat or chat_system)"
+                )),
             })
             .collect()
     }
@@ -308,6 +321,10 @@ impl RunConfig {
             key: key.into(),
             what,
         };
+        self.train
+            .anchor
+            .parse::<bapo_objective::Anchor>()
+            .map_err(|e| bad("train.anchor", format!("is invalid: {e}")))?;
         self.train
             .objective()
             .map_err(|e| bad("train.loss_type", format!("is invalid: {e}")))?;

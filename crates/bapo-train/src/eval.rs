@@ -42,6 +42,19 @@ pub fn load_knowledge(paths: &[PathBuf], max_items: usize) -> Result<Vec<Knowled
     Ok(out)
 }
 
+/// Gives item `i` of every set the system turn `turns[i % turns.len()]` (the `chat_system`
+/// format's; a level with several users spreads the items over their profiles).
+pub fn with_system_turns(sets: &mut [KnowledgeSet], turns: &[String]) {
+    if turns.is_empty() {
+        return;
+    }
+    for set in sets {
+        for (i, item) in set.items.iter_mut().enumerate() {
+            item.system = Some(turns[i % turns.len()].clone());
+        }
+    }
+}
+
 /// Context and continuation ids for every (item, choice), lm-eval style: the continuation is
 /// what encoding `context + continuation` adds after the context's own encoding (so a leading
 /// space merges into the first choice token as it would in running text).
@@ -56,6 +69,20 @@ fn mc_sequences(
         let context = match format {
             Format::Raw => item.context.clone(),
             Format::Chat => template.render(&[Message::user(item.question.clone())], true)?,
+            Format::ChatSystem => {
+                let Some(system) = &item.system else {
+                    return Err(format!(
+                        "knowledge item `{}`: the chat_system format needs eval.system_turns",
+                        item.id
+                    )
+                    .into());
+                };
+                let turns = [
+                    Message::system(system.clone()),
+                    Message::user(item.question.clone()),
+                ];
+                template.render(&turns, true)?
+            }
         };
         let ctx = tok.encode(&context)?;
         for choice in &item.choices {
@@ -391,6 +418,7 @@ mod tests {
             ],
             gold: vec![3],
             line: 2,
+            system: None,
         };
         assert!(super::names_gold(
             &item,

@@ -201,7 +201,11 @@ fn evaluate_base<'a, B: AutodiffBackend>(
         run.eval.knowledge_items
     };
     let mut extras = EvalExtras {
-        sets: crate::eval::load_knowledge(&run.eval.knowledge, items)?,
+        sets: {
+            let mut sets = crate::eval::load_knowledge(&run.eval.knowledge, items)?;
+            crate::eval::with_system_turns(&mut sets, &run.eval.system_turns);
+            sets
+        },
         formats: run.eval.formats()?,
         // Cut like the training prompts; within the context by the anchor's check.
         out_prompts: p

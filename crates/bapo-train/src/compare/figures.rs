@@ -2,6 +2,8 @@
 //! success against the user's `logp_gap`, with the loss's 95 % interval) and
 //! `tradeoff.{png,svg}` (toward-pole success against knowledge loss, averaged over the users:
 //! DPO over β, BAPO over λ, DPO over training steps, rehearsal and DPO + NLL as points).
+//! Design B's: `own_turn.{png,svg}` (knowledge change under the default system turn against
+//! the change under the users' own profile turns, one point per level and method).
 
 use std::collections::BTreeMap;
 
@@ -192,4 +194,57 @@ pub(super) fn design_a(
         }],
     )
     .map_err(|e| format!("trade-off figure: {e}").into())
+}
+
+/// `own_turn.{png,svg}` from the comparisons against the base model that were also scored
+/// under the users' own turns (seed means); nothing without such runs.
+pub(super) fn design_b(spec: &CompareSpec, comparisons: &[Value]) -> Result<(), RunError> {
+    // method → level → [(default, own)] over seeds
+    let mut pts: BTreeMap<&str, BTreeMap<&str, Vec<(f64, f64)>>> = BTreeMap::new();
+    for c in comparisons.iter().filter(|c| c["against"] == "base") {
+        let p = &c["primary"];
+        let (Some(d), Some(o)) = (
+            p["delta_margin"].as_f64(),
+            p["own_turn"]["delta_margin"].as_f64(),
+        ) else {
+            continue;
+        };
+        pts.entry(c["method"].as_str().unwrap_or("-"))
+            .or_default()
+            .entry(c["level"].as_str().unwrap_or("-"))
+            .or_default()
+            .push((d, o));
+    }
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let series = pts
+        .into_iter()
+        .map(|(method, levels)| {
+            let mut v: Vec<(f64, f64)> = levels
+                .values()
+                .map(|s| {
+                    let n = s.len() as f64;
+                    (
+                        s.iter().map(|p| p.0).sum::<f64>() / n,
+                        s.iter().map(|p| p.1).sum::<f64>() / n,
+                    )
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series::new(method, v)
+        })
+        .collect();
+    write_figure(
+        &spec.out.join("own_turn"),
+        "Design B: knowledge under the default turn vs the users' own profile turns",
+        &[Panel {
+            title: "Pooled chat gold-margin change vs the base model (one point per level)".into(),
+            x_label: "default system turn (nats)".into(),
+            y_label: "users' own profile turns (nats)".into(),
+            series,
+            y_range: None,
+        }],
+    )
+    .map_err(|e| format!("own-turn figure: {e}").into())
 }

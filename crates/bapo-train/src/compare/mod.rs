@@ -247,6 +247,25 @@ pub fn run_compare<B: AutodiffBackend>(
                     format!("output.dir={}", q(&dir)),
                     format!("train.seed={seed}"),
                 ]);
+                if level.profile {
+                    // Knowledge also as the users see the model: after their profile turns.
+                    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+                    let mut formats: Vec<String> = base_cfg.eval.formats.clone();
+                    if !formats.iter().any(|f| f == "chat_system") {
+                        formats.push("chat_system".into());
+                    }
+                    let list = |v: Vec<String>| format!("[{}]", v.join(", "));
+                    ov.extend([
+                        format!(
+                            "eval.formats={}",
+                            list(formats.iter().map(|f| quote(f)).collect())
+                        ),
+                        format!(
+                            "eval.system_turns={}",
+                            list(level.users.iter().map(|u| quote(&profile(u))).collect())
+                        ),
+                    ]);
+                }
                 ov.extend(method.overrides.iter().cloned());
                 let cfg = RunConfig::from_file_with(config, &ov)?;
                 std::fs::create_dir_all(&dir)?;

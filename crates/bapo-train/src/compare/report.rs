@@ -224,6 +224,7 @@ pub(super) fn report(
     );
     let comparisons = super::stats::comparisons(results)?;
     md.push_str(&super::stats::markdown(&comparisons));
+    super::figures::design_b(spec, &comparisons)?;
     let (design_a, design_a_md) = super::heterogeneity::analyse(spec, results)?;
     md.push_str(&design_a_md);
     let doc = json!({

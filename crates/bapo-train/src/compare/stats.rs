@@ -37,9 +37,14 @@ pub(super) fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
 
 /// The chat-format sets' items, concatenated in key order.
 pub(super) fn pooled_chat(items: &Items) -> Vec<McItemResult> {
+    pooled(items, "/chat")
+}
+
+/// The items of every set in the format whose keys end in `suffix`, in key order.
+fn pooled(items: &Items, suffix: &str) -> Vec<McItemResult> {
     items
         .iter()
-        .filter(|(k, _)| k.ends_with("/chat"))
+        .filter(|(k, _)| k.ends_with(suffix))
         .flat_map(|(_, v)| v.iter().cloned())
         .collect()
 }
@@ -55,10 +60,21 @@ fn row(key: &str, c: &PairedComparison) -> Value {
     })
 }
 
-/// `b` against `a`: the primary endpoint and every set/format.
+/// `b` against `a`: the primary endpoint, the same under the users' own system turns (when
+/// scored: `pooled_chat_system`), and every set/format.
 fn against(a: &Items, b: &Items) -> Result<(Value, Vec<Value>), RunError> {
     let primary = compare(&pooled_chat(a), &pooled_chat(b), SEED)
         .map_err(|e| format!("pooled chat items: {e}"))?;
+    let own = pooled(b, "/chat_system");
+    let own = if own.is_empty() {
+        Value::Null
+    } else {
+        let c = compare(&pooled(a, "/chat_system"), &own, SEED)
+            .map_err(|e| format!("pooled chat_system items: {e}"))?;
+        row("pooled_chat_system", &c)
+    };
+    let mut primary = row("pooled_chat", &primary);
+    primary["own_turn"] = own;
     let mut rows = Vec::new();
     for (key, items) in b {
         let base = a
@@ -69,7 +85,7 @@ fn against(a: &Items, b: &Items) -> Result<(Value, Vec<Value>), RunError> {
             &compare(base, items, SEED).map_err(|e| format!("`{key}`: {e}"))?,
         ));
     }
-    Ok((row("pooled_chat", &primary), rows))
+    Ok((primary, rows))
 }
 
 /// Every run against the base model, and every method but `dpo` against `dpo` of the same level
@@ -113,15 +129,17 @@ pub(crate) fn markdown(comparisons: &[Value]) -> String {
     let mut md = String::from(
         "\n### Paired, item by item\n\nPrimary endpoint (declared before running): the change of \
          the gold answer's margin over the best distractor, pooled over the chat-format knowledge \
-         items, with a paired-bootstrap 95 % interval; accuracy flips with McNemar's exact test.\n\n\
-         | level | method | seed | against | items | Δ margin [95 % CI] | Δ acc | lost / gained | McNemar p |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         items, with a paired-bootstrap 95 % interval; accuracy flips with McNemar's exact test. \
+         Levels with profile turns are also scored with each item after one of the level's \
+         users' profiles (own turn).\n\n\
+         | level | method | seed | against | items | Δ margin [95 % CI] | Δ acc | lost / gained | McNemar p | own turn: Δ margin [95 % CI] |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for c in comparisons {
         let p = &c["primary"];
         let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:+.3}"));
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} [{}, {}] | {} | {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} [{}, {}] | {} | {} / {} | {} | {} |\n",
             c["level"].as_str().unwrap_or("-"),
             c["method"].as_str().unwrap_or("-"),
             c["seed"],
@@ -136,6 +154,15 @@ pub(crate) fn markdown(comparisons: &[Value]) -> String {
             p["mcnemar"]["p"]
                 .as_f64()
                 .map_or("-".into(), |x| format!("{x:.3}")),
+            match &p["own_turn"] {
+                Value::Null => "-".to_string(),
+                o => format!(
+                    "{} [{}, {}]",
+                    f(&o["delta_margin"]),
+                    f(&o["ci95"][0]),
+                    f(&o["ci95"][1])
+                ),
+            },
         ));
     }
     md
