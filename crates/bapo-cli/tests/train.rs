@@ -978,24 +978,22 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
             .map(|(x, y)| y["margin"].as_f64().unwrap() - x["margin"].as_f64().unwrap())
             .sum::<f64>()
             / b.len() as f64;
-        let m = u["methods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["method"] == "dpo")
-            .unwrap();
+        let method = |name: &str| {
+            u["methods"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["method"] == name)
+                .unwrap()
+        };
+        let m = method("dpo");
         assert!(
             (m["knowledge_loss"].as_f64().unwrap() - loss).abs() < 1e-12,
             "{m}"
         );
         assert!(m["vs_base"]["ci95"].is_array() && m["vs_base"]["mcnemar"]["p"].is_f64());
         assert!(m["toward_pole_success"].is_f64(), "output_prompts = 2: {m}");
-        let bapo = u["methods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["method"] == "bapo_l1")
-            .unwrap();
+        let bapo = method("bapo_l1");
         assert!(bapo["vs_dpo"]["ci95"].is_array(), "{bapo}");
         let verdict = bapo["verdict"].as_str().unwrap();
         assert!(

@@ -13,6 +13,12 @@ use serde_json::Value;
 use super::{CompareSpec, RunResult};
 use crate::io::RunError;
 
+/// An (x, y) point.
+type Point = (f64, f64);
+/// One user's point of a method: (`logp_gap`, knowledge loss, the loss's 95 % interval,
+/// toward-pole success).
+type UserPoint = (f64, f64, Point, Option<f64>);
+
 /// The knob a method varies along its family's curve: (family, value).
 fn family(method: &str) -> Option<(&'static str, f64)> {
     let num = |p: &str| method.strip_prefix(p)?.parse::<f64>().ok();
@@ -82,7 +88,7 @@ pub(super) fn design_a(
 ) -> Result<(), RunError> {
     let users = doc["users"].as_array().cloned().unwrap_or_default();
     // method → [(logp_gap, loss, (lo, hi), success)]
-    let mut per: BTreeMap<String, Vec<(f64, f64, (f64, f64), Option<f64>)>> = BTreeMap::new();
+    let mut per: BTreeMap<String, Vec<UserPoint>> = BTreeMap::new();
     for u in &users {
         let Some(gap) = u["logp_gap"].as_f64() else {
             continue;
@@ -141,7 +147,7 @@ pub(super) fn design_a(
     )
     .map_err(|e| format!("heterogeneity figure: {e}"))?;
     // The trade-off: per method the mean over users of (success, loss).
-    let mean_point = |pts: &[(f64, f64, (f64, f64), Option<f64>)]| {
+    let mean_point = |pts: &[UserPoint]| {
         let s: Vec<f64> = pts.iter().filter_map(|p| p.3).collect();
         (s.len() == pts.len() && !s.is_empty()).then(|| {
             (
@@ -150,7 +156,7 @@ pub(super) fn design_a(
             )
         })
     };
-    let mut curves: BTreeMap<&str, Vec<(f64, (f64, f64))>> = BTreeMap::new();
+    let mut curves: BTreeMap<&str, Vec<(f64, Point)>> = BTreeMap::new();
     for (name, pts) in &per {
         let Some(pt) = mean_point(pts) else { continue };
         match family(name) {
@@ -200,7 +206,7 @@ pub(super) fn design_a(
 /// under the users' own turns (seed means); nothing without such runs.
 pub(super) fn design_b(spec: &CompareSpec, comparisons: &[Value]) -> Result<(), RunError> {
     // method → level → [(default, own)] over seeds
-    let mut pts: BTreeMap<&str, BTreeMap<&str, Vec<(f64, f64)>>> = BTreeMap::new();
+    let mut pts: BTreeMap<&str, BTreeMap<&str, Vec<Point>>> = BTreeMap::new();
     for c in comparisons.iter().filter(|c| c["against"] == "base") {
         let p = &c["primary"];
         let (Some(d), Some(o)) = (

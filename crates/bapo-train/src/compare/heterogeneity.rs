@@ -137,6 +137,8 @@ pub fn slope_verdict(seeds: usize, ci: Option<[f64; 2]>) -> String {
 
 /// Per-item pooled chat-format margins and correctness of a run, and its base model's.
 type Pooled = (Vec<(f64, bool)>, Vec<(f64, bool)>);
+/// Seed → per-item (margin, correct).
+type SeedItems = BTreeMap<u64, Vec<(f64, bool)>>;
 
 fn pooled(dir: &Path) -> Result<Option<Pooled>, RunError> {
     if !dir.join("knowledge_items.json").exists() {
@@ -154,10 +156,7 @@ fn pooled(dir: &Path) -> Result<Option<Pooled>, RunError> {
 
 /// `b − a` per item, averaged over the seeds both have; the bootstrap interval of its mean,
 /// and McNemar on the flips summed over those seeds.
-fn paired_over_seeds(
-    a: &BTreeMap<u64, Vec<(f64, bool)>>,
-    b: &BTreeMap<u64, Vec<(f64, bool)>>,
-) -> Option<Value> {
+fn paired_over_seeds(a: &SeedItems, b: &SeedItems) -> Option<Value> {
     let seeds: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
     let n = a.get(seeds.first()?)?.len();
     if seeds.iter().any(|s| a[s].len() != n || b[s].len() != n) || n == 0 {
@@ -214,8 +213,8 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
             (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
         };
         // method → seed → items; the base model's items per seed.
-        let mut items: BTreeMap<&str, BTreeMap<u64, Vec<(f64, bool)>>> = BTreeMap::new();
-        let mut base: BTreeMap<u64, Vec<(f64, bool)>> = BTreeMap::new();
+        let mut items: BTreeMap<&str, SeedItems> = BTreeMap::new();
+        let mut base: SeedItems = BTreeMap::new();
         let mut success: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for r in &runs {
             if let Some((b, p)) = pooled(&r.dir)? {
