@@ -190,9 +190,9 @@ pub(super) fn design_a(
     }
     write_figure(
         &spec.out.join("tradeoff"),
-        "Design A: personalisation against forgetting (mean over users)",
+        "Design A: trade-off (mean over users)",
         &[Panel {
-            title: "Trade-off curves".into(),
+            title: "Personalisation against forgetting".into(),
             x_label: "toward-pole success on held-out prompts".into(),
             y_label: "knowledge loss (nats, pooled chat)".into(),
             series,
@@ -243,9 +243,9 @@ pub(super) fn design_b(spec: &CompareSpec, comparisons: &[Value]) -> Result<(), 
         .collect();
     write_figure(
         &spec.out.join("own_turn"),
-        "Design B: knowledge under the default turn vs the users' own profile turns",
+        "Design B: default turn vs own profile turn",
         &[Panel {
-            title: "Pooled chat gold-margin change vs the base model (one point per level)".into(),
+            title: "Δ pooled chat gold margin, one point per level".into(),
             x_label: "default system turn (nats)".into(),
             y_label: "users' own profile turns (nats)".into(),
             series,
