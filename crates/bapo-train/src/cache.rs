@@ -151,8 +151,8 @@ pub(crate) struct BaseEvalCache {
 
 /// The base evaluation's fingerprint: the reference cache's (model, data, seed, encoding), the
 /// model file itself (the reference fingerprint is a placeholder under `--per-user`), the
-/// `[eval]` section, every knowledge file's bytes, and `outputs` (the output prompts' ids, the
-/// token limit and the stop ids).
+/// `[eval]` section, every knowledge file's bytes, and `outputs` (the items scored, the formats,
+/// the output prompts' ids, the token limit and the stop ids).
 pub(crate) fn base_eval_key(
     reference: &str,
     run: &crate::config::RunConfig,

@@ -262,10 +262,23 @@ fn evaluate_base<'a, B: AutodiffBackend>(
     };
     // Knowledge and output answers of the base model: the same for every method of a
     // comparison level, so cached under a fingerprint of what they depend on.
+    // The items actually scored (`bapo eval` scores every item, training a subset).
+    let items: Vec<(&str, Vec<(&str, Option<&str>)>)> = extras
+        .sets
+        .iter()
+        .map(|s| {
+            let ids = s.items.iter().map(|i| (i.id.as_str(), i.system.as_deref()));
+            (s.name.as_str(), ids.collect())
+        })
+        .collect();
     let key = crate::cache::base_eval_key(
         &p.refs.fingerprint,
         run,
-        &(&extras.out_prompts, extras.max_new_tokens, &extras.eos_ids),
+        &(
+            &items,
+            &extras.formats,
+            (&extras.out_prompts, extras.max_new_tokens, &extras.eos_ids),
+        ),
     )?;
     let (extra, summaries, results, answers) = crate::cache::base_eval(
         &run.output.dir.join("eval_base.cache.json"),
