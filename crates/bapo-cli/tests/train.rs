@@ -933,6 +933,14 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
             "{ci:?} around {got}"
         );
         assert_eq!(c["per_set"].as_array().unwrap().len(), 2, "{c}");
+        // Per subset (capitals/<continent>/n): the subsets' items add up to the set's.
+        let subs = c["per_subset"].as_array().unwrap();
+        let chat: u64 = subs
+            .iter()
+            .filter(|s| s["key"].as_str().unwrap().ends_with("/chat"))
+            .map(|s| s["n"].as_u64().unwrap())
+            .sum();
+        assert_eq!(chat, v.len() as u64, "{subs:?}");
     }
     assert!(md.contains("### Paired, item by item"), "{md}");
     assert_eq!(

@@ -2,9 +2,10 @@
 //! method against DPO of the same level and seed, item by item on the same knowledge items
 //! (`knowledge_items.json` of each run: its last evaluation beside the base model's).
 //!
-//! Per set and format, and pooled over the chat-format sets — the primary endpoint, declared
-//! before running: the **pooled chat-format gold-margin change** with its paired-bootstrap
-//! 95 % interval (`ci95`), and the accuracy flips with McNemar's exact test (`mcnemar`).
+//! Per set and format, per subset (item ids `set/subset/n`), and pooled over the chat format of
+//! [`PRIMARY_SETS`] — the primary endpoint, declared before running: the **pooled chat-format
+//! gold-margin change** with its paired-bootstrap 95 % interval (`ci95`), and the accuracy
+//! flips with McNemar's exact test (`mcnemar`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,18 +36,44 @@ pub(super) fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
     Ok((take("base")?, take("policy")?))
 }
 
-/// The chat-format sets' items, concatenated in key order.
+/// The knowledge sets the primary endpoint pools (declared before the runs); any other set
+/// (the MMLU slice, `hhh_alignment`) is reported on its own, per set and per subset.
+pub(super) const PRIMARY_SETS: [&str; 2] = ["capitals", "general_knowledge"];
+
+/// The primary sets' chat-format items, concatenated in key order.
 pub(super) fn pooled_chat(items: &Items) -> Vec<McItemResult> {
-    pooled(items, "/chat")
+    pooled(items, "chat")
 }
 
-/// The items of every set in the format whose keys end in `suffix`, in key order.
-fn pooled(items: &Items, suffix: &str) -> Vec<McItemResult> {
+/// The primary sets' items in `format`, in key order.
+fn pooled(items: &Items, format: &str) -> Vec<McItemResult> {
     items
         .iter()
-        .filter(|(k, _)| k.ends_with(suffix))
+        .filter(|(k, _)| {
+            k.split_once('/')
+                .is_some_and(|(set, f)| f == format && PRIMARY_SETS.contains(&set))
+        })
         .flat_map(|(_, v)| v.iter().cloned())
         .collect()
+}
+
+/// Items grouped by subset: the id up to its last `/` (`hhh_alignment/harmless/3` →
+/// `hhh_alignment/harmless`), keyed `<subset>/<format>`; only sets whose ids have subsets.
+fn subsets(items: &Items) -> BTreeMap<String, Vec<McItemResult>> {
+    let mut out: BTreeMap<String, Vec<McItemResult>> = BTreeMap::new();
+    for (key, v) in items {
+        let Some((set, format)) = key.split_once('/') else {
+            continue;
+        };
+        for it in v {
+            if let Some((sub, _)) = it.id.rsplit_once('/').filter(|(s, _)| *s != set) {
+                out.entry(format!("{sub}/{format}"))
+                    .or_default()
+                    .push(it.clone());
+            }
+        }
+    }
+    out
 }
 
 fn row(key: &str, c: &PairedComparison) -> Value {
@@ -61,15 +88,15 @@ fn row(key: &str, c: &PairedComparison) -> Value {
 }
 
 /// `b` against `a`: the primary endpoint, the same under the users' own system turns (when
-/// scored: `pooled_chat_system`), and every set/format.
-fn against(a: &Items, b: &Items) -> Result<(Value, Vec<Value>), RunError> {
+/// scored: `pooled_chat_system`), and every set/format, then every subset/format.
+fn against(a: &Items, b: &Items) -> Result<(Value, Vec<Value>, Vec<Value>), RunError> {
     let primary = compare(&pooled_chat(a), &pooled_chat(b), SEED)
         .map_err(|e| format!("pooled chat items: {e}"))?;
-    let own = pooled(b, "/chat_system");
+    let own = pooled(b, "chat_system");
     let own = if own.is_empty() {
         Value::Null
     } else {
-        let c = compare(&pooled(a, "/chat_system"), &own, SEED)
+        let c = compare(&pooled(a, "chat_system"), &own, SEED)
             .map_err(|e| format!("pooled chat_system items: {e}"))?;
         row("pooled_chat_system", &c)
     };
@@ -85,7 +112,15 @@ fn against(a: &Items, b: &Items) -> Result<(Value, Vec<Value>), RunError> {
             &compare(base, items, SEED).map_err(|e| format!("`{key}`: {e}"))?,
         ));
     }
-    Ok((primary, rows))
+    let (sa, sb) = (subsets(a), subsets(b));
+    let mut subs = Vec::new();
+    for (key, items) in &sb {
+        if let Some(base) = sa.get(key) {
+            let c = compare(base, items, SEED).map_err(|e| format!("`{key}`: {e}"))?;
+            subs.push(row(key, &c));
+        }
+    }
+    Ok((primary, rows, subs))
 }
 
 /// Every run against the base model, and every method but `dpo` against `dpo` of the same level
@@ -102,19 +137,19 @@ pub(crate) fn comparisons(results: &[RunResult]) -> Result<Vec<Value>, RunError>
     }
     let mut out = Vec::new();
     for ((level, method, seed), (base, policy)) in &items {
-        let (primary, per_set) = against(base, policy)?;
+        let (primary, per_set, per_subset) = against(base, policy)?;
         out.push(json!({
             "level": level, "method": method, "seed": seed, "against": "base",
-            "primary": primary, "per_set": per_set,
+            "primary": primary, "per_set": per_set, "per_subset": per_subset,
         }));
         if method == "dpo" {
             continue;
         }
         if let Some((_, dpo)) = items.get(&(level.clone(), "dpo".to_string(), *seed)) {
-            let (primary, per_set) = against(dpo, policy)?;
+            let (primary, per_set, per_subset) = against(dpo, policy)?;
             out.push(json!({
                 "level": level, "method": method, "seed": seed, "against": "dpo",
-                "primary": primary, "per_set": per_set,
+                "primary": primary, "per_set": per_set, "per_subset": per_subset,
             }));
         }
     }
