@@ -263,14 +263,14 @@ fn evaluate_base<'a, B: AutodiffBackend>(
     // Knowledge and output answers of the base model: the same for every method of a
     // comparison level, so cached under a fingerprint of what they depend on.
     // The items actually scored (`bapo eval` scores every item, training a subset).
-    let items: Vec<(&str, Vec<(&str, Option<&str>)>)> = extras
+    let items = extras
         .sets
         .iter()
         .map(|s| {
             let ids = s.items.iter().map(|i| (i.id.as_str(), i.system.as_deref()));
-            (s.name.as_str(), ids.collect())
+            (s.name.as_str(), ids.collect::<Vec<_>>())
         })
-        .collect();
+        .collect::<Vec<_>>();
     let key = crate::cache::base_eval_key(
         &p.refs.fingerprint,
         run,
