@@ -50,14 +50,14 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let c: Value =
         serde_json::from_str(&read(&cache)?).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let gaps: Vec<f64> = c["train"]
-        .as_array()
-        .ok_or_else(|| format!("{}: field `train` is missing", cache.display()))?
-        .iter()
-        .filter_map(|r| Some(r["mean"][1].as_f64()? - r["mean"][0].as_f64()?))
-        .collect();
+    let refs: Vec<crate::train::ReferenceLogps> = serde_json::from_value(c["train"].clone())
+        .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?;
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-    let mut out = json!({"user": user, "pairs": gaps.len(), "logp_gap": mean(&gaps)});
+    let mut out = json!({
+        "user": user,
+        "pairs": refs.len(),
+        "logp_gap": crate::per_user::logp_gap(&refs),
+    });
     let Some((dim, pole)) = bapo_data::synth::Dimension::of_pole(user) else {
         return Ok(Some(out));
     };
