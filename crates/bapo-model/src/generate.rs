@@ -262,22 +262,45 @@ pub fn continuation_logps<B: Backend>(
         mask,
         &mut cache,
     );
-    let first = log_softmax(model.logits(hidden.narrow(1, lc - 1, 1)), 2); // [n, 1, v]
-                                                                           // Repeat each context's cache rows for its continuations.
+    // Each continuation's first token, from its context's last position: [n, 1, v].
+    let first = log_softmax(model.logits(hidden.narrow(1, lc - 1, 1)), 2);
     let rows: Vec<i64> = continuations.iter().map(|c| c.0 as i64).collect();
     let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [r]), device);
+    let heads: Vec<i64> = continuations.iter().map(|c| c.1[0] as i64).collect();
+    let heads = Tensor::<B, 3, Int>::from_data(TensorData::new(heads, [r, 1, 1]), device);
+    let mut sums: Vec<f64> = first
+        .select(0, idx.clone())
+        .gather(2, heads)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32")
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    // Continuation step t predicts token t + 1: only steps t < len - 1 are needed, so each
+    // continuation runs without its last token (a one-token continuation needs no step at all;
+    // multiple-choice answers are often one or two tokens).
+    let lk = continuations
+        .iter()
+        .map(|c| c.1.len() - 1)
+        .max()
+        .unwrap_or(0);
+    if lk == 0 {
+        return sums;
+    }
+    // Repeat each context's cache rows for its continuations.
     for layer in cache.layers.iter_mut().flatten() {
         layer.k = layer.k.clone().select(0, idx.clone());
         layer.v = layer.v.clone().select(0, idx.clone());
     }
-    // All continuations, right-padded, attending to their context (minus its padding) and
-    // causally to themselves.
-    let lk = continuations.iter().map(|c| c.1.len()).max().unwrap_or(1);
+    // Right-padded, attending to their context (minus its padding) and causally to themselves.
     let (mut ids, mut pos, mut key_pad) = (Vec::new(), Vec::new(), Vec::new());
     for (ctx, cont) in continuations {
         let clen = contexts[*ctx].len();
         for t in 0..lk {
-            ids.push(cont.get(t).copied().unwrap_or(0) as i64);
+            let real = t + 1 < cont.len();
+            ids.push(if real { cont[t] as i64 } else { 0 });
             pos.push((clen + t) as i64);
         }
         key_pad.extend_from_slice(&pad_key[ctx * lc..(ctx + 1) * lc]);
@@ -299,35 +322,36 @@ pub fn continuation_logps<B: Backend>(
         causal.bool_or(keys),
         &mut cache,
     );
-    // Gather on the device: step t's log-prob of token t+1; the first token from the prefill.
-    let next: Vec<i64> = continuations
-        .iter()
-        .flat_map(|(_, c)| (0..lk).map(move |t| c.get(t + 1).copied().unwrap_or(0) as i64))
-        .collect();
-    let next = Tensor::<B, 3, Int>::from_data(TensorData::new(next, [r, lk, 1]), device);
+    // The LM head and log-softmax only at the steps that predict a token (not the padding);
+    // gathered on the device: step t's log-prob of token t + 1.
+    let (mut rows, mut next) = (Vec::new(), Vec::new());
+    for (k, (_, c)) in continuations.iter().enumerate() {
+        for t in 0..c.len() - 1 {
+            rows.push((k * lk + t) as i64);
+            next.push(c[t + 1] as i64);
+        }
+    }
+    let m = rows.len();
+    let e = hidden.dims()[2];
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device);
+    let hidden = hidden
+        .reshape([r * lk, e])
+        .select(0, rows)
+        .reshape([1, m, e]);
+    let next = Tensor::<B, 3, Int>::from_data(TensorData::new(next, [1, m, 1]), device);
     let lp: Vec<f32> = log_softmax(model.logits(hidden), 2)
         .gather(2, next)
         .into_data()
         .convert::<f32>()
         .to_vec()
         .expect("f32");
-    let heads: Vec<i64> = continuations.iter().map(|c| c.1[0] as i64).collect();
-    let heads = Tensor::<B, 3, Int>::from_data(TensorData::new(heads, [r, 1, 1]), device);
-    let first: Vec<f32> = first
-        .select(0, idx)
-        .gather(2, heads)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32");
-    continuations
-        .iter()
-        .enumerate()
-        .map(|(k, (_, cont))| {
-            first[k] as f64
-                + (0..cont.len() - 1)
-                    .map(|t| lp[k * lk + t] as f64)
-                    .sum::<f64>()
-        })
-        .collect()
+    let mut at = 0;
+    for (k, (_, c)) in continuations.iter().enumerate() {
+        sums[k] += lp[at..at + c.len() - 1]
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
+        at += c.len() - 1;
+    }
+    sums
 }

@@ -45,31 +45,69 @@ impl<B: Backend> Llama<B> {
         completions: Tensor<B, 2, Int>,
         layout: &SharedLayout,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let [p, lp] = prompts.dims();
         let [n, ls] = completions.dims();
-        let SharedLayout {
-            prompt_lens,
-            owners,
-            completion_lens,
-        } = layout;
         assert!(
-            prompt_lens.len() == p
-                && owners.len() == n
-                && completion_lens.len() == n
-                && prompt_lens.iter().all(|&l| (1..=lp).contains(&l))
-                && owners.iter().all(|&o| o < p)
-                && completion_lens.iter().all(|&c| c <= ls),
-            "forward_hidden_shared: layout {layout:?} does not fit [{p}, {lp}] and [{n}, {ls}]"
+            layout.owners.len() == n
+                && layout.completion_lens.len() == n
+                && layout.completion_lens.iter().all(|&c| c <= ls),
+            "forward_hidden_shared: layout {layout:?} does not fit [{n}, {ls}]"
         );
-        let device = prompts.device();
-        // The prompts: the right-padded pass, keys/values kept.
+        let (prompt_hidden, cache) = self.prefill_shared(prompts, &layout.prompt_lens);
+        let completion_hidden =
+            self.continue_shared(&cache, completions, &layout.owners, &layout.prompt_lens);
+        (prompt_hidden, completion_hidden)
+    }
+
+    /// The prompts' pass of [`Self::forward_hidden_shared`]: hidden states `[p, lp, e]` of the
+    /// right-padded `prompts` (`prompt_lens[i]` real tokens in row `i`) and their per-layer
+    /// keys/values, for any number of [`Self::continue_shared`] calls (completions grouped by
+    /// length, each group padded only to its own longest row).
+    ///
+    /// # Panics
+    /// When `prompt_lens` does not fit `[p, lp]` or a prompt is empty.
+    pub fn prefill_shared(
+        &self,
+        prompts: Tensor<B, 2, Int>,
+        prompt_lens: &[usize],
+    ) -> (Tensor<B, 3>, KvCache<B>) {
+        let [p, lp] = prompts.dims();
+        assert!(
+            prompt_lens.len() == p && prompt_lens.iter().all(|&l| (1..=lp).contains(&l)),
+            "prefill_shared: prompt lengths {prompt_lens:?} do not fit [{p}, {lp}]"
+        );
         let real: Vec<bool> = prompt_lens
             .iter()
             .flat_map(|&len| (0..lp).map(move |k| k < len))
             .collect();
-        let real = Tensor::<B, 2, Bool>::from_data(TensorData::new(real, [p, lp]), &device);
+        let real =
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(real, [p, lp]), &prompts.device());
         let mut cache = KvCache::default();
-        let prompt_hidden = self.forward_hidden_cached(prompts, Some(real), &mut cache);
+        let hidden = self.forward_hidden_cached(prompts, Some(real), &mut cache);
+        (hidden, cache)
+    }
+
+    /// Hidden states `[n, ls, e]` of right-padded `completions`, row `r` continuing prompt row
+    /// `owners[r]` of `prompts` (the [`Self::prefill_shared`] that made `prompts`, with the same
+    /// `prompt_lens`). Each row's values do not depend on `ls` beyond its own length's keys
+    /// being in a full sequence's order (see the module's note on sums over keys).
+    ///
+    /// # Panics
+    /// When an owner is out of range or `prompts` holds no keys.
+    pub fn continue_shared(
+        &self,
+        prompts: &KvCache<B>,
+        completions: Tensor<B, 2, Int>,
+        owners: &[usize],
+        prompt_lens: &[usize],
+    ) -> Tensor<B, 3> {
+        let [n, ls] = completions.dims();
+        let lp = prompts.len();
+        assert!(
+            lp > 0 && owners.len() == n && owners.iter().all(|&o| o < prompt_lens.len()),
+            "continue_shared: owners {owners:?} do not fit {} prompts of {lp} keys and {n} rows",
+            prompt_lens.len()
+        );
+        let device = completions.device();
         // Every completion row gets its prompt's keys/values.
         let rows = Tensor::<B, 1, Int>::from_data(
             TensorData::new(owners.iter().map(|&o| o as i64).collect(), [n]),
@@ -99,14 +137,20 @@ impl<B: Backend> Llama<B> {
             })
             .collect();
         let order = Tensor::<B, 1, Int>::from_data(TensorData::new(order, [n * t]), &device);
-        for layer in cache.layers.iter_mut() {
-            let c = layer.take().expect("every layer cached its prompt keys");
-            *layer = Some(LayerCache {
-                k: c.k.select(0, rows.clone()),
-                v: c.v.select(0, rows.clone()),
-                append_order: Some(order.clone()),
-            });
-        }
+        let mut cache = KvCache {
+            layers: prompts
+                .layers
+                .iter()
+                .map(|layer| {
+                    let c = layer.as_ref().expect("every layer cached its prompt keys");
+                    Some(LayerCache {
+                        k: c.k.clone().select(0, rows.clone()),
+                        v: c.v.clone().select(0, rows.clone()),
+                        append_order: Some(order.clone()),
+                    })
+                })
+                .collect(),
+        };
         // The completions: position `len + j`, seeing (in that order) their prompt's real keys
         // and themselves causally: key `j` is visible to completion query `q` iff `j <= len + q`.
         let pos: Vec<i64> = owners
@@ -121,7 +165,6 @@ impl<B: Backend> Llama<B> {
             }
         }
         let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(forbid, [n, 1, ls, t]), &device);
-        let completion_hidden = self.forward_cached(completions, positions, mask, &mut cache);
-        (prompt_hidden, completion_hidden)
+        self.forward_cached(completions, positions, mask, &mut cache)
     }
 }

@@ -416,19 +416,38 @@ fn hf_config_variants() {
 
 #[test]
 fn shared_context_scoring_equals_whole_sequence_scoring() {
-    use burn::tensor::activation::log_softmax;
     let device = Default::default();
     let model = config().init::<B>(&device);
     // Contexts of different lengths; continuations of different lengths, 1 to 4 tokens.
     let contexts = vec![vec![3u32, 8, 13, 2, 40], vec![7u32, 1], vec![9u32, 9, 9]];
-    let conts = vec![
+    let mixed = vec![
         (0usize, vec![5u32, 6, 7]),
         (0, vec![11]),
         (1, vec![60, 2, 3, 4]),
         (2, vec![1, 2]),
         (1, vec![8]),
     ];
-    let got = bapo_model::generate::continuation_logps(&model, &contexts, &conts, &device);
+    // Only one-token continuations: no continuation pass at all.
+    let single = vec![
+        (0usize, vec![11u32]),
+        (2, vec![4]),
+        (1, vec![8]),
+        (0, vec![2]),
+    ];
+    for conts in [mixed, single] {
+        check_continuations(&model, &contexts, &conts);
+    }
+}
+
+fn check_continuations(
+    model: &bapo_model::Llama<B>,
+    contexts: &[Vec<u32>],
+    conts: &[(usize, Vec<u32>)],
+) {
+    use burn::tensor::activation::log_softmax;
+    let device = Default::default();
+    let got = bapo_model::generate::continuation_logps(model, contexts, conts, &device);
+    assert_eq!(got.len(), conts.len());
     for (k, (c, cont)) in conts.iter().enumerate() {
         let seq: Vec<i64> = contexts[*c].iter().chain(cont).map(|&t| t as i64).collect();
         let lp = log_softmax(model.forward(ids(&seq), None), 2)

@@ -31,6 +31,7 @@ pub mod validate;
 
 pub use config::RunConfig;
 pub use lora::LoraConfig;
+pub use report::evaluate;
 pub use run::{run_anchors, run_eval, run_training};
 pub use score::{
     encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,

@@ -40,6 +40,36 @@ pub fn batch_logps<B: Backend>(
     (out.sum, out.mean)
 }
 
+/// The LM-head logits of every completion token of a collated batch (`[k, v]`, `k =
+/// plan.count()`, in [`CompletionRows`]' row-major order: row by row, position by position),
+/// computed as [`batch_logps`] computes them (prompts shared when [`prompt_sharing`] is on),
+/// with the plan they follow; `None` when the batch has no completion token. For callers that
+/// need whole distributions at the scored positions (token KL), not only the targets' log-probs.
+pub fn completion_logits<B: Backend>(
+    model: &Llama<B>,
+    batch: &PreferenceBatch,
+    device: &B::Device,
+) -> Option<(Tensor<B, 2>, CompletionRows)> {
+    if prompt_sharing() {
+        if let Some(out) = crate::shared_prompt::shared_prompt_logits(model, batch, device) {
+            return Some(out);
+        }
+    }
+    let (b, s) = (batch.rows, batch.len);
+    let plan = CompletionRows::new(&batch.tokens, &batch.completion_mask, b, s);
+    if plan.count() == 0 {
+        return None;
+    }
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), [b, s]), device);
+    let attn =
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(batch.attention.clone(), [b, s]), device);
+    Some((
+        completion_rows_logits(model, tokens, attn, &plan, device),
+        plan,
+    ))
+}
+
 static PROMPT_SHARING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Whether [`batch_logps`] computes each prompt once for all its completions
@@ -76,15 +106,28 @@ pub fn completion_logps<B: Backend>(
         let mask = Tensor::<B, 2>::from_data(TensorData::new(host_mask.to_vec(), [b, s]), device);
         return sequence_logps(model.forward(tokens.clone(), Some(attn)), tokens, mask);
     }
+    let n = plan.count();
+    let logits = completion_rows_logits(model, tokens, attn, &plan, device);
+    let targets =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), device);
+    scatter_logps(target_logps(logits, targets), &plan, device)
+}
+
+/// The logits of the positions `plan` names, from a full forward pass of right-padded rows.
+fn completion_rows_logits<B: Backend>(
+    model: &Llama<B>,
+    tokens: Tensor<B, 2, Int>,
+    attn: Tensor<B, 2, Bool>,
+    plan: &CompletionRows,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let [b, s] = tokens.dims();
     let hidden = model.forward_hidden(tokens, Some(attn));
     let e = hidden.dims()[2];
     let n = plan.count();
     let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(plan.positions.clone(), [n]), device);
     let picked = hidden.reshape([b * s, e]).select(0, pos);
-    let logits = model.logits_rows(picked.reshape([n, e]));
-    let targets =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(plan.targets.clone(), [n]), device);
-    scatter_logps(target_logps(logits, targets), &plan, device)
+    model.logits_rows(picked.reshape([n, e]))
 }
 
 pub(crate) fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {

@@ -27,6 +27,9 @@ struct ChunkScores {
     base_tokens: Vec<usize>,
 }
 
+/// Scores one held-out chunk the way training scores a batch: each prompt computed once and
+/// the LM head only at completion positions ([`crate::logps::completion_logits`]); the token
+/// KL reuses the policy's logits at the base rows' positions beside the reference's there.
 fn score_chunk<B: Backend>(
     model: &Llama<B>,
     reference: &Llama<B>,
@@ -37,38 +40,60 @@ fn score_chunk<B: Backend>(
 ) -> ChunkScores {
     let refs_: Vec<&EncodedExample> = chunk.iter().collect();
     let batch = PreferenceBatch::collate(&refs_, pad);
-    let shape = [batch.rows, batch.len];
-    let tokens = Tensor::<B, 2, burn::tensor::Int>::from_data(
-        TensorData::new(batch.tokens.clone(), shape),
-        device,
-    );
-    let attn = Tensor::<B, 2, burn::tensor::Bool>::from_data(
-        TensorData::new(batch.attention.clone(), shape),
-        device,
-    );
-    let mask = Tensor::<B, 2>::from_data(
-        TensorData::new(batch.completion_mask.clone(), shape),
-        device,
-    );
-    let logits = model.forward(tokens.clone(), Some(attn.clone()));
     let n = chunk.len();
-    // Token KL on the base-response rows (the reference's own answers): position t predicts
-    // token t+1, so count t where token t+1 is a completion token.
-    let base = |t: Tensor<B, 2, burn::tensor::Int>| t.narrow(0, 2 * n, n);
-    let ref_logits = reference.forward(base(tokens.clone()), Some(attn.narrow(0, 2 * n, n)));
-    let mut next = batch.completion_mask[2 * n * batch.len..].to_vec();
-    for row in next.chunks_mut(batch.len) {
-        row.rotate_left(1);
-        *row.last_mut().expect("len > 0") = 0.0;
+    assert!(batch.has_base, "held-out examples need base responses");
+    let base_tokens: Vec<usize> = chunk
+        .iter()
+        .map(|e| e.base_ids.as_ref().map_or(0, Vec::len))
+        .collect();
+    let Some((logits, plan)) = crate::logps::completion_logits(model, &batch, device) else {
+        // No completion token anywhere: zero log-probs, nothing for the KL to count.
+        return ChunkScores {
+            logps: vec![0.0; 3 * n],
+            sums: vec![0.0; 3 * n],
+            kl_sum: 0.0,
+            kl_tokens: 0,
+            base_tokens,
+        };
+    };
+    // Base rows come last (`[chosen; rejected; base]`) and the plan is row-major, so their
+    // positions are the plan's tail.
+    let k = plan.count();
+    let first_base = plan
+        .positions
+        .iter()
+        .take_while(|&&p| (p as usize) / plan.len < 2 * n)
+        .count();
+    let (mut kl_sum, mut kl_tokens) = (0.0, 0);
+    if first_base < k {
+        let seqs: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|e| {
+                let base = e.base_ids.as_deref().expect("checked by has_base");
+                (e.prompt_ids.as_slice(), base)
+            })
+            .collect();
+        let base_batch = PreferenceBatch::from_sequences(&seqs, pad, n, false);
+        let (ref_logits, ref_plan) =
+            crate::logps::completion_logits(reference, &base_batch, device)
+                .expect("the base rows have completion tokens");
+        debug_assert_eq!(ref_plan.targets[..], plan.targets[first_base..]);
+        let v = ref_logits.dims()[1];
+        let m = k - first_base;
+        let kl = bapo_drift::token_kl(
+            logits.clone().narrow(0, first_base, m).reshape([1, m, v]),
+            ref_logits.reshape([1, m, v]),
+            Tensor::<B, 2>::ones([1, m], device),
+            run.eval.kl_vocab_chunk,
+        );
+        (kl_sum, kl_tokens) = (kl.mean_per_token * kl.tokens as f64, kl.tokens);
     }
-    let kl_mask = Tensor::<B, 2>::from_data(TensorData::new(next, [n, batch.len]), device);
-    let kl = bapo_drift::token_kl(
-        logits.clone().narrow(0, 2 * n, n),
-        ref_logits,
-        kl_mask,
-        run.eval.kl_vocab_chunk,
+    let targets = Tensor::<B, 1, burn::tensor::Int>::from_data(
+        TensorData::new(plan.targets.clone(), [k]),
+        device,
     );
-    let out = bapo_objective::sequence_logps(logits, tokens, mask);
+    let out =
+        bapo_objective::scatter_logps(bapo_objective::target_logps(logits, targets), &plan, device);
     let host =
         |t: Tensor<B, 1>| -> Vec<f64> { t.into_data().convert::<f64>().to_vec().expect("f64") };
     let sums = host(out.sum.clone());
@@ -76,17 +101,11 @@ fn score_chunk<B: Backend>(
         Normalisation::Sum => out.sum,
         Normalisation::Mean => out.mean,
     });
-    let base_tokens = (2 * n..3 * n)
-        .map(|row| {
-            let m = &batch.completion_mask[row * batch.len..(row + 1) * batch.len];
-            m.iter().filter(|&&x| x > 0.0).count()
-        })
-        .collect();
     ChunkScores {
         logps,
         sums,
-        kl_sum: kl.mean_per_token * kl.tokens as f64,
-        kl_tokens: kl.tokens,
+        kl_sum,
+        kl_tokens,
         base_tokens,
     }
 }
@@ -95,7 +114,7 @@ fn score_chunk<B: Backend>(
 /// metrics of the objective, anchor drift of the base responses (`eval_anchor_drift/*`) and the
 /// exact token-level KL(policy‖reference) over the base responses' tokens (`eval_kl/token`;
 /// `reference = None` when `model` is the reference itself).
-pub(crate) fn evaluate<B: Backend>(
+pub fn evaluate<B: Backend>(
     model: &Llama<B>,
     reference: Option<&Llama<B>>,
     examples: &[EncodedExample],
@@ -222,13 +241,20 @@ pub(crate) fn full_eval<B: Backend>(
     device: &B::Device,
     x: &EvalExtras,
 ) -> Result<EvalOutcome, RunError> {
+    let t = std::time::Instant::now();
     let mut m = if examples.is_empty() {
         BTreeMap::new()
     } else {
         evaluate(model, reference, examples, refs, run, pad, device)
     };
+    tracing::debug!(
+        secs = t.elapsed().as_secs_f64(),
+        pairs = examples.len(),
+        "eval: held-out pairs scored"
+    );
     let (extra, summaries, results, answers) = extras_eval(model, run, device, x)?;
     m.extend(extra);
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), "eval: done");
     Ok((m, summaries, results, answers))
 }
 
@@ -242,6 +268,7 @@ pub(crate) fn extras_eval<B: Backend>(
     x: &EvalExtras,
 ) -> Result<EvalOutcome, RunError> {
     let mut m = BTreeMap::new();
+    let t = std::time::Instant::now();
     let (results, summaries) = crate::eval::knowledge(
         model,
         &x.sets,
@@ -255,6 +282,11 @@ pub(crate) fn extras_eval<B: Backend>(
     for (k, v) in crate::eval::knowledge_metrics(&summaries) {
         m.insert(format!("eval_{k}"), v);
     }
+    tracing::debug!(
+        secs = t.elapsed().as_secs_f64(),
+        "eval: knowledge items scored"
+    );
+    let t = std::time::Instant::now();
     if run.eval.generative_items > 0 {
         let g = crate::eval::generative_knowledge(
             model,
@@ -270,6 +302,8 @@ pub(crate) fn extras_eval<B: Backend>(
             m.insert(format!("eval_{k}"), v);
         }
     }
+    tracing::debug!(secs = t.elapsed().as_secs_f64(), "eval: generative check");
+    let t = std::time::Instant::now();
     let mut answers = Vec::new();
     if !x.out_prompts.is_empty() {
         answers = crate::eval::greedy_answers(
@@ -296,6 +330,11 @@ pub(crate) fn extras_eval<B: Backend>(
             );
         }
     }
+    tracing::debug!(
+        secs = t.elapsed().as_secs_f64(),
+        prompts = x.out_prompts.len(),
+        "eval: output prompts answered"
+    );
     Ok((m, summaries, results, answers))
 }
 

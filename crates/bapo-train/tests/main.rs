@@ -3,6 +3,7 @@
 //! time (`common::serial`).
 
 mod common;
+mod heldout;
 mod resume;
 mod shared;
 mod train;

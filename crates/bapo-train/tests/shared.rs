@@ -95,6 +95,60 @@ fn shared_prompts_give_the_plain_batchs_log_probs() {
     check_values("flex", &flex, &enc, pad);
 }
 
+/// Completion rows grouped by length (each group padded to its own longest row) give every
+/// logit bit for bit as one group padded to the batch's longest: the caches made before the
+/// grouping stay valid, and the anchor's kink stays exact.
+#[test]
+fn completion_groups_give_the_one_groups_logits_bit_for_bit() {
+    let _g = serial();
+    let (model, enc, _, pad) = setup();
+    let model = model.valid();
+    check_groups("ndarray", &model, &enc, pad);
+    let flex: Llama<burn::backend::Flex> =
+        bapo_model::load_pretrained(&crate::common::fixture(), &Default::default())
+            .unwrap()
+            .model;
+    check_groups("flex", &flex, &enc, pad);
+}
+
+fn check_groups<B: Backend>(name: &str, model: &Llama<B>, enc: &[EncodedExample], pad: u32) {
+    use bapo_train::shared_prompt::shared_rows_logits;
+    let device = Default::default();
+    let mut split = 0;
+    // The fixture's answers are all short: add a batch whose rejected answers are stretched to
+    // 40 tokens (their own tokens repeated), as a persona batch's long rejected answers are.
+    let long: Vec<EncodedExample> = enc
+        .iter()
+        .map(|e| EncodedExample {
+            rejected_ids: e.rejected_ids.iter().copied().cycle().take(40).collect(),
+            ..e.clone()
+        })
+        .collect();
+    let mut all = batches(enc, pad);
+    all.push(PreferenceBatch::collate(&long.iter().collect::<Vec<_>>(), pad));
+    for (i, batch) in all.iter().enumerate() {
+        let grouped = SharedRows::from_batch_grouped(batch, true).unwrap();
+        let one = SharedRows::from_batch_grouped(batch, false).unwrap();
+        assert!(one.groups.len() <= 1);
+        split += usize::from(grouped.groups.len() > 1);
+        let logits = |rows| {
+            let (l, plan) = shared_rows_logits(model, batch, rows, &device);
+            (
+                l.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+                plan,
+            )
+        };
+        let (a, pa) = logits(&grouped);
+        let (b, pb) = logits(&one);
+        assert_eq!(pa, pb);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}: batch {i}: grouped logits differ from one group's"
+        );
+    }
+    assert!(split > 0, "{name}: no batch had its rows in several groups");
+}
+
 /// The LoRA gradients of a loss on every row agree with the plain batch's (float-level: the
 /// shared prompt's gradient is a sum over its completions in another order).
 #[test]
@@ -130,7 +184,7 @@ fn shared_prompts_give_the_plain_batchs_gradients() {
 }
 
 /// Trainable parameters that are all zero (the adapters' B factors) get small random values.
-fn perturb<A: AutodiffBackend>(model: Llama<A>) -> Llama<A> {
+pub(crate) fn perturb<A: AutodiffBackend>(model: Llama<A>) -> Llama<A> {
     struct Noise;
     impl<A: AutodiffBackend> ModuleMapper<A> for Noise {
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
@@ -178,9 +232,12 @@ fn rows_share_prompt_rows_by_their_tokens() {
     // Prompt and completion rows padded to 8 positions (SUM_BLOCK).
     let pad = |v: &[i64]| [v, &[0; 8][..8 - v.len()]].concat();
     assert_eq!(rows.prompts, [pad(&[5, 6, 7]), pad(&[5, 6, 8])].concat());
+    // One group (all padded to 8 positions), each completion without its last token.
+    assert_eq!(rows.groups.len(), 1);
+    assert_eq!(rows.groups[0].rows, vec![0, 1, 2]);
     assert_eq!(
-        rows.completions,
-        [pad(&[9, 9]), pad(&[9, 9]), pad(&[5, 6, 8])].concat()
+        rows.groups[0].tokens,
+        [pad(&[9]), pad(&[9]), pad(&[5, 6])].concat()
     );
     // First tokens from a prompt's last position (2 or 10); then the completion rows (from 16).
     assert_eq!(rows.predicting_rows(), vec![2, 16, 10, 24, 2, 32, 33]);
@@ -188,7 +245,10 @@ fn rows_share_prompt_rows_by_their_tokens() {
     let rows = SharedRows::from_batch(&batch).unwrap();
     assert_eq!(rows.prompts, [pad(&[9]), pad(&[5])].concat());
     assert_eq!(rows.layout.completion_lens, vec![1, 2]);
-    assert_eq!(rows.predicting_rows(), vec![0, 8, 24]);
+    // The one-token completion needs no continuation: only row 1 runs (from position 16).
+    assert_eq!(rows.groups.len(), 1);
+    assert_eq!(rows.groups[0].rows, vec![1]);
+    assert_eq!(rows.predicting_rows(), vec![0, 8, 16]);
     // Not right-padded (a completion token after padding): the plain path.
     let mut odd = PreferenceBatch::from_sequences(&[(a, c)], 0, 1, false);
     odd.attention[3] = false;
