@@ -125,7 +125,10 @@ fn check_groups<B: Backend>(name: &str, model: &Llama<B>, enc: &[EncodedExample]
         })
         .collect();
     let mut all = batches(enc, pad);
-    all.push(PreferenceBatch::collate(&long.iter().collect::<Vec<_>>(), pad));
+    all.push(PreferenceBatch::collate(
+        &long.iter().collect::<Vec<_>>(),
+        pad,
+    ));
     for (i, batch) in all.iter().enumerate() {
         let grouped = SharedRows::from_batch_grouped(batch, true).unwrap();
         let one = SharedRows::from_batch_grouped(batch, false).unwrap();
