@@ -120,3 +120,35 @@ pub fn check_model<B: Backend>(
     }
     worst
 }
+
+/// The largest |Δ log p| of a completion token between `loaded` and `golden` (no assertion):
+/// for checking that a fixture notices a missing feature.
+pub fn worst_token_error<B: Backend>(
+    loaded: &LoadedModel<B>,
+    golden: &Golden,
+    device: &B::Device,
+) -> f64 {
+    let tok = &loaded.tokenizer;
+    let template = bapo_train::chat_template(tok);
+    let (mut seqs, mut expected) = (Vec::new(), Vec::new());
+    for p in &golden.sequences {
+        for c in [&p.chosen, &p.rejected, &p.base] {
+            let prompt = [bapo_data::Message::user(p.prompt.clone())];
+            seqs.push(encode_pair(tok, &template, &prompt, &c.text, 0).expect("encode"));
+            expected.push(c);
+        }
+    }
+    let scorer = Scorer {
+        model: &loaded.model,
+        device: device.clone(),
+        pad_id: tok.eos_id().expect("eos"),
+        context: loaded.config.max_position_embeddings,
+    };
+    let mut worst: f64 = 0.0;
+    for ((_, toks), exp) in scorer.score(&seqs).into_iter().zip(&expected) {
+        for (a, b) in toks.iter().zip(&exp.token_logps) {
+            worst = worst.max((*a as f64 - b).abs());
+        }
+    }
+    worst
+}

@@ -2,6 +2,8 @@
 //! autodiff wrappers) is compiled and linked once instead of once per file. Run one file's tests
 //! with a filter: `cargo test --release -p bapo-tests --test suite -- smollm2::`.
 
+#[path = "architectures.rs"]
+mod architectures;
 #[path = "fuzz_corpus.rs"]
 mod fuzz_corpus;
 #[path = "smollm2.rs"]

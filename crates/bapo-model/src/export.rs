@@ -55,6 +55,11 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> BTreeMap<String, HostTensor> 
                 out.insert(format!("{p}.{name}.bias"), host(b.val()));
             }
         }
+        for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(n) = norm {
+                out.insert(format!("{p}.self_attn.{name}.weight"), host(n.gamma.val()));
+            }
+        }
         out.insert(
             format!("{p}.input_layernorm.weight"),
             host(l.input_layernorm.gamma.val()),
@@ -71,15 +76,37 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> BTreeMap<String, HostTensor> 
     out
 }
 
-/// HF `config.json` for `config` (`LlamaForCausalLM`; Qwen2 when q/k/v carry a bias).
-pub fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
+/// HF `config.json` for `config` (`LlamaForCausalLM`; `Qwen3ForCausalLM` with q/k norms;
+/// `Qwen2ForCausalLM` when q/k/v carry a bias). RoPE scaling is written in both the
+/// transformers 5 form (`rope_parameters`) and the older one (`rope_theta`, `rope_scaling`).
+///
+/// # Errors
+/// When the model's RoPE scaling has no HF form (per-frequency factors read from a GGUF's
+/// `rope_freqs` tensor that are not Llama 3's).
+pub fn hf_config_json(config: &LlamaConfig) -> Result<serde_json::Value> {
     let c = config;
-    let (arch, model_type) = if c.qkv_bias {
+    let (arch, model_type) = if c.qk_norm {
+        ("Qwen3ForCausalLM", "qwen3")
+    } else if c.qkv_bias {
         ("Qwen2ForCausalLM", "qwen2")
     } else {
         ("LlamaForCausalLM", "llama")
     };
-    serde_json::json!({
+    let scaling = match &c.rope_scaling {
+        None => serde_json::json!({"rope_type": "default"}),
+        Some(crate::config::RopeScaling::Factors { .. }) => {
+            return Err(ModelError::Unsupported {
+                path: "config.json".into(),
+                what: "RoPE scaling given as per-frequency factors (a GGUF `rope_freqs` tensor \
+                       that does not match Llama 3's rule) has no HF config form"
+                    .into(),
+            })
+        }
+        Some(s) => serde_json::to_value(s).expect("json"),
+    };
+    let mut parameters = scaling.clone();
+    parameters["rope_theta"] = serde_json::json!(c.rope_theta);
+    Ok(serde_json::json!({
         "architectures": [arch],
         "model_type": model_type,
         "vocab_size": c.vocab_size,
@@ -91,6 +118,8 @@ pub fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
         "head_dim": c.head_dim,
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
+        "rope_parameters": parameters,
+        "rope_scaling": if c.rope_scaling.is_some() { scaling } else { serde_json::Value::Null },
         "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": false,
@@ -102,7 +131,7 @@ pub fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
             many => serde_json::json!(many),
         },
         "torch_dtype": "float32",
-    })
+    }))
 }
 
 /// Writes an HF checkpoint directory (`config.json`, `model.safetensors`, `tokenizer.json`,
@@ -148,7 +177,7 @@ pub fn write_pretrained<B: Backend>(
         let p = tmp.join(name);
         std::fs::write(&p, serde_json::to_string_pretty(v).expect("json")).map_err(io(&p))
     };
-    write("config.json", &hf_config_json(config))?;
+    write("config.json", &hf_config_json(config)?)?;
     let tok_json = tokenizer
         .inner
         .to_string(true)
@@ -215,6 +244,15 @@ pub fn with_stable_ids<B: Backend>(mut model: Llama<B>, trainable: bool) -> Llam
             );
             if let Some(b) = proj.linear.bias.as_mut() {
                 restamp(b, &format!("{p}.{name}.bias"), trainable);
+            }
+        }
+        for (name, norm) in [("q_norm", &mut a.q_norm), ("k_norm", &mut a.k_norm)] {
+            if let Some(n) = norm.as_mut() {
+                restamp(
+                    &mut n.gamma,
+                    &format!("{p}.self_attn.{name}.weight"),
+                    trainable,
+                );
             }
         }
         restamp(

@@ -22,7 +22,7 @@ pub mod shared_prompt;
 pub mod split;
 pub mod tokenizer;
 
-pub use config::{HfConfig, LlamaConfig};
+pub use config::{HfConfig, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, generate_streaming, Generated, GenerationConfig, OnStep};
 pub use load::{load_pretrained, LoadedModel};

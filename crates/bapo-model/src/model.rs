@@ -63,22 +63,21 @@ pub struct Rope<B: Backend> {
 }
 
 impl<B: Backend> Rope<B> {
-    /// Builds the tables for integer `positions` `[b, s]`, frequencies `theta^(-2i/d)`.
+    /// Builds the tables for integer `positions` `[b, s]` and the `head_dim / 2` inverse
+    /// frequencies `inv_freq` ([`LlamaConfig::rope_inv_freq`]: `theta^(-2i/d)`, scaled).
     pub fn new(
         positions: Tensor<B, 2, Int>,
-        head_dim: usize,
-        theta: f64,
+        inv_freq: &[f32],
         num_heads: usize,
         num_kv_heads: usize,
     ) -> Self {
         let [b, s] = positions.dims();
         let device = positions.device();
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device)
-            .reshape([1, 1, half]);
+        let half = inv_freq.len();
+        let head_dim = 2 * half;
+        let inv_freq =
+            Tensor::<B, 1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &device)
+                .reshape([1, 1, half]);
         let angles = positions.float().reshape([b, s, 1]) * inv_freq; // [b, s, d/2]
         let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, s, 1, head_dim]);
         let (cos, sin) = (angles.clone().cos(), angles.sin());
@@ -156,7 +155,8 @@ impl<B: Backend> Proj<B> {
     }
 }
 
-/// Grouped-query self-attention.
+/// Grouped-query self-attention, with Qwen3's per-head RMSNorm of queries and keys (before
+/// RoPE) when `q_norm`/`k_norm` are present.
 ///
 /// The `r = h / g` query heads that share a key/value head are folded into the row axis of one
 /// product per key/value head (`[s·r, d] × [d, t]`), so keys and values are never repeated per
@@ -167,6 +167,10 @@ pub struct Attention<B: Backend> {
     pub k_proj: Proj<B>,
     pub v_proj: Proj<B>,
     pub o_proj: Proj<B>,
+    /// RMSNorm over each query head's `d` values (Qwen3), `None` for Llama.
+    pub q_norm: Option<RmsNorm<B>>,
+    /// RMSNorm over each key head's `d` values (Qwen3), `None` for Llama.
+    pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -186,7 +190,10 @@ impl<B: Backend> Attention<B> {
         let [b, s, _] = x.dims();
         let (h, g, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let r = h / g;
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        if let Some(n) = &self.q_norm {
+            q = n.forward(q);
+        }
         // Query heads gi·r .. gi·r + r serve key/value head gi (HF's `repeat_kv` order), so the
         // contiguous `[b, s, g, r·d]` view groups them; rows of a group are (position, head).
         let q = Rope::apply(q, &rope.query)
@@ -194,7 +201,10 @@ impl<B: Backend> Attention<B> {
             .reshape([b, s, g, r * d])
             .swap_dims(1, 2)
             .reshape([b, g, s * r, d]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, g, d]);
+        let mut k = self.k_proj.forward(x.clone()).reshape([b, s, g, d]);
+        if let Some(n) = &self.k_norm {
+            k = n.forward(k);
+        }
         let mut k = Rope::apply(k, &rope.key).swap_dims(1, 2); // [b, g, s, d]
         let mut v = self.v_proj.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
         if let Some(slot) = cache {
@@ -318,7 +328,9 @@ pub struct Llama<B: Backend> {
     /// `None` when the head is tied to `embed_tokens`.
     pub lm_head: Option<Linear<B>>,
     pub head_dim: usize,
-    pub rope_theta: f64,
+    /// RoPE's inverse frequencies ([`LlamaConfig::rope_inv_freq`]), `head_dim / 2` of them.
+    #[module(skip)]
+    pub rope_inv_freq: Vec<f32>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -400,7 +412,7 @@ impl<B: Backend> Llama<B> {
         }
         if let Some(a) = self.layers.first().map(|l| &l.self_attn) {
             let (h, g) = (a.num_heads, a.num_kv_heads);
-            let rope = Rope::new(positions, self.head_dim, self.rope_theta, h, g);
+            let rope = Rope::new(positions, &self.rope_inv_freq, h, g);
             let bias = attention_bias(mask, g, h / g);
             for (i, layer) in self.layers.iter().enumerate() {
                 let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -506,11 +518,13 @@ impl LlamaConfig {
             self.num_kv_heads * self.head_dim,
         );
         let lin = |i, o, bias| Proj::new(LinearConfig::new(i, o).with_bias(bias).init(device));
-        let norm = || {
-            RmsNormConfig::new(e)
+        let norm_of = |n| {
+            RmsNormConfig::new(n)
                 .with_epsilon(self.rms_norm_eps)
                 .init(device)
         };
+        let norm = || norm_of(e);
+        let head_norm = || self.qk_norm.then(|| norm_of(self.head_dim));
         let layers = (0..self.num_layers)
             .map(|_| Block {
                 input_layernorm: norm(),
@@ -519,6 +533,8 @@ impl LlamaConfig {
                     k_proj: lin(e, kv, self.qkv_bias),
                     v_proj: lin(e, kv, self.qkv_bias),
                     o_proj: lin(q, e, false),
+                    q_norm: head_norm(),
+                    k_norm: head_norm(),
                     num_heads: self.num_heads,
                     num_kv_heads: self.num_kv_heads,
                     head_dim: self.head_dim,
@@ -541,7 +557,7 @@ impl LlamaConfig {
                     .init(device)
             }),
             head_dim: self.head_dim,
-            rope_theta: self.rope_theta,
+            rope_inv_freq: self.rope_inv_freq(),
         }
     }
 }

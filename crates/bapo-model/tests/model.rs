@@ -398,16 +398,81 @@ fn hf_config_variants() {
     .unwrap();
     assert!(c.qkv_bias);
     assert_eq!(c.eos_token_ids, vec![5, 7]);
-    // What the model cannot compute is refused, naming the field.
-    let e = parse(&format!(
-        "{{{base}, \"rope_scaling\": {{\"type\": \"llama3\", \"factor\": 8.0}}}}"
+    // Llama 3.x RoPE scaling, in the older `rope_scaling` form (`type` or `rope_type`) and in
+    // transformers 5's `rope_parameters`.
+    let llama3 = r#""factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192"#;
+    let want = Some(bapo_model::RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    });
+    for form in [
+        format!("\"rope_theta\": 500000.0, \"rope_scaling\": {{\"type\": \"llama3\", {llama3}}}"),
+        format!("\"rope_theta\": 500000.0, \"rope_scaling\": {{\"rope_type\": \"llama3\", {llama3}}}"),
+        format!("\"rope_parameters\": {{\"rope_type\": \"llama3\", \"rope_theta\": 500000.0, {llama3}}}"),
+    ] {
+        let c = parse(&format!("{{{base}, {form}}}")).unwrap();
+        assert_eq!((c.rope_scaling.clone(), c.rope_theta), (want.clone(), 500000.0), "{form}");
+    }
+    // Llama 3.2's numbers (theta 5e5, head_dim 64): high frequencies kept, low ones / 32.
+    let c = parse(&format!(
+        "{{{base}, \"head_dim\": 64, \"rope_parameters\": {{\"rope_type\": \"llama3\", \"rope_theta\": 500000.0, {llama3}}}}}"
     ))
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("config.json") && e.contains("rope_scaling"),
-        "{e}"
+    .unwrap();
+    let (scaled, plain) = (
+        c.rope_inv_freq(),
+        c.clone().with_rope_scaling(None).rope_inv_freq(),
     );
+    assert_eq!(scaled[0], plain[0]);
+    assert!((scaled[31] as f64 - plain[31] as f64 / 32.0).abs() < 1e-12);
+    assert!(scaled
+        .iter()
+        .zip(&plain)
+        .all(|(s, p)| s <= p && *s >= p / 32.0));
+    // Qwen3: per-head q/k norms, an explicit head_dim, no q/k/v bias.
+    let c = parse(&format!(
+        "{{{base}, \"model_type\": \"qwen3\", \"head_dim\": 8, \"attention_bias\": false}}"
+    ))
+    .unwrap();
+    assert_eq!((c.qk_norm, c.head_dim, c.qkv_bias), (true, 8, false));
+    // What the model cannot compute is refused, naming the field and the value.
+    for (bad, field, value) in [
+        (
+            r#""rope_scaling": {"type": "yarn", "factor": 4.0}"#,
+            "rope_scaling.rope_type",
+            "yarn",
+        ),
+        (
+            r#""rope_parameters": {"rope_type": "dynamic", "factor": 2.0}"#,
+            "rope_parameters.rope_type",
+            "dynamic",
+        ),
+        (
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+            "rope_scaling.low_freq_factor",
+            "llama3",
+        ),
+        (r#""model_type": "gemma2""#, "model_type", "gemma2"),
+        (
+            r#""model_type": "qwen3", "use_sliding_window": true"#,
+            "use_sliding_window",
+            "sliding",
+        ),
+        (
+            r#""model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]"#,
+            "layer_types",
+            "sliding_attention",
+        ),
+    ] {
+        let e = parse(&format!("{{{base}, {bad}}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains(field) && e.contains(value),
+            "{bad}: {e}"
+        );
+    }
     let e = parse(&format!("{{{base}, \"num_key_value_heads\": 3}}"))
         .unwrap_err()
         .to_string();

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{HostTensor, HostTensors};
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 
 /// A metadata value.
@@ -456,10 +456,10 @@ impl GgufFile {
     /// Architecture numbers from the metadata, as an internal config.
     pub fn llama_config(&self) -> Result<LlamaConfig> {
         let arch = self.architecture()?.to_string();
-        if arch != "llama" && arch != "qwen2" {
+        if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
             return Err(ModelError::Unsupported {
                 path: self.path.clone(),
-                what: format!("general.architecture `{arch}` (only llama and qwen2)"),
+                what: format!("general.architecture `{arch}` (supported: llama, qwen2, qwen3)"),
             });
         }
         let k = |s: &str| format!("{arch}.{s}");
@@ -485,10 +485,14 @@ impl GgufFile {
                     ModelError::config(&self.path, "tokenizer.ggml.tokens", "not an array")
                 })?,
         };
+        // Qwen3 states its head size (`attention.key_length`); Llama's follows from the hidden size.
+        let stated = ["attention.key_length", "rope.dimension_count"]
+            .iter()
+            .find_map(|key| self.metadata.get(&k(key)).and_then(Value::as_u64));
         if heads == 0
             || kv_heads == 0
             || !heads.is_multiple_of(kv_heads)
-            || !hidden.is_multiple_of(heads)
+            || (stated.is_none() && !hidden.is_multiple_of(heads))
         {
             return Err(ModelError::config(
                 &self.path,
@@ -496,14 +500,14 @@ impl GgufFile {
                 format!("{heads} heads / {kv_heads} kv heads do not fit hidden size {hidden}"),
             ));
         }
-        let head_dim = match self
-            .metadata
-            .get(&k("rope.dimension_count"))
-            .and_then(Value::as_u64)
-        {
-            Some(d) => d as usize,
-            None => hidden / heads,
-        };
+        let head_dim = stated.map_or(hidden / heads, |d| d as usize);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(ModelError::config(
+                &self.path,
+                &k("attention.key_length"),
+                format!("head size {head_dim} must be even and positive"),
+            ));
+        }
         let eps = self
             .get(&k("attention.layer_norm_rms_epsilon"))?
             .as_f64()
@@ -550,15 +554,69 @@ impl GgufFile {
         .with_max_position_embeddings(ctx)
         .with_tie_word_embeddings(tied)
         .with_qkv_bias(arch == "qwen2")
+        .with_qk_norm(arch == "qwen3")
+        .with_rope_scaling(self.rope_scaling(&arch, theta, head_dim)?)
         .with_eos_token_ids(eos)
         .with_bos_token_id(bos))
     }
 
+    /// RoPE scaling from `{arch}.rope.scaling.*` (`none`, `linear`) or the `rope_freqs` tensor
+    /// (llama.cpp's per-frequency divisors, which its converter writes for Llama 3.x). Factors
+    /// that Llama 3's rule reproduces with its usual low/high factors (1, 4) and a power-of-two
+    /// original context become [`RopeScaling::Llama3`] (so an export can name them).
+    fn rope_scaling(&self, arch: &str, theta: f64, head_dim: usize) -> Result<Option<RopeScaling>> {
+        let key = format!("{arch}.rope.scaling.type");
+        let stated = match self.metadata.get(&key) {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| ModelError::config(&self.path, &key, "not a string"))?,
+            ),
+        };
+        let factor_key = format!("{arch}.rope.scaling.factor");
+        let factor = || {
+            self.metadata
+                .get(&factor_key)
+                .and_then(Value::as_f64)
+                .filter(|f| *f > 0.0)
+                .ok_or_else(|| {
+                    ModelError::config(&self.path, &factor_key, "missing or not a positive number")
+                })
+        };
+        let freqs = self.tensors.iter().find(|t| t.name == "rope_freqs.weight");
+        match (stated, freqs) {
+            (Some("linear"), None) => Ok(Some(RopeScaling::Linear { factor: factor()? })),
+            (None | Some("none"), None) => Ok(None),
+            (None | Some("none") | Some("llama3"), Some(t)) => {
+                let f = self.dequantise(t)?;
+                if f.shape != [head_dim / 2] {
+                    return Err(ModelError::ShapeMismatch {
+                        path: self.path.clone(),
+                        name: t.name.clone(),
+                        expected: vec![head_dim / 2],
+                        got: f.shape,
+                    });
+                }
+                Ok(Some(llama3_from_factors(&f.data, theta, head_dim)))
+            }
+            (Some(other), _) => Err(ModelError::config(
+                &self.path,
+                &key,
+                format!("`{other}` is not implemented (supported: none, linear, rope_freqs)"),
+            )),
+        }
+    }
+
     /// Every tensor dequantised, renamed to HF names, Q/K permutation undone (`llama` only).
+    /// `rope_freqs` is part of the config ([`Self::llama_config`]), not a weight.
     pub fn read_llama_tensors(&self, config: &LlamaConfig) -> Result<HostTensors> {
         let permuted = self.architecture()? == "llama";
         let mut tensors = BTreeMap::new();
-        for t in &self.tensors {
+        for t in self
+            .tensors
+            .iter()
+            .filter(|t| t.name != "rope_freqs.weight")
+        {
             let name = hf_name(&t.name).ok_or_else(|| ModelError::UnexpectedTensors {
                 path: self.path.clone(),
                 names: vec![t.name.clone()],
@@ -594,6 +652,37 @@ impl GgufFile {
     }
 }
 
+/// Llama 3's scaling when it reproduces `factors` (to 1e-5 relative) with low/high frequency
+/// factors 1 and 4, `factor` the largest divisor and a power-of-two original context (every
+/// Llama 3.1/3.2 release); otherwise the factors as they are.
+fn llama3_from_factors(factors: &[f32], theta: f64, head_dim: usize) -> RopeScaling {
+    let largest = factors.iter().fold(1.0f32, |a, &b| a.max(b)) as f64;
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    for log2 in 4..=20 {
+        let s = RopeScaling::Llama3 {
+            factor: largest,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 1 << log2,
+        };
+        let mut scaled = base.clone();
+        s.apply(&mut scaled);
+        let fits = base
+            .iter()
+            .zip(&scaled)
+            .zip(factors)
+            .all(|((b, s), &f)| ((b / s) - f as f64).abs() <= 1e-5 * f as f64);
+        if largest > 1.0 && fits {
+            return s;
+        }
+    }
+    RopeScaling::Factors {
+        factors: factors.to_vec(),
+    }
+}
+
 /// Maps a llama.cpp tensor name to its HF name.
 pub fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
@@ -619,6 +708,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))

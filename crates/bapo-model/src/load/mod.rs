@@ -123,6 +123,23 @@ pub fn build_llama<B: Backend>(
                 c.rms_norm_eps,
             ))
         };
+        let head_norm = |w: &mut HostTensors, name: &str| -> Result<_> {
+            Ok(rms_norm(
+                tensor::<B, 1>(
+                    w.take(&format!("{p}.self_attn.{name}.weight"), &[c.head_dim])?,
+                    device,
+                ),
+                c.rms_norm_eps,
+            ))
+        };
+        let (q_norm, k_norm) = if c.qk_norm {
+            (
+                Some(head_norm(&mut w, "q_norm")?),
+                Some(head_norm(&mut w, "k_norm")?),
+            )
+        } else {
+            (None, None)
+        };
         layers.push(Block {
             input_layernorm: norm(&mut w, "input_layernorm")?,
             self_attn: Attention {
@@ -158,6 +175,8 @@ pub fn build_llama<B: Backend>(
                     false,
                     device,
                 )?,
+                q_norm,
+                k_norm,
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
@@ -204,7 +223,7 @@ pub fn build_llama<B: Backend>(
         norm,
         lm_head,
         head_dim: c.head_dim,
-        rope_theta: c.rope_theta,
+        rope_inv_freq: c.rope_inv_freq(),
     })
 }
 
