@@ -197,6 +197,7 @@ fn test(extra: &[String]) -> Result<()> {
         _ => vulkan_available(),
     };
     let mpi = on_path("mpicc") && on_path("mpirun");
+    let openai = openai_python();
     if !wgpu {
         eprintln!("warning: no Vulkan driver found (apt-get install mesa-vulkan-drivers libvulkan1): wgpu parity tests are not run");
     }
@@ -228,7 +229,11 @@ fn test(extra: &[String]) -> Result<()> {
         .contains(&a)
     });
     let targets: &[&str] = if picks_targets { &[] } else { &["--tests"] };
-    let first = run(&mut test_command(wgpu, mpi, targets, extra)?);
+    let mut tests = test_command(wgpu, mpi, targets, extra)?;
+    if let Some(python) = &openai {
+        tests.env("BAPO_PYTHON", python);
+    }
+    let first = run(&mut tests);
     // Doc tests take no test-name filters; they run only in a whole-suite run.
     let second = if extra.is_empty() {
         run(&mut test_command(wgpu, mpi, &["--doc"], &[])?)
@@ -236,6 +241,41 @@ fn test(extra: &[String]) -> Result<()> {
         Ok(())
     };
     first.and(second)
+}
+
+/// The `openai` Python client `bapo serve` is tested with, pinned, in its own venv in the cache
+/// (made once); `None`, with a warning, where Python cannot make it (the check is then not run).
+fn openai_python() -> Option<PathBuf> {
+    const OPENAI: &str = "openai==3.63.0";
+    let make = || -> Result<PathBuf> {
+        let venv = cache_dir()?.join("openai-venv");
+        let python = venv.join("bin").join("python");
+        let stamp = venv.join(OPENAI);
+        if stamp.is_file() && python.is_file() {
+            return Ok(python);
+        }
+        let host = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        run(Command::new(host)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv))?;
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            OPENAI,
+        ]))?;
+        std::fs::write(&stamp, b"")?;
+        Ok(python)
+    };
+    match make() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("warning: no venv with {OPENAI} ({e:#}): the openai client check of bapo serve is not run");
+            None
+        }
+    }
 }
 
 fn test_command(wgpu: bool, mpi: bool, targets: &[&str], extra: &[String]) -> Result<Command> {

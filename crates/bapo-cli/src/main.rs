@@ -302,6 +302,10 @@ enum Cmd {
         /// (adapters stay f32), as `bapo generate --weights`.
         #[arg(long, default_value = "f32")]
         weights: String,
+        /// Every endpoint but `/health` then requires `Authorization: Bearer KEY` (401
+        /// otherwise). Prefer the environment variable: a flag shows in `ps`.
+        #[arg(long, env = "BAPO_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
 }
 
@@ -921,7 +925,11 @@ fn infer<B: Backend>(
             max_adapters,
             default_max_tokens,
             weights,
+            api_key,
         } => {
+            if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+                anyhow::bail!("--api-key / BAPO_API_KEY is empty: give a key, or unset it");
+            }
             let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
                 .map_err(anyhow::Error::msg)?;
             let mut loaded = load_pretrained::<B>(&model, &device)?;
@@ -931,6 +939,7 @@ fn infer<B: Backend>(
                 adapters,
                 max_adapters,
                 default_max_tokens,
+                api_key,
             };
             bapo_serve::serve(loaded, device, opts, |addr| {
                 eprintln!("bapo serve: listening on http://{addr}");

@@ -5,6 +5,11 @@
 //! server-sent events when `stream: true`), `GET /v1/models`, `GET /health`. The request's
 //! `model` (`bapo/<user>`, `bapo/base`) or `user` field picks the adapter. Generic over the
 //! Burn backend like every library crate; the binary names it.
+//!
+//! With [`ServeOptions::api_key`] set, every endpoint but `/health` requires
+//! `Authorization: Bearer <key>` and answers 401 in OpenAI's error shape otherwise. Every
+//! request the server cannot answer (malformed, out of range, too long, wrong method or route)
+//! gets a 4xx JSON error in that shape; 5xx is kept for the server's own failures.
 
 pub mod api;
 pub mod engine;
@@ -16,7 +21,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -39,6 +47,8 @@ pub struct ServeOptions {
     pub max_adapters: usize,
     /// `max_tokens` when a request gives none (cut to what the context leaves).
     pub default_max_tokens: usize,
+    /// When set, the bearer token every endpoint but `/health` requires.
+    pub api_key: Option<String>,
 }
 
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
@@ -100,13 +110,19 @@ pub fn serve<B: Backend>(
         jobs: Mutex::new(tx),
         counter: AtomicU64::new(0),
     });
+    if opts.api_key.is_none() && !opts.addr.ip().is_loopback() {
+        tracing::warn!(
+            addr = %opts.addr,
+            "listening on a non-loopback address without an API key: anyone who can reach \
+             this port can use the model (set --api-key or BAPO_API_KEY)"
+        );
+    }
     let app = Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .fallback(|| async {
             ApiError {
-                status: axum::http::StatusCode::NOT_FOUND,
+                status: StatusCode::NOT_FOUND,
                 message: "no such route (POST /v1/chat/completions, GET /v1/models, GET /health)"
                     .into(),
                 kind: "invalid_request_error",
@@ -114,6 +130,23 @@ pub fn serve<B: Backend>(
                 code: Some("not_found"),
             }
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                message: "method not allowed (POST /v1/chat/completions, GET /v1/models, \
+                          GET /health)"
+                    .into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("method_not_allowed"),
+            }
+        })
+        // Everything above needs the key; `/health` (added after the layer) does not.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .with_state(state.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -138,6 +171,46 @@ pub fn serve<B: Backend>(
     drop(state); // the last job sender: the engine ends
     let _ = engine.join();
     Ok(())
+}
+
+/// Checks `Authorization: Bearer <key>` when the server has a key (401 otherwise, with
+/// `WWW-Authenticate`); the comparison takes the same time wherever the keys differ.
+async fn authorize(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(key) = &s.opts.api_key else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let message = match given {
+        Some(g) if same_key(g.as_bytes(), key.as_bytes()) => return next.run(req).await,
+        Some(_) => "Incorrect API key provided.",
+        None => "You didn't provide an API key: send it as `Authorization: Bearer <key>`.",
+    };
+    let mut res = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: message.into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("invalid_api_key"),
+    }
+    .into_response();
+    res.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    res
+}
+
+/// Equality whose time depends only on the lengths.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn models(State(s): State<Shared>) -> Json<serde_json::Value> {
@@ -167,7 +240,7 @@ fn prepare(s: &AppState, req: &ChatRequest) -> Result<(Vec<u32>, usize), ApiErro
         .render(&req.messages, true)
         .map_err(|e| ApiError::invalid("messages", format!("chat template: {e}")))?;
     let ids = s.tok.encode(&text).map_err(|e| ApiError {
-        status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        status: StatusCode::INTERNAL_SERVER_ERROR,
         message: format!("tokenizing: {e}"),
         kind: "server_error",
         param: None,
@@ -177,7 +250,7 @@ fn prepare(s: &AppState, req: &ChatRequest) -> Result<(Vec<u32>, usize), ApiErro
     let max_tokens = req
         .max_tokens
         .unwrap_or_else(|| s.opts.default_max_tokens.min(room));
-    if max_tokens == 0 || ids.len() + max_tokens > s.context {
+    if max_tokens == 0 || max_tokens > room {
         return Err(ApiError {
             code: Some("context_length_exceeded"),
             ..ApiError::invalid(
@@ -194,7 +267,20 @@ fn prepare(s: &AppState, req: &ChatRequest) -> Result<(Vec<u32>, usize), ApiErro
     Ok((ids, max_tokens))
 }
 
-async fn chat(State(s): State<Shared>, body: Bytes) -> Response {
+async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError {
+                status: e.status(),
+                message: format!("reading the request body: {}", e.body_text()),
+                kind: "invalid_request_error",
+                param: Some("body"),
+                code: None,
+            }
+            .into_response()
+        }
+    };
     match chat_inner(s, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -208,7 +294,7 @@ async fn chat_inner(s: Shared, body: Bytes) -> Result<Response, ApiError> {
     if let Target::User(u) = &req.target {
         if engine::adapter_dir(&s.opts.adapters, u).is_none() {
             return Err(ApiError {
-                status: axum::http::StatusCode::NOT_FOUND,
+                status: StatusCode::NOT_FOUND,
                 message: format!(
                     "model `bapo/{u}` does not exist: no adapter for user `{u}` under {}",
                     s.opts.adapters.display()
@@ -238,7 +324,7 @@ async fn chat_inner(s: Shared, body: Bytes) -> Result<Response, ApiError> {
         .expect("job queue")
         .send(job)
         .map_err(|_| ApiError {
-            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            status: StatusCode::SERVICE_UNAVAILABLE,
             message: "the server is shutting down".into(),
             kind: "server_error",
             param: None,
@@ -283,7 +369,7 @@ async fn chat_inner(s: Shared, body: Bytes) -> Result<Response, ApiError> {
 
 fn server_error(message: String) -> ApiError {
     ApiError {
-        status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        status: StatusCode::INTERNAL_SERVER_ERROR,
         message,
         kind: "server_error",
         param: None,
