@@ -1207,7 +1207,11 @@ fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
     let c = cfg.to_str().unwrap();
     // The uninterrupted run.
     let full = dir.join("full");
+    let t_full = std::time::Instant::now();
     let res = bapo(&["train", "--config", c, "--output", full.to_str().unwrap()]);
+    // Kill delays are drawn within a quarter of the whole run's time, so that a faster build
+    // still gets killed mid-run (fixed delays of up to 1.5 s outlived the run once it got faster).
+    let quarter_ms = (t_full.elapsed().as_millis() as u64 / 4).max(20);
     assert!(
         res.status.success(),
         "{}",
@@ -1236,7 +1240,7 @@ fn sigkill_at_random_points_then_resume_reproduces_the_uninterrupted_curve() {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        std::thread::sleep(std::time::Duration::from_millis(50 + (seed >> 33) % 1500));
+        std::thread::sleep(std::time::Duration::from_millis((seed >> 33) % quarter_ms));
         let finished = child.try_wait().unwrap().is_some();
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
