@@ -602,7 +602,7 @@ enum Job {
     PerUser(bapo_train::per_user::PerUser, bapo_train::per_user::Job),
     Compare {
         config: PathBuf,
-        spec: bapo_train::compare::CompareSpec,
+        spec: bapo_lab::compare::CompareSpec,
     },
 }
 
@@ -623,7 +623,7 @@ fn run<A: AutodiffBackend>(cmd: Cmd, devices: Vec<A::Device>) -> Result<()> {
                 bapo_train::per_user::run_per_user::<A>(cfg, device, &spec, job)
             }
             Job::Compare { config, spec } => {
-                bapo_train::compare::run_compare::<A>(&config, &spec, device).map(|md| {
+                bapo_lab::compare::run_compare::<A>(&config, &spec, device).map(|md| {
                     println!("{md}");
                     spec.out.join("compare.md")
                 })
@@ -731,7 +731,7 @@ fn infer<B: Backend>(
             set,
             report_only,
         } => {
-            use bapo_train::compare::{
+            use bapo_lab::compare::{
                 default_levels, default_methods, design_a_levels, design_b_levels, CompareSpec,
             };
             let (def_levels, def_methods, mut overrides, caps) = if quick {
@@ -762,7 +762,7 @@ fn infer<B: Backend>(
             };
             overrides.extend(set);
             // `a` and `b` stand for the designs' levels.
-            let group = |names: Vec<bapo_train::compare::Level>| -> Vec<String> {
+            let group = |names: Vec<bapo_lab::compare::Level>| -> Vec<String> {
                 names.into_iter().map(|l| l.name).collect()
             };
             let levels: Vec<String> = if levels.is_empty() {
@@ -903,7 +903,7 @@ fn infer<B: Backend>(
             batch_size,
         } => {
             let loaded = load_pretrained::<B>(&model, &device)?;
-            let cfg = bapo_train::synth::SynthConfig {
+            let cfg = bapo_lab::synth::SynthConfig {
                 dimensions,
                 max_new_tokens,
                 temperature,
@@ -911,9 +911,8 @@ fn infer<B: Backend>(
                 seed,
                 batch_size,
             };
-            let counts =
-                bapo_train::synth::run_synth(&loaded, &model, &prompts, &out, &cfg, &device)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let counts = bapo_lab::synth::run_synth(&loaded, &model, &prompts, &out, &cfg, &device)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(())
         }

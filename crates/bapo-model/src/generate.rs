@@ -118,7 +118,7 @@ pub fn generate_streaming<B: Backend>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     device: &B::Device,
-    on_step: &mut OnStep,
+    on_step: &mut OnStep<'_>,
 ) -> Vec<Generated> {
     // Only where products will be split: larger batches keep their threads as they were.
     let split = crate::split::split_threads() > 1 && prompts.len() <= crate::split::MAX_ROWS;
@@ -134,7 +134,7 @@ fn generate_here<B: Backend>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     device: &B::Device,
-    on_step: &mut OnStep,
+    on_step: &mut OnStep<'_>,
 ) -> Vec<Generated> {
     let b = prompts.len();
     let mut out: Vec<Generated> = vec![

@@ -252,7 +252,7 @@ impl<B: Backend> Engine<B> {
         let dir = adapter_dir(&self.adapters, user)
             .ok_or_else(|| format!("no adapter for user `{user}`"))?;
         let t0 = std::time::Instant::now();
-        let m = bapo_train::lora::load_adapter_dir(self.base.clone(), &dir, &self.device)
+        let m = bapo_model::lora::load_adapter_dir(self.base.clone(), &dir, &self.device)
             .map_err(|e| format!("loading {}: {e}", dir.display()))?;
         tracing::info!(user, dir = %dir.display(), secs = t0.elapsed().as_secs_f64(), "adapter loaded");
         if cache.len() >= self.max_adapters.max(1) {
@@ -272,12 +272,12 @@ impl<B: Backend> Engine<B> {
             seed: group[0].seed,
             eos_ids: self.eos_ids.clone(),
         };
-        let mut streams: Vec<TextStream> = group
+        let mut streams: Vec<TextStream<'_>> = group
             .iter()
             .map(|j| TextStream::new(&self.tok, j.stop.clone(), j.max_tokens))
             .collect();
         let t0 = std::time::Instant::now();
-        let send = |rows: &[Generated], streams: &mut Vec<TextStream>, last: bool| {
+        let send = |rows: &[Generated], streams: &mut Vec<TextStream<'_>>, last: bool| {
             for ((s, row), j) in streams.iter_mut().zip(rows).zip(group) {
                 for e in s.step(row, last) {
                     if j.events.send(e).is_err() {

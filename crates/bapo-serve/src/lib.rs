@@ -103,7 +103,11 @@ pub fn serve<B: Backend>(
         .name("bapo-engine".into())
         .spawn(move || engine.run(rx))?;
     let state = Arc::new(AppState {
-        template: bapo_train::chat_template(&tokenizer),
+        template: ChatTemplate::new(
+            tokenizer.chat_template.clone(),
+            tokenizer.bos_token.clone(),
+            tokenizer.eos_token.clone(),
+        ),
         tok: tokenizer,
         context: config.max_position_embeddings,
         opts: opts.clone(),

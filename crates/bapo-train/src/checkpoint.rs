@@ -36,7 +36,7 @@ pub(crate) fn save_checkpoint<B: AutodiffBackend>(
     model: &Llama<B>,
     optim: Option<&Optim<B>>,
     run: &RunConfig,
-    weights: &Weights,
+    weights: &Weights<'_>,
     dir: &Path,
     state: &serde_json::Value,
 ) -> Result<(), RunError> {
@@ -100,7 +100,7 @@ pub(crate) fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
 pub(crate) fn resume_from<B: AutodiffBackend>(
     out: &Path,
     policy: Llama<B>,
-    weights: &Weights,
+    weights: &Weights<'_>,
     metrics_path: Option<&Path>,
     device: &B::Device,
 ) -> Result<(Llama<B>, Resume<B>), RunError> {

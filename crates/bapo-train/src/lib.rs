@@ -5,7 +5,6 @@
 
 mod cache;
 mod checkpoint;
-pub mod compare;
 pub mod concurrent;
 pub mod config;
 pub mod dist;
@@ -16,7 +15,6 @@ pub mod generation;
 pub mod html;
 pub mod io;
 pub mod logps;
-pub mod lora;
 pub mod per_user;
 mod prepare;
 mod report;
@@ -24,13 +22,14 @@ pub mod run;
 pub mod score;
 pub mod shared_prompt;
 pub mod step;
-pub mod synth;
 pub mod train;
 pub mod train_config;
 pub mod validate;
 
+/// LoRA lives in the model crate (PEFT load/save included); re-exported for existing paths.
+pub use bapo_model::lora;
+pub use bapo_model::LoraConfig;
 pub use config::RunConfig;
-pub use lora::LoraConfig;
 pub use report::evaluate;
 pub use run::{run_anchors, run_eval, run_training};
 pub use score::{

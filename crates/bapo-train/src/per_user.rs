@@ -349,7 +349,7 @@ fn heterogeneity(
 }
 
 /// Mean over pairs of the per-token reference log-prob of rejected minus chosen.
-pub(crate) fn logp_gap(refs: &[crate::train::ReferenceLogps]) -> Option<f64> {
+pub fn logp_gap(refs: &[crate::train::ReferenceLogps]) -> Option<f64> {
     if refs.is_empty() {
         return None;
     }

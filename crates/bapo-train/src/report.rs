@@ -239,7 +239,7 @@ pub(crate) fn full_eval<B: Backend>(
     run: &RunConfig,
     pad: u32,
     device: &B::Device,
-    x: &EvalExtras,
+    x: &EvalExtras<'_>,
 ) -> Result<EvalOutcome, RunError> {
     let t = std::time::Instant::now();
     let mut m = if examples.is_empty() {
@@ -265,7 +265,7 @@ pub(crate) fn extras_eval<B: Backend>(
     model: &Llama<B>,
     run: &RunConfig,
     device: &B::Device,
-    x: &EvalExtras,
+    x: &EvalExtras<'_>,
 ) -> Result<EvalOutcome, RunError> {
     let mut m = BTreeMap::new();
     let t = std::time::Instant::now();
@@ -384,7 +384,7 @@ pub(crate) fn eval_report<B: Backend>(
     eval_enc: &[EncodedExample],
     refs: &[ReferenceLogps],
     eos: u32,
-    extras: &EvalExtras,
+    extras: &EvalExtras<'_>,
     base_metrics: &BTreeMap<String, f64>,
     base_summaries: &BTreeMap<String, bapo_drift::McSummary>,
     gate: Option<&crate::gate::GateSpec>,

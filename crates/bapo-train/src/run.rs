@@ -321,7 +321,7 @@ fn fit<B: AutodiffBackend>(
     device: &B::Device,
     model: Llama<B>,
     p: &Prepared<B>,
-    lead: Option<(&EvalExtras, &serde_json::Value)>,
+    lead: Option<(&EvalExtras<'_>, &serde_json::Value)>,
     resume: bool,
     sync: &mut dyn GradSync<B::InnerBackend>,
 ) -> Result<PathBuf, RunError> {

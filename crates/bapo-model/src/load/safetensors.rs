@@ -28,6 +28,7 @@ const MAX_HEADER: u64 = 100 * 1024 * 1024;
 pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify; all offsets are checked below.
+    #[allow(unsafe_code)] // the crate's only unsafe: the two loaders' mmaps
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
     read_bytes(path, &map, out)
 }

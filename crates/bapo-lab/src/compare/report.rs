@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::CompareSpec;
-use crate::io::{write_atomic, RunError};
+use bapo_train::io::{write_atomic, RunError};
 
 /// One finished run's numbers.
 #[derive(Debug, Clone, Serialize, Deserialize)]

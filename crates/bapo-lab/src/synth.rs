@@ -19,8 +19,8 @@ use burn::tensor::backend::Backend;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::generation::{generate_texts, GeneratedText};
-use crate::io::{write_atomic, RunError};
+use bapo_train::generation::{generate_texts, GeneratedText};
+use bapo_train::io::{write_atomic, RunError};
 
 /// Generation settings of a synthesis run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -65,8 +65,8 @@ pub fn run_synth<B: Backend>(
         .collect::<Result<_, _>>()?;
     let prompts = read_prompts(prompts_path)?;
     let tok = &loaded.tokenizer;
-    let template = crate::chat_template(tok);
-    let encode = crate::encoder(tok);
+    let template = bapo_train::chat_template(tok);
+    let encode = bapo_train::encoder(tok);
     let mut eos_ids = loaded.config.eos_token_ids.clone();
     eos_ids.extend(tok.eos_id());
     let gcfg = GenerationConfig {

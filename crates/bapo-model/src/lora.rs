@@ -1,13 +1,14 @@
 //! LoRA on the frozen base weights. The adapters live in the model's projections
-//! (`bapo_model::model::Proj::lora`); this module attaches, removes, and saves them in PEFT's
-//! layout (`lora_A` `[r, in]`, `lora_B` `[out, r]`).
+//! ([`crate::model::Proj::lora`]); this module attaches, removes, loads and saves them in PEFT's
+//! layout (`adapter_config.json`, `adapter_model.safetensors` with `lora_A` `[r, in]`, `lora_B`
+//! `[out, r]`), so a server or another project loads adapters with the model crate alone.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use bapo_model::load::HostTensor;
-use bapo_model::model::{Lora, Proj};
-use bapo_model::Llama;
+use crate::load::HostTensor;
+use crate::model::{Lora, Proj};
+use crate::Llama;
 use burn::module::{Module, Param};
 use burn::nn::Dropout;
 use burn::tensor::backend::Backend;
@@ -110,11 +111,11 @@ impl LoraConfig {
                 .collect();
             proj.lora = Some(Lora {
                 a: Param::initialized(
-                    bapo_model::export::stable_id(&format!("{name}.lora_A")),
+                    crate::export::stable_id(&format!("{name}.lora_A")),
                     Tensor::from_data(TensorData::new(a, [d_in, self.rank]), device).require_grad(),
                 ),
                 b: Param::initialized(
-                    bapo_model::export::stable_id(&format!("{name}.lora_B")),
+                    crate::export::stable_id(&format!("{name}.lora_B")),
                     Tensor::zeros([self.rank, d_out], device).require_grad(),
                 ),
                 scale: self.alpha / self.rank as f64,
@@ -172,25 +173,24 @@ pub fn load_adapter<B: Backend>(
     model: Llama<B>,
     path: &Path,
     device: &B::Device,
-) -> bapo_model::Result<Llama<B>> {
+) -> crate::Result<Llama<B>> {
     let mut tensors = BTreeMap::new();
-    bapo_model::load::safetensors::read_file(path, &mut tensors)?;
+    crate::load::safetensors::read_file(path, &mut tensors)?;
     let mut model = model;
     for (name, proj) in projs(&mut model) {
         if let Some(l) = proj.lora.as_mut() {
             for (suffix, param) in [("lora_A", &mut l.a), ("lora_B", &mut l.b)] {
                 let key = format!("base_model.model.{name}.{suffix}.weight");
                 let [r, c] = param.val().dims();
-                let t =
-                    tensors
-                        .remove(&key)
-                        .ok_or_else(|| bapo_model::ModelError::MissingTensor {
-                            path: path.into(),
-                            name: key.clone(),
-                            expected: vec![c, r],
-                        })?;
+                let t = tensors
+                    .remove(&key)
+                    .ok_or_else(|| crate::ModelError::MissingTensor {
+                        path: path.into(),
+                        name: key.clone(),
+                        expected: vec![c, r],
+                    })?;
                 if t.shape != [c, r] {
-                    return Err(bapo_model::ModelError::ShapeMismatch {
+                    return Err(crate::ModelError::ShapeMismatch {
                         path: path.into(),
                         name: key,
                         expected: vec![c, r],
@@ -204,7 +204,7 @@ pub fn load_adapter<B: Backend>(
         }
     }
     if !tensors.is_empty() {
-        return Err(bapo_model::ModelError::UnexpectedTensors {
+        return Err(crate::ModelError::UnexpectedTensors {
             path: path.into(),
             names: tensors.into_keys().collect(),
         });
@@ -213,9 +213,9 @@ pub fn load_adapter<B: Backend>(
 }
 
 /// Writes the adapter as `adapter_model.safetensors` (atomically).
-pub fn save_adapter<B: Backend>(model: &Llama<B>, path: &Path) -> bapo_model::Result<()> {
+pub fn save_adapter<B: Backend>(model: &Llama<B>, path: &Path) -> crate::Result<()> {
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    bapo_model::load::safetensors::write_file(path, &adapter_tensors(model), &meta)
+    crate::load::safetensors::write_file(path, &adapter_tensors(model), &meta)
 }
 
 /// Frobenius norm of `scale · B·A` per adapted module (the weight change LoRA applies).
@@ -244,20 +244,20 @@ pub fn load_adapter_dir<B: Backend>(
     model: Llama<B>,
     dir: &Path,
     device: &B::Device,
-) -> bapo_model::Result<Llama<B>> {
+) -> crate::Result<Llama<B>> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| bapo_model::ModelError::Io {
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| crate::ModelError::Io {
         path: cfg_path.clone(),
         source: e,
     })?;
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bapo_model::ModelError::Format {
+        serde_json::from_str(&text).map_err(|e| crate::ModelError::Format {
             path: cfg_path.clone(),
             offset: None,
             what: format!("line {}: {e}", e.line()),
         })?;
     let field = |k: &str| {
-        v.get(k).ok_or_else(|| bapo_model::ModelError::Config {
+        v.get(k).ok_or_else(|| crate::ModelError::Config {
             path: cfg_path.clone(),
             field: k.into(),
             what: "missing".into(),
@@ -265,14 +265,14 @@ pub fn load_adapter_dir<B: Backend>(
     };
     let rank = field("r")?
         .as_u64()
-        .ok_or_else(|| bapo_model::ModelError::Config {
+        .ok_or_else(|| crate::ModelError::Config {
             path: cfg_path.clone(),
             field: "r".into(),
             what: "not an integer".into(),
         })? as usize;
     let alpha = field("lora_alpha")?
         .as_f64()
-        .ok_or_else(|| bapo_model::ModelError::Config {
+        .ok_or_else(|| crate::ModelError::Config {
             path: cfg_path.clone(),
             field: "lora_alpha".into(),
             what: "not a number".into(),
@@ -291,12 +291,11 @@ pub fn load_adapter_dir<B: Backend>(
         dropout: 0.0,
         target_modules: targets,
     };
-    cfg.validate()
-        .map_err(|what| bapo_model::ModelError::Config {
-            path: cfg_path.clone(),
-            field: "target_modules".into(),
-            what,
-        })?;
+    cfg.validate().map_err(|what| crate::ModelError::Config {
+        path: cfg_path.clone(),
+        field: "target_modules".into(),
+        what,
+    })?;
     load_adapter(
         cfg.attach(model, 0, device),
         &dir.join("adapter_model.safetensors"),

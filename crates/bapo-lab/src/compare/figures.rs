@@ -11,7 +11,7 @@ use bapo_drift::plot::{write_figure, Panel, Series};
 use serde_json::Value;
 
 use super::{CompareSpec, RunResult};
-use crate::io::RunError;
+use bapo_train::io::RunError;
 
 /// An (x, y) point.
 type Point = (f64, f64);

@@ -15,7 +15,7 @@ use bapo_drift::McItemResult;
 use serde_json::{json, Value};
 
 use super::RunResult;
-use crate::io::RunError;
+use bapo_train::io::RunError;
 
 /// Per `set/format`, the items in scoring order.
 pub(super) type Items = BTreeMap<String, Vec<McItemResult>>;

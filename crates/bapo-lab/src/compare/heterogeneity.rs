@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use super::report::{stat, t95};
 use super::stats::{pooled_chat, read_items, SEED};
 use super::{data_dir, CompareSpec, Level, RunResult};
-use crate::io::RunError;
+use bapo_train::io::RunError;
 
 /// The equivalence margin of the heterogeneity slope (nats of knowledge loss per nat of
 /// `logp_gap`), declared before the runs.
@@ -50,13 +50,14 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let c: Value =
         serde_json::from_str(&read(&cache)?).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let refs: Vec<crate::train::ReferenceLogps> = serde_json::from_value(c["train"].clone())
-        .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?;
+    let refs: Vec<bapo_train::train::ReferenceLogps> =
+        serde_json::from_value(c["train"].clone())
+            .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?;
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let mut out = json!({
         "user": user,
         "pairs": refs.len(),
-        "logp_gap": crate::per_user::logp_gap(&refs),
+        "logp_gap": bapo_train::per_user::logp_gap(&refs),
     });
     let Some((dim, pole)) = bapo_data::synth::Dimension::of_pole(user) else {
         return Ok(Some(out));

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::{profile, CompareSpec, Level};
-use crate::io::{write_atomic, RunError};
+use bapo_train::io::{write_atomic, RunError};
 
 /// SplitMix64 of `(seed, x)`: a seeded sort key, the same on every machine.
 fn mix(seed: u64, x: u64) -> u64 {
