@@ -103,7 +103,7 @@ fn bench_forward<B: Backend>(
             BenchmarkId::new(m.name, format!("{}x{}", batch.rows, batch.len)),
             |b| {
                 b.iter(|| {
-                    let (sum, _) = batch_logps(&m.model, &batch, device);
+                    let (sum, _) = batch_logps(&m.model, &batch, true, device);
                     sum.into_data()
                 })
             },

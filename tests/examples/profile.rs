@@ -49,6 +49,7 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                     ex.len()
                 ];
                 let cfg = TrainConfig {
+                    prompt_sharing: sharing(),
                     max_steps: 1,
                     warmup_steps: 0,
                     batch_size: match what {
@@ -82,13 +83,14 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
             "forward" => {
                 let refs: Vec<&EncodedExample> = ex.iter().collect();
                 let batch = PreferenceBatch::collate(&refs, 0);
-                let (sum, _) = batch_logps(&model, &batch, &device);
+                let (sum, _) = batch_logps(&model, &batch, sharing(), &device);
                 let _ = sum.into_data();
             }
             "reference" => {
                 // The reference pass over 8 pairs, 2 at a time (4 batches of 6 x 128).
                 let more: Vec<EncodedExample> = ex.iter().chain(ex.iter()).cloned().collect();
-                let r = bapo_train::reference_logps(&model, &more, 2, 0, &device, |_| {});
+                let r =
+                    bapo_train::reference_logps(&model, &more, 2, 0, sharing(), &device, |_| {});
                 assert_eq!(r.len(), 8);
             }
             "forward2" => {
@@ -102,7 +104,7 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                             sc.spawn(move || {
                                 let refs: Vec<&EncodedExample> = half.iter().collect();
                                 let batch = PreferenceBatch::collate(&refs, 0);
-                                let (sum, _) = batch_logps(&m, &batch, &d);
+                                let (sum, _) = batch_logps(&m, &batch, sharing(), &d);
                                 sum.into_data()
                             })
                         })
@@ -116,7 +118,7 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                 for half in ex.chunks(2) {
                     let refs: Vec<&EncodedExample> = half.iter().collect();
                     let batch = PreferenceBatch::collate(&refs, 0);
-                    let (sum, _) = batch_logps(&model, &batch, &device);
+                    let (sum, _) = batch_logps(&model, &batch, sharing(), &device);
                     let _ = sum.into_data();
                 }
             }
@@ -301,6 +303,11 @@ fn split_gemv<B: burn::tensor::backend::Backend>(parts: usize) {
     }
 }
 
+/// Prompt sharing, unless `BAPO_PROFILE_SHARE=0`.
+fn sharing() -> bool {
+    std::env::var("BAPO_PROFILE_SHARE").as_deref() != Ok("0")
+}
+
 fn main() {
     if let Some(n) = std::env::var("BAPO_PROFILE_THREADS")
         .ok()
@@ -313,9 +320,6 @@ fn main() {
         .and_then(|s| s.parse().ok())
     {
         bapo_model::split::set_split_threads(n);
-    }
-    if std::env::var("BAPO_PROFILE_SHARE").as_deref() == Ok("0") {
-        bapo_train::logps::set_prompt_sharing(false);
     }
     let a: Vec<String> = std::env::args().collect();
     let backend = a.get(1).map_or("flex", String::as_str);

@@ -63,7 +63,7 @@ fn run<A: AutodiffBackend>(
         })
         .collect();
     let enc = encode(tok, &examples, &bases);
-    let refs = reference_logps(&loaded.model, &enc, 4, eos, device, |_| {});
+    let refs = reference_logps(&loaded.model, &enc, 4, eos, true, device, |_| {});
     let cfg = adjust(TrainConfig {
         max_steps: 3,
         warmup_steps: 0,
@@ -213,9 +213,15 @@ fn reference_pass_is_the_same_with_concurrent_batches() {
     let pass = |threads| {
         bapo_train::concurrent::set_default_threads(threads);
         let mut seen = Vec::new();
-        let r = reference_logps(&loaded.model, &enc, 1, eos, &Default::default(), |n| {
-            seen.push(n)
-        });
+        let r = reference_logps(
+            &loaded.model,
+            &enc,
+            1,
+            eos,
+            true,
+            &Default::default(),
+            |n| seen.push(n),
+        );
         bapo_train::concurrent::set_default_threads(1);
         (r, seen)
     };

@@ -16,14 +16,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::{fetch_member, root, run, Pinned};
+use crate::{fetch_member, root, run, EVALS};
 
-pub(crate) const EVALS: Pinned = Pinned {
-    spec: "evals==3.0.1.post1",
-    file: "evals-3.0.1.post1-py3-none-any.whl",
-    sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
-    sdist: false,
-};
 const STEGANOGRAPHY: &str = "evals/registry/data/steganography/samples.jsonl";
 const STEGANOGRAPHY_SHA256: &str =
     "fb3b1de00891dcc8166d067a9a501aa869f2361c3950f0c562d3617542e2bb03";

@@ -307,7 +307,7 @@ pub fn knowledge() -> Result<()> {
     }
     let hhh_rows = hhh(&hhh_dir.expect("four files"))?;
     let mmlu_path = fetch_member(
-        &crate::data::EVALS,
+        &crate::EVALS,
         "evals/registry/data/sandbagging/samples-all.jsonl",
         "evals-3.0.1.post1/sandbagging-samples-all.jsonl",
         "41577f1230458da144c599bc8effd4c19183f8c3e684f5e5e26118876ed7829a",

@@ -97,6 +97,15 @@ fn fetch() -> Result<PathBuf> {
     )
 }
 
+/// OpenAI's `evals` package: the source of the prompt and knowledge data (`data.rs`,
+/// `knowledge.rs` both read from it).
+pub(crate) const EVALS: Pinned = Pinned {
+    spec: "evals==3.0.1.post1",
+    file: "evals-3.0.1.post1-py3-none-any.whl",
+    sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+    sdist: false,
+};
+
 /// A pinned PyPI distribution.
 struct Pinned {
     spec: &'static str,

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use bapo_train::RunConfig;
+use bapo_run::RunConfig;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::BackendKind;
@@ -55,12 +55,12 @@ pub(crate) fn train<A: AutodiffBackend>(
     devices: &[A::Device],
     resume: bool,
     mpi: bool,
-) -> Result<PathBuf, bapo_train::run::RunError> {
+) -> Result<PathBuf, bapo_run::run::RunError> {
     if mpi {
         return train_mpi::<A>(cfg, devices, resume);
     }
     if let [device] = devices {
-        return bapo_train::run_training::<A>(cfg, device, resume);
+        return bapo_run::run_training::<A>(cfg, device, resume);
     }
     tracing::info!(
         peers = devices.len(),
@@ -68,7 +68,7 @@ pub(crate) fn train<A: AutodiffBackend>(
     );
     let outs =
         bapo_train::dist::local::run_local_peers::<A::InnerBackend, _>(devices, |sync, device| {
-            bapo_train::run::run_training_dist::<A>(cfg, device, resume, sync)
+            bapo_run::run::run_training_dist::<A>(cfg, device, resume, sync)
         })?;
     Ok(outs.into_iter().next().expect("rank 0's result"))
 }
@@ -78,7 +78,7 @@ fn train_mpi<A: AutodiffBackend>(
     cfg: &RunConfig,
     devices: &[A::Device],
     resume: bool,
-) -> Result<PathBuf, bapo_train::run::RunError> {
+) -> Result<PathBuf, bapo_run::run::RunError> {
     use bapo_train::dist::mpi::MpiSync;
     use bapo_train::dist::GradSync;
     let mut sync = MpiSync::init()?;
@@ -89,7 +89,7 @@ fn train_mpi<A: AutodiffBackend>(
     // Processes of one node share its devices round-robin (one GPU per rank, usually).
     let device = &devices[MpiSync::local_rank() % devices.len()];
     tracing::info!(rank, world, "data-parallel training under MPI");
-    match bapo_train::run::run_training_dist::<A>(cfg, device, resume, &mut sync) {
+    match bapo_run::run::run_training_dist::<A>(cfg, device, resume, &mut sync) {
         Ok(out) => Ok(out),
         Err(e) if world > 1 && !e.to_string().starts_with("interrupted after step") => {
             // The other ranks may be waiting in a collective: end the whole job.
@@ -105,7 +105,7 @@ fn train_mpi<A: AutodiffBackend>(
     _cfg: &RunConfig,
     _devices: &[A::Device],
     _resume: bool,
-) -> Result<PathBuf, bapo_train::run::RunError> {
+) -> Result<PathBuf, bapo_run::run::RunError> {
     Err("--mpi: this binary was built without MPI: rebuild with \
          `cargo build --release -p bapo-cli --features mpi` (needs an MPI library and libclang)"
         .into())

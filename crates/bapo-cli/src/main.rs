@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bapo_data::Message;
+use bapo_eval::gate::{Baseline, GateLimits, GateSpec};
 use bapo_model::{generate, load_pretrained, GenerationConfig};
-use bapo_train::gate::{Baseline, GateLimits, GateSpec};
-use bapo_train::run::write_atomic;
-use bapo_train::{run_anchors, run_eval, score_examples, RunConfig, Scorer};
+use bapo_run::run::write_atomic;
+use bapo_run::{run_anchors, run_eval, RunConfig};
+use bapo_train::{score_examples, Scorer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -103,7 +104,7 @@ enum Cmd {
         /// With --per-user: train the users at positions i, i+n, i+2n, ... (1-based) of the
         /// sorted list, so that n machines split the users without coordination.
         #[arg(long, value_name = "I/N", requires = "per_user")]
-        shard: Option<bapo_train::per_user::Shard>,
+        shard: Option<bapo_run::per_user::Shard>,
         /// Data-parallel training on several devices of this machine, one thread each
         /// (burn-collective): `cuda:0,cuda:1`, or `flex,flex` to try it on a CPU. Each micro-batch
         /// is split between them; the result equals one device's run with the same batch.
@@ -211,7 +212,7 @@ enum Cmd {
         users: Option<Vec<String>>,
         /// With --per-user: the users at positions i, i+n, ... (1-based) of the sorted list.
         #[arg(long, value_name = "I/N", requires = "per_user")]
-        shard: Option<bapo_train::per_user::Shard>,
+        shard: Option<bapo_run::per_user::Shard>,
     },
     /// Merge a LoRA adapter into the base weights and write an HF checkpoint directory
     /// (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that HF
@@ -394,7 +395,7 @@ fn gate_spec(
         return Ok(None);
     }
     if !has_adapter {
-        bail!(bapo_train::gate::NEEDS_ADAPTER);
+        bail!(bapo_eval::gate::NEEDS_ADAPTER);
     }
     let baseline = baseline
         .map(|b| Baseline::read(&b))
@@ -457,7 +458,18 @@ fn device_list(cmd: &Cmd) -> Option<&[String]> {
     }
 }
 
-fn dispatch(cli: Cli) -> Result<()> {
+fn dispatch(mut cli: Cli) -> Result<()> {
+    // `--no-prompt-sharing` is the config key `train.prompt_sharing = false`, passed down with
+    // the config (caches record it), for every command that reads one.
+    if cli.no_prompt_sharing {
+        if let Cmd::Train { set, .. }
+        | Cmd::Eval { set, .. }
+        | Cmd::Anchor { set, .. }
+        | Cmd::Compare { set, .. } = &mut cli.command
+        {
+            set.push("train.prompt_sharing=false".into());
+        }
+    }
     let (kind, indices) = match device_list(&cli.command) {
         Some(list) => {
             let (k, indices) = dist::parse_devices(list)?;
@@ -494,7 +506,6 @@ fn dispatch(cli: Cli) -> Result<()> {
         BackendKind::Wgpu | BackendKind::Cuda => 1,
     };
     bapo_model::split::set_split_threads(split);
-    bapo_train::logps::set_prompt_sharing(!cli.no_prompt_sharing);
     tracing::info!(backend = ?kind, threads, concurrent = micro, split, prompt_sharing = !cli.no_prompt_sharing, "compute backend");
     // A CPU backend has one device: its peers share it (a test of the wiring, no speed-up).
     let cpu = |i: usize| {
@@ -599,7 +610,7 @@ enum Job {
         resume: bool,
         mpi: bool,
     },
-    PerUser(bapo_train::per_user::PerUser, bapo_train::per_user::Job),
+    PerUser(bapo_run::per_user::PerUser, bapo_run::per_user::Job),
     Compare {
         config: PathBuf,
         spec: bapo_lab::compare::CompareSpec,
@@ -620,7 +631,7 @@ fn run<A: AutodiffBackend>(cmd: Cmd, devices: Vec<A::Device>) -> Result<()> {
             } => run_eval::<A>(cfg, device, adapter, report, gate),
             Job::Train { resume, mpi } => dist::train::<A>(cfg, &devices, resume, mpi),
             Job::PerUser(spec, job) => {
-                bapo_train::per_user::run_per_user::<A>(cfg, device, &spec, job)
+                bapo_run::per_user::run_per_user::<A>(cfg, device, &spec, job)
             }
             Job::Compare { config, spec } => {
                 bapo_lab::compare::run_compare::<A>(&config, &spec, device).map(|md| {
@@ -660,12 +671,12 @@ fn infer<B: Backend>(
             }
             let job = if per_user {
                 Job::PerUser(
-                    bapo_train::per_user::PerUser {
+                    bapo_run::per_user::PerUser {
                         users,
                         shard,
                         resume,
                     },
-                    bapo_train::per_user::Job::Train,
+                    bapo_run::per_user::Job::Train,
                 )
             } else {
                 Job::Train { resume, mpi }
@@ -694,12 +705,12 @@ fn infer<B: Backend>(
                 cfg.output.dir = o;
             }
             if per_user {
-                let spec = bapo_train::per_user::PerUser {
+                let spec = bapo_run::per_user::PerUser {
                     users,
                     shard,
                     resume: false,
                 };
-                let job = Job::PerUser(spec, bapo_train::per_user::Job::Eval { gate });
+                let job = Job::PerUser(spec, bapo_run::per_user::Job::Eval { gate });
                 println!("{}", trainer(&cfg, &device, job)?.display());
                 return Ok(());
             }

@@ -1160,7 +1160,7 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
 fn shipped_configs_parse_and_their_data_reads() {
     for name in ["default.toml", "dpo-baseline.toml", "compare.toml"] {
         let path = root().join("configs").join(name);
-        let cfg = bapo_train::RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = bapo_run::RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
         let users = cfg.data.users.clone().unwrap_or_default();
         for p in std::iter::once(&cfg.data.train).chain(cfg.data.eval.as_ref()) {
             let pairs = bapo_data::read_preferences(p).unwrap_or_else(|e| panic!("{e}"));
@@ -1844,5 +1844,66 @@ fn per_user_trains_each_user_as_its_own_run_with_shared_caches() {
         err.contains("users.jsonl:2: field `user` is missing"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Prompt sharing is an option passed down with the config, not a process-wide switch:
+/// `--no-prompt-sharing` and `--set train.prompt_sharing=false` make the same full-row
+/// reference log-probs (the cache records the path), which agree with the shared path's to
+/// float rounding; switching back rebuilds the cache rather than mixing the two.
+#[test]
+fn prompt_sharing_is_a_config_option_that_caches_record() {
+    let dir = fresh_dir("bapo-prompt-sharing");
+    let cfg = config(&dir, "");
+    let c = cfg.to_str().unwrap();
+    let cache = dir.join("run/reference_logps.cache.json");
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap()
+    };
+    let sums = |v: &serde_json::Value| -> Vec<f64> {
+        v["train"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r["sum"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+            })
+            .collect()
+    };
+    bapo_ok(&["anchor", "--config", c, "--no-prompt-sharing"]);
+    let flag = read();
+    let path = flag["numerics"]["logps"].as_str().unwrap().to_string();
+    assert!(!path.contains("prompts shared"), "{path}");
+    std::fs::remove_file(&cache).unwrap();
+    bapo_ok(&[
+        "anchor",
+        "--config",
+        c,
+        "--set",
+        "train.prompt_sharing=false",
+    ]);
+    let key = read();
+    assert_eq!(key["numerics"], flag["numerics"]);
+    assert_eq!(
+        sums(&key),
+        sums(&flag),
+        "the flag and the key are the same setting"
+    );
+    bapo_ok(&["anchor", "--config", c]);
+    let shared = read();
+    assert!(
+        shared["numerics"]["logps"]
+            .as_str()
+            .unwrap()
+            .contains("prompts shared"),
+        "{shared}"
+    );
+    for (a, b) in sums(&shared).iter().zip(sums(&flag)) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,11 +6,13 @@
 pub mod chat;
 pub mod jsonl;
 pub mod preference;
+pub mod score_file;
 pub mod synth;
 
 pub use chat::{ChatTemplate, Message};
-pub use jsonl::{parse_score_file, read_score_file, DataError, ScoreExample};
+pub use jsonl::DataError;
 pub use preference::{
     encode_examples, parse_preferences, read_preferences, BaseResponse, EncodeConfig,
     EncodedExample, PreferenceBatch, PreferenceExample, TruncationMode, TruncationStats,
 };
+pub use score_file::{parse_score_file, read_score_file, ScoreExample};

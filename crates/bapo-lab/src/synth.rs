@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use bapo_train::generation::{generate_texts, GeneratedText};
+use bapo_run::generation::{generate_texts, GeneratedText};
 use bapo_train::io::{write_atomic, RunError};
 
 /// Generation settings of a synthesis run.

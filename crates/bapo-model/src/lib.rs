@@ -22,6 +22,7 @@ pub mod precision;
 pub mod shared_prompt;
 pub mod split;
 pub mod tokenizer;
+pub mod weight_dtype;
 
 pub use config::{HfConfig, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};

@@ -1,7 +1,7 @@
 //! Frozen weights kept in a smaller float type (f16) for inference.
 //!
 //! Batch-1 decoding reads every weight once per token, so on a CPU it is bound by memory
-//! bandwidth: SmolLM2-135M is 540 MB a token in f32 and 270 MB in f16. [`Llama::with_weight_dtype`]
+//! bandwidth: SmolLM2-135M is 540 MB a token in f32 and 270 MB in f16. [`crate::Llama::with_weight_dtype`]
 //! casts the projection, embedding and head weights (not the norms, not LoRA adapters); each
 //! product then runs in the weight's type and returns in the activations' type
 //! ([`matmul_as_weight`]): the activation row is rounded to f16 on the way in, the product is
@@ -18,8 +18,6 @@
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
-
-use crate::model::Llama;
 
 /// `f(x)` with `x` cast to the weight's float type `wt` and the result cast back to `x`'s (no
 /// casts when the types agree: the f32 path is unchanged bit for bit).
@@ -65,40 +63,6 @@ pub(crate) fn add_bias<B: Backend>(linear: &Linear<B>, y: Tensor<B, 2>) -> Tenso
     match &linear.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
-    }
-}
-
-fn cast_weight<B: Backend>(l: &mut Linear<B>, dtype: FloatDType) {
-    l.weight = l.weight.clone().map(|t| t.cast(dtype));
-}
-
-impl<B: Backend> Llama<B> {
-    /// The model with its projection, embedding and head weights cast to `dtype` (norms and
-    /// LoRA adapters unchanged), for inference only: see the module documentation.
-    pub fn with_weight_dtype(mut self, dtype: FloatDType) -> Self {
-        if burn::tensor::DType::from(dtype) == self.weight_dtype() {
-            return self;
-        }
-        let w = self.embed_tokens.weight.clone();
-        self.embed_tokens.weight = w.map(|t| t.cast(dtype));
-        if let Some(h) = self.lm_head.as_mut() {
-            cast_weight(h, dtype);
-        }
-        for l in &mut self.layers {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                cast_weight(&mut p.linear, dtype);
-            }
-            for p in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                cast_weight(&mut p.linear, dtype);
-            }
-        }
-        self
-    }
-
-    /// The float type of the projection weights (F32 unless [`Llama::with_weight_dtype`] changed it).
-    pub fn weight_dtype(&self) -> burn::tensor::DType {
-        self.embed_tokens.weight.val().dtype()
     }
 }
 

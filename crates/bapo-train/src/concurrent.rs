@@ -29,7 +29,7 @@ pub fn default_threads() -> usize {
 /// free), results in `items`' order. `done(i, &result)` runs on the calling thread as each
 /// finishes, for progress. `threads <= 1` runs everything on the calling thread, in order.
 /// A panic in `f` is resumed on the calling thread.
-pub(crate) fn map_ordered<T: Sync, R: Send>(
+pub fn map_ordered<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> R + Sync,

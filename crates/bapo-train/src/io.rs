@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Any failure of the job, with its context.
 pub type RunError = Box<dyn std::error::Error + Send + Sync>;
 
-pub(crate) fn bar(len: usize, what: &str) -> ProgressBar {
+pub fn bar(len: usize, what: &str) -> ProgressBar {
     let style = ProgressStyle::with_template(&format!(
         "{{bar:40}} {{pos}}/{{len}} {what} [{{elapsed}} < {{eta}}]"
     ))

@@ -1,37 +1,23 @@
 //! # bapo-train
 //!
-//! Composes `bapo-model`, `bapo-data` and `bapo-objective`: the scoring pass behind
-//! `bapo score`, LoRA adapters, reference log-probs and the BAPO training loop.
+//! What a Rust user embeds to train: composes `bapo-model`, `bapo-data` and `bapo-objective`
+//! into the scoring pass behind `bapo score`, reference log-probs, the BAPO step and training
+//! loop, shared prompts, concurrent batches and data-parallel training. The run directory
+//! (config, caches, checkpoints, jobs) is `bapo-run`; evaluation is `bapo-eval`.
 
-mod cache;
-mod checkpoint;
 pub mod concurrent;
-pub mod config;
 pub mod dist;
-pub mod eval;
-mod figure;
-pub mod gate;
-pub mod generation;
-pub mod html;
 pub mod io;
 pub mod logps;
-pub mod per_user;
-mod prepare;
-mod report;
-pub mod run;
 pub mod score;
 pub mod shared_prompt;
 pub mod step;
 pub mod train;
 pub mod train_config;
-pub mod validate;
 
 /// LoRA lives in the model crate (PEFT load/save included); re-exported for existing paths.
 pub use bapo_model::lora;
 pub use bapo_model::LoraConfig;
-pub use config::RunConfig;
-pub use report::evaluate;
-pub use run::{run_anchors, run_eval, run_training};
 pub use score::{
     encode_pair, encoder, score_examples, EncodedCompletion, ScoreError, ScoreRow, Scorer,
 };

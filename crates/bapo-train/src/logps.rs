@@ -10,16 +10,19 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use crate::train_config::ReferenceLogps;
 
 /// Per-row summed and mean completion log-probs of a collated batch (each prompt computed once
-/// for its two or three completions when [`prompt_sharing`] is on and the batch allows it).
+/// for its two or three completions when `share_prompts` is set and the batch allows it:
+/// [`crate::shared_prompt`]; otherwise every row is a full right-padded sequence; the two agree
+/// to float rounding, so the choice is recorded where numbers are cached).
 ///
 /// # Shapes
 /// outputs `[rows]` each.
 pub fn batch_logps<B: Backend>(
     model: &Llama<B>,
     batch: &PreferenceBatch,
+    share_prompts: bool,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    if prompt_sharing() {
+    if share_prompts {
         if let Some(out) = crate::shared_prompt::shared_prompt_logps(model, batch, device) {
             return (out.sum, out.mean);
         }
@@ -42,15 +45,16 @@ pub fn batch_logps<B: Backend>(
 
 /// The LM-head logits of every completion token of a collated batch (`[k, v]`, `k =
 /// plan.count()`, in [`CompletionRows`]' row-major order: row by row, position by position),
-/// computed as [`batch_logps`] computes them (prompts shared when [`prompt_sharing`] is on),
+/// computed as [`batch_logps`] computes them (prompts shared when `share_prompts` is set),
 /// with the plan they follow; `None` when the batch has no completion token. For callers that
 /// need whole distributions at the scored positions (token KL), not only the targets' log-probs.
 pub fn completion_logits<B: Backend>(
     model: &Llama<B>,
     batch: &PreferenceBatch,
+    share_prompts: bool,
     device: &B::Device,
 ) -> Option<(Tensor<B, 2>, CompletionRows)> {
-    if prompt_sharing() {
+    if share_prompts {
         if let Some(out) = crate::shared_prompt::shared_prompt_logits(model, batch, device) {
             return Some(out);
         }
@@ -68,19 +72,6 @@ pub fn completion_logits<B: Backend>(
         completion_rows_logits(model, tokens, attn, &plan, device),
         plan,
     ))
-}
-
-static PROMPT_SHARING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Whether [`batch_logps`] computes each prompt once for all its completions
-/// ([`crate::shared_prompt`]; on by default). Off: every row is a full right-padded sequence.
-pub fn set_prompt_sharing(on: bool) {
-    PROMPT_SHARING.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The current [`set_prompt_sharing`] setting.
-pub fn prompt_sharing() -> bool {
-    PROMPT_SHARING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Completion log-probs of a right-padded batch with the LM head applied only where a logit is
@@ -130,7 +121,7 @@ fn completion_rows_logits<B: Backend>(
     model.logits_rows(picked.reshape([n, e]))
 }
 
-pub(crate) fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+pub fn to_host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
     t.into_data()
         .convert::<f64>()
         .to_vec::<f64>()
@@ -145,6 +136,7 @@ pub fn reference_logps<B: Backend>(
     examples: &[EncodedExample],
     batch_size: usize,
     pad_id: u32,
+    share_prompts: bool,
     device: &B::Device,
     mut progress: impl FnMut(usize),
 ) -> Vec<ReferenceLogps> {
@@ -155,7 +147,7 @@ pub fn reference_logps<B: Backend>(
             batch.has_base,
             "reference_logps needs base responses on every example"
         );
-        let (sum, mean) = batch_logps(reference, &batch, device);
+        let (sum, mean) = batch_logps(reference, &batch, share_prompts, device);
         let (sum, mean) = (to_host(sum), to_host(mean));
         let n = chunk.len();
         (0..n)

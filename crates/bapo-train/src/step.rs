@@ -89,7 +89,7 @@ fn micro_batch<B: AutodiffBackend>(
     let tokens = batch.attention.iter().filter(|&&a| a).count();
     let n = batch.pairs;
     let tf = std::time::Instant::now();
-    let (sum, mean) = batch_logps(model, &batch, inp.device);
+    let (sum, mean) = batch_logps(model, &batch, inp.cfg.prompt_sharing, inp.device);
     let picked = match cfg.normalisation {
         Normalisation::Sum => sum,
         Normalisation::Mean => mean.clone(),

@@ -1,12 +1,14 @@
-//! Held-out metrics ([`bapo_train::evaluate`]): the completion-only, shared-prompt scoring path
+//! Held-out metrics ([`bapo_eval::evaluate`]): the completion-only, shared-prompt scoring path
 //! against an independent full forward pass (every position's logits, `sequence_logps`, and
 //! the token KL over the shifted base-row mask), and exactly zero drift for the reference.
 
 use std::collections::BTreeMap;
 
 use bapo_data::{EncodedExample, PreferenceBatch};
+use bapo_eval::evaluate;
 use bapo_model::Llama;
-use bapo_train::{evaluate, reference_of, RunConfig};
+use bapo_run::RunConfig;
+use bapo_train::reference_of;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -78,7 +80,7 @@ fn heldout_metrics_match_a_full_forward_pass() {
         Some(&reference),
         &enc,
         &refs,
-        &run,
+        run.eval_settings(),
         pad,
         &device,
     );
@@ -96,7 +98,7 @@ fn heldout_metrics_match_a_full_forward_pass() {
         Some(&reference),
         &enc,
         &refs,
-        &run,
+        run.eval_settings(),
         pad,
         &device,
     );

@@ -3,7 +3,7 @@
 
 use bapo_data::{EncodedExample, PreferenceBatch};
 use bapo_model::Llama;
-use bapo_train::logps::{batch_logps, set_prompt_sharing};
+use bapo_train::logps::batch_logps;
 use bapo_train::shared_prompt::SharedRows;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -19,13 +19,10 @@ fn host<B: Backend>(t: burn::tensor::Tensor<B, 1>) -> Vec<f32> {
 fn both<B: Backend>(model: &Llama<B>, batch: &PreferenceBatch) -> [(Vec<f32>, Vec<f32>); 2] {
     let device = Default::default();
     let run = |on| {
-        set_prompt_sharing(on);
-        let (s, m) = batch_logps(model, batch, &device);
+        let (s, m) = batch_logps(model, batch, on, &device);
         (host(s), host(m))
     };
-    let out = [run(true), run(false)];
-    set_prompt_sharing(true);
-    out
+    [run(true), run(false)]
 }
 
 fn batches(enc: &[EncodedExample], pad: u32) -> Vec<PreferenceBatch> {
@@ -163,8 +160,7 @@ fn shared_prompts_give_the_plain_batchs_gradients() {
     let all: Vec<&EncodedExample> = enc.iter().collect();
     let batch = PreferenceBatch::collate(&all, pad);
     let grads = |on| {
-        set_prompt_sharing(on);
-        let (sum, mean) = batch_logps(&model, &batch, &Default::default());
+        let (sum, mean) = batch_logps(&model, &batch, on, &Default::default());
         let loss = sum.sum() + mean.sum().mul_scalar(3.0);
         let g = loss.backward();
         let mut v = Grads(&g, Vec::new());
@@ -172,7 +168,6 @@ fn shared_prompts_give_the_plain_batchs_gradients() {
         v.1
     };
     let (on, off) = (grads(true), grads(false));
-    set_prompt_sharing(true);
     assert_eq!(on.len(), off.len());
     assert!(!on.is_empty());
     for ((name, a), (_, b)) in on.iter().zip(&off) {
@@ -298,11 +293,10 @@ fn check_alone_vs_batched<B: Backend>(name: &str) {
     let lens: Vec<usize> = enc.iter().map(|e| e.prompt_ids.len()).collect();
     assert_eq!(lens, vec![37, 38, 39]);
     let all: Vec<&EncodedExample> = enc.iter().collect();
-    set_prompt_sharing(true);
     let score = |b: &[&EncodedExample]| {
         let batch = PreferenceBatch::collate(b, eos);
         assert!(SharedRows::from_batch(&batch).is_some());
-        host(batch_logps(&loaded.model, &batch, &Default::default()).0)
+        host(batch_logps(&loaded.model, &batch, true, &Default::default()).0)
     };
     let full = score(&all);
     let n = all.len();

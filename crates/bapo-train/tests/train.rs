@@ -256,7 +256,7 @@ fn a_base_response_cut_by_max_new_tokens_is_scored_without_eos() {
         encode_examples(&[ex], Some(&[base]), &template, &encode, eos, &enc_cfg).unwrap();
     assert_eq!(enc[0].base_ids.as_deref(), Some(&g.tokens[..]));
 
-    let refs = bapo_train::reference_logps(&reference, &enc, 1, eos, &device, |_| {});
+    let refs = bapo_train::reference_logps(&reference, &enc, 1, eos, true, &device, |_| {});
     let seq: Vec<i64> = prompt.iter().chain(&g.tokens).map(|&t| t as i64).collect();
     let n = seq.len();
     let tokens = Tensor::<_, 2, Int>::from_data(TensorData::new(seq.clone(), [1, n]), &device);

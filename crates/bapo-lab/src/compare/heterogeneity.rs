@@ -26,8 +26,7 @@ use std::path::Path;
 use bapo_drift::paired::{bootstrap_ci95, BOOTSTRAP_REPS};
 use serde_json::{json, Value};
 
-use super::report::{stat, t95};
-use super::stats::{pooled_chat, read_items, SEED};
+use super::stats::{pooled_chat, read_items, stat, t95, SEED};
 use super::{data_dir, CompareSpec, Level, RunResult};
 use bapo_train::io::RunError;
 
@@ -57,7 +56,7 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
     let mut out = json!({
         "user": user,
         "pairs": refs.len(),
-        "logp_gap": bapo_train::per_user::logp_gap(&refs),
+        "logp_gap": bapo_run::per_user::logp_gap(&refs),
     });
     let Some((dim, pole)) = bapo_data::synth::Dimension::of_pole(user) else {
         return Ok(Some(out));

@@ -30,9 +30,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use bapo_train::config::RunConfig;
+use bapo_run::config::RunConfig;
+use bapo_run::run::run_training;
 use bapo_train::io::{write_atomic, RunError};
-use bapo_train::run::run_training;
 pub use report::RunResult;
 
 /// A set of users trained together.

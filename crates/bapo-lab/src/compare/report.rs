@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::stats::{stat, Stat};
 use super::CompareSpec;
 use bapo_train::io::{write_atomic, RunError};
 
@@ -83,36 +84,6 @@ fn derived(mut m: BTreeMap<String, f64>) -> BTreeMap<String, f64> {
         }
     }
     m
-}
-
-/// Two-sided 95 % Student-t quantile for `df` degrees of freedom.
-pub(crate) fn t95(df: usize) -> f64 {
-    const T: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    ];
-    if df == 0 {
-        f64::NAN
-    } else {
-        T.get(df - 1).copied().unwrap_or(1.96)
-    }
-}
-
-/// Mean and 95 % confidence half-width (Student t over seeds; `null` with one seed).
-#[derive(Debug, Clone, Serialize)]
-pub struct Stat {
-    pub mean: f64,
-    pub ci95: Option<f64>,
-    pub n: usize,
-}
-
-pub(crate) fn stat(v: &[f64]) -> Stat {
-    let n = v.len();
-    let mean = v.iter().sum::<f64>() / n.max(1) as f64;
-    let ci95 = (n > 1).then(|| {
-        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-        t95(n - 1) * (var / n as f64).sqrt()
-    });
-    Stat { mean, ci95, n }
 }
 
 /// The table's columns: (metric key, header).

@@ -101,13 +101,13 @@ pub fn setup_with_dropout(
         ..Default::default()
     }
     .attach(loaded.model, 7, &device);
-    let refs = reference_logps(&reference_of(&model), &enc, 3, eos, &device, |_| {});
+    let refs = reference_logps(&reference_of(&model), &enc, 3, eos, true, &device, |_| {});
     (model, enc, refs, eos)
 }
 
 pub fn logps(model: &Llama<AD>, enc: &[EncodedExample], pad: u32) -> Vec<f64> {
     let refs: Vec<&EncodedExample> = enc.iter().collect();
     let batch = PreferenceBatch::collate(&refs, pad);
-    let (sum, _) = batch_logps(&model.valid(), &batch, &Default::default());
+    let (sum, _) = batch_logps(&model.valid(), &batch, true, &Default::default());
     sum.into_data().convert::<f64>().to_vec::<f64>().unwrap()
 }

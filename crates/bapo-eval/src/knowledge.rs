@@ -9,8 +9,8 @@ use bapo_drift::mc::{read_items, Format, McItem, McItemResult, McSummary};
 use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
-use crate::io::RunError;
-use crate::score::EncodedCompletion;
+use bapo_train::io::RunError;
+use bapo_train::score::EncodedCompletion;
 
 /// A named knowledge set.
 #[derive(Debug, Clone)]
@@ -146,7 +146,7 @@ pub fn check_knowledge_context(
 /// Scores every item of `set` in `format`. Each context is computed once and shared by its
 /// choices ([`bapo_model::generate::continuation_logps`]); items are sorted by context length
 /// and grouped so that a forward pass holds about `batch` choices; groups run
-/// [`crate::concurrent::default_threads`] at a time (each computed exactly as alone).
+/// [`bapo_train::concurrent::default_threads`] at a time (each computed exactly as alone).
 pub fn score_knowledge<B: Backend>(
     model: &Llama<B>,
     set: &KnowledgeSet,
@@ -197,9 +197,9 @@ pub fn score_knowledge<B: Backend>(
             .collect();
         bapo_model::generate::continuation_logps(model, &contexts, &conts, device)
     };
-    let scores = crate::concurrent::map_ordered(
+    let scores = bapo_train::concurrent::map_ordered(
         &groups,
-        crate::concurrent::default_threads(),
+        bapo_train::concurrent::default_threads(),
         score,
         |g, _| pb.inc(groups[g].len() as u64),
     );

@@ -11,8 +11,8 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::config::RunConfig;
-use crate::io::{write_atomic, RunError};
-use crate::train::{Optim, OptimRecord, Resume};
+use bapo_train::io::{write_atomic, RunError};
+use bapo_train::train::{Optim, OptimRecord, Resume};
 
 /// PEFT's `adapter_config.json` for the saved adapter.
 pub(crate) fn adapter_config(run: &RunConfig) -> serde_json::Value {
@@ -46,7 +46,7 @@ pub(crate) fn save_checkpoint<B: AutodiffBackend>(
         std::fs::create_dir_all(&tmp)?;
         match weights {
             Weights::Adapter => {
-                crate::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
+                bapo_train::lora::save_adapter(model, &tmp.join("adapter_model.safetensors"))?;
                 write_atomic(
                     &tmp.join("adapter_config.json"),
                     serde_json::to_string_pretty(&adapter_config(run))?.as_bytes(),
@@ -116,7 +116,7 @@ pub(crate) fn resume_from<B: AutodiffBackend>(
     })? as usize;
     let policy = match &weights {
         Weights::Adapter => {
-            crate::lora::load_adapter(policy, &dir.join("adapter_model.safetensors"), device)?
+            bapo_train::lora::load_adapter(policy, &dir.join("adapter_model.safetensors"), device)?
         }
         Weights::Full(..) => bapo_model::export::with_stable_ids(
             bapo_model::load_pretrained::<B>(&dir, device)?.model,

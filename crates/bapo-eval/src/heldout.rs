@@ -2,7 +2,6 @@
 //! knowledge, output drift, weight distance) and the `bapo eval` report.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use bapo_data::{EncodedExample, PreferenceBatch};
 use bapo_model::Llama;
@@ -10,9 +9,9 @@ use bapo_objective::{bapo_loss, AnchorLogps, PairLogps};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::RunConfig;
-use crate::io::{write_atomic, RunError};
-use crate::train::{Normalisation, ReferenceLogps};
+use crate::section::EvalSettings;
+use bapo_train::io::RunError;
+use bapo_train::train::{Normalisation, ReferenceLogps};
 
 /// One held-out chunk of `n` examples, scored by the policy (rows `[chosen; rejected; base]`).
 struct ChunkScores {
@@ -28,13 +27,13 @@ struct ChunkScores {
 }
 
 /// Scores one held-out chunk the way training scores a batch: each prompt computed once and
-/// the LM head only at completion positions ([`crate::logps::completion_logits`]); the token
+/// the LM head only at completion positions ([`bapo_train::logps::completion_logits`]); the token
 /// KL reuses the policy's logits at the base rows' positions beside the reference's there.
 fn score_chunk<B: Backend>(
     model: &Llama<B>,
     reference: &Llama<B>,
     chunk: &[EncodedExample],
-    run: &RunConfig,
+    run: EvalSettings<'_>,
     pad: u32,
     device: &B::Device,
 ) -> ChunkScores {
@@ -46,7 +45,9 @@ fn score_chunk<B: Backend>(
         .iter()
         .map(|e| e.base_ids.as_ref().map_or(0, Vec::len))
         .collect();
-    let Some((logits, plan)) = crate::logps::completion_logits(model, &batch, device) else {
+    let Some((logits, plan)) =
+        bapo_train::logps::completion_logits(model, &batch, run.train.prompt_sharing, device)
+    else {
         // No completion token anywhere: zero log-probs, nothing for the KL to count.
         return ChunkScores {
             logps: vec![0.0; 3 * n],
@@ -74,9 +75,13 @@ fn score_chunk<B: Backend>(
             })
             .collect();
         let base_batch = PreferenceBatch::from_sequences(&seqs, pad, n, false);
-        let (ref_logits, ref_plan) =
-            crate::logps::completion_logits(reference, &base_batch, device)
-                .expect("the base rows have completion tokens");
+        let (ref_logits, ref_plan) = bapo_train::logps::completion_logits(
+            reference,
+            &base_batch,
+            run.train.prompt_sharing,
+            device,
+        )
+        .expect("the base rows have completion tokens");
         debug_assert_eq!(ref_plan.targets[..], plan.targets[first_base..]);
         let v = ref_logits.dims()[1];
         let m = k - first_base;
@@ -119,7 +124,7 @@ pub fn evaluate<B: Backend>(
     reference: Option<&Llama<B>>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
-    run: &RunConfig,
+    run: EvalSettings<'_>,
     pad: u32,
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
@@ -142,9 +147,9 @@ pub fn evaluate<B: Backend>(
         Some(reference) => {
             let chunks: Vec<&[EncodedExample]> =
                 examples.chunks(run.train.batch_size.max(1) * 2).collect();
-            let parts = crate::concurrent::map_ordered(
+            let parts = bapo_train::concurrent::map_ordered(
                 &chunks,
-                crate::concurrent::default_threads(),
+                bapo_train::concurrent::default_threads(),
                 |chunk| score_chunk(model, reference, chunk, run, pad, device),
                 |_, _| {},
             );
@@ -201,42 +206,42 @@ pub fn evaluate<B: Backend>(
 
 /// What the evaluation passes need besides the held-out pairs: knowledge sets, output-drift
 /// prompts, and the base model's results to compare against.
-pub(crate) struct EvalExtras<'a> {
-    pub(crate) sets: Vec<crate::eval::KnowledgeSet>,
-    pub(crate) formats: Vec<bapo_drift::mc::Format>,
-    pub(crate) out_prompts: Vec<Vec<u32>>,
-    pub(crate) eos_ids: Vec<u32>,
-    pub(crate) max_new_tokens: usize,
-    pub(crate) base_knowledge: Option<crate::eval::KnowledgeResults>,
-    pub(crate) base_output: Option<bapo_drift::OutputStats>,
+pub struct EvalExtras<'a> {
+    pub sets: Vec<crate::knowledge::KnowledgeSet>,
+    pub formats: Vec<bapo_drift::mc::Format>,
+    pub out_prompts: Vec<Vec<u32>>,
+    pub eos_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub base_knowledge: Option<crate::knowledge::KnowledgeResults>,
+    pub base_output: Option<bapo_drift::OutputStats>,
     /// The user's dimension and pole when the run personalises for one known pole
     /// (`data.users = ["concise"]`, ...): `eval_personalisation/*` compares answers with
     /// `base_answers`, the base model's decoded answers to `out_prompts`.
-    pub(crate) pole: Option<(bapo_data::synth::Dimension, usize)>,
-    pub(crate) base_answers: Option<Vec<String>>,
+    pub pole: Option<(bapo_data::synth::Dimension, usize)>,
+    pub base_answers: Option<Vec<String>>,
     /// The conversation of each of `out_prompts`, as text (for the report).
-    pub(crate) out_texts: Vec<String>,
-    pub(crate) tok: &'a bapo_model::Tokenizer,
-    pub(crate) template: &'a bapo_data::ChatTemplate,
+    pub out_texts: Vec<String>,
+    pub tok: &'a bapo_model::Tokenizer,
+    pub template: &'a bapo_data::ChatTemplate,
 }
 
 /// Flat `eval_` metrics, knowledge summaries, per-item knowledge results, and the greedy
 /// answers to `out_prompts` (tokens without EOS, whether it ended on EOS).
-pub(crate) type EvalOutcome = (
+pub type EvalOutcome = (
     BTreeMap<String, f64>,
     BTreeMap<String, bapo_drift::McSummary>,
-    crate::eval::KnowledgeResults,
+    crate::knowledge::KnowledgeResults,
     Vec<(Vec<u32>, bool)>,
 );
 
 /// Every eval metric (`eval_`-prefixed) of `model`, and the knowledge summaries.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn full_eval<B: Backend>(
+pub fn full_eval<B: Backend>(
     model: &Llama<B>,
     reference: Option<&Llama<B>>,
     examples: &[EncodedExample],
     refs: &[ReferenceLogps],
-    run: &RunConfig,
+    run: EvalSettings<'_>,
     pad: u32,
     device: &B::Device,
     x: &EvalExtras<'_>,
@@ -261,15 +266,15 @@ pub(crate) fn full_eval<B: Backend>(
 /// The part of [`full_eval`] that needs no preference pairs: knowledge items (against
 /// `x.base_knowledge` when given), the generative check and the greedy answers to the output
 /// prompts (with personalisation and output drift against the base model's when given).
-pub(crate) fn extras_eval<B: Backend>(
+pub fn extras_eval<B: Backend>(
     model: &Llama<B>,
-    run: &RunConfig,
+    run: EvalSettings<'_>,
     device: &B::Device,
     x: &EvalExtras<'_>,
 ) -> Result<EvalOutcome, RunError> {
     let mut m = BTreeMap::new();
     let t = std::time::Instant::now();
-    let (results, summaries) = crate::eval::knowledge(
+    let (results, summaries) = crate::knowledge::knowledge(
         model,
         &x.sets,
         &x.formats,
@@ -279,7 +284,7 @@ pub(crate) fn extras_eval<B: Backend>(
         device,
         x.base_knowledge.as_ref(),
     )?;
-    for (k, v) in crate::eval::knowledge_metrics(&summaries) {
+    for (k, v) in crate::knowledge::knowledge_metrics(&summaries) {
         m.insert(format!("eval_{k}"), v);
     }
     tracing::debug!(
@@ -288,7 +293,7 @@ pub(crate) fn extras_eval<B: Backend>(
     );
     let t = std::time::Instant::now();
     if run.eval.generative_items > 0 {
-        let g = crate::eval::generative_knowledge(
+        let g = crate::knowledge::generative_knowledge(
             model,
             &x.sets,
             run.eval.generative_items,
@@ -306,7 +311,7 @@ pub(crate) fn extras_eval<B: Backend>(
     let t = std::time::Instant::now();
     let mut answers = Vec::new();
     if !x.out_prompts.is_empty() {
-        answers = crate::eval::greedy_answers(
+        answers = crate::knowledge::greedy_answers(
             model,
             &x.out_prompts,
             x.max_new_tokens,
@@ -316,7 +321,7 @@ pub(crate) fn extras_eval<B: Backend>(
         let o = bapo_drift::OutputStats::new(&answers);
         if let (Some(pole), Some(base)) = (x.pole, &x.base_answers) {
             let texts = decode_all(x.tok, &answers)?;
-            let (success, delta) = crate::eval::personalisation(pole, base, &texts);
+            let (success, delta) = crate::knowledge::personalisation(pole, base, &texts);
             m.insert("eval_personalisation/success".into(), success);
             m.insert("eval_personalisation/delta_measure".into(), delta);
         }
@@ -339,7 +344,7 @@ pub(crate) fn extras_eval<B: Backend>(
 }
 
 /// The text of each answer (tokens without EOS).
-pub(crate) fn decode_all(
+pub fn decode_all(
     tok: &bapo_model::Tokenizer,
     answers: &[(Vec<u32>, bool)],
 ) -> Result<Vec<String>, RunError> {
@@ -354,11 +359,11 @@ pub(crate) fn decode_all(
 
 /// Frobenius norm of each weight's change from the reference: `‖scale·A·B‖` per adapted
 /// module for LoRA, `‖W − W₀‖` per tensor otherwise.
-pub(crate) fn weight_change_norms<B: Backend>(
+pub fn weight_change_norms<B: Backend>(
     policy: &Llama<B>,
     reference: &Llama<B>,
 ) -> BTreeMap<String, f64> {
-    let lora = crate::lora::adapter_delta_norms(policy);
+    let lora = bapo_train::lora::adapter_delta_norms(policy);
     if !lora.is_empty() {
         return lora;
     }
@@ -370,124 +375,4 @@ pub(crate) fn weight_change_norms<B: Backend>(
             Some((k, bapo_drift::weights::diff_norm(&t.data, &b.data)))
         })
         .collect()
-}
-
-/// The eval report of `run_eval` (see there).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn eval_report<B: Backend>(
-    run: &RunConfig,
-    device: &B::Device,
-    base: Llama<B>,
-    reference: &Llama<B>,
-    adapter: Option<&Path>,
-    report: &Path,
-    eval_enc: &[EncodedExample],
-    refs: &[ReferenceLogps],
-    eos: u32,
-    extras: &EvalExtras<'_>,
-    base_metrics: &BTreeMap<String, f64>,
-    base_summaries: &BTreeMap<String, bapo_drift::McSummary>,
-    gate: Option<&crate::gate::GateSpec>,
-) -> Result<PathBuf, RunError> {
-    if gate.is_some() && adapter.is_none() {
-        return Err(crate::gate::NEEDS_ADAPTER.into());
-    }
-    let policy = match adapter {
-        None => None,
-        Some(dir) if dir.join("adapter_config.json").exists() => {
-            Some(crate::lora::load_adapter_dir(base, dir, device)?)
-        }
-        Some(dir) => Some(bapo_model::load_pretrained::<B>(dir, device)?.model),
-    };
-    let (metrics, summaries, items, distance, answers) = match &policy {
-        Some(p) => {
-            let (mut m, s, items, answers) =
-                full_eval(p, Some(reference), eval_enc, refs, run, eos, device, extras)?;
-            let wd = bapo_drift::weights::weight_distance(&weight_change_norms(p, reference));
-            m.insert("eval_weight_distance".into(), wd.global);
-            let answers = decode_all(extras.tok, &answers)?;
-            (Some(m), Some(s), Some(items), Some(wd), Some(answers))
-        }
-        None => (None, None, None, None, None),
-    };
-    // Held-out prompts with the base model's and the personalised model's greedy answers.
-    let base_answers = extras.base_answers.clone().unwrap_or_default();
-    let answers: Vec<serde_json::Value> = extras
-        .out_texts
-        .iter()
-        .zip(&base_answers)
-        .enumerate()
-        .map(|(i, (prompt, base))| {
-            let policy = answers.as_ref().and_then(|a| a.get(i));
-            serde_json::json!({"prompt": prompt, "base": base, "policy": policy})
-        })
-        .collect();
-    let no_items = crate::eval::KnowledgeResults::new();
-    let base_items = extras.base_knowledge.as_ref().unwrap_or(&no_items);
-    let verdict = match (gate, &items) {
-        (Some(spec), Some(items)) => {
-            let (rows, json) = crate::gate::run_gate(spec, base_items, items)?;
-            Some((crate::gate::gate_table(&rows, spec.limits), json))
-        }
-        _ => None,
-    };
-    let mut table = format!("{:<48} {:>12} {:>12}\n", "metric", "base", "policy");
-    for (k, v) in base_metrics {
-        let p = metrics
-            .as_ref()
-            .and_then(|m| m.get(k))
-            .map_or(String::from("-"), |p| format!("{p:.4}"));
-        table.push_str(&format!("{k:<48} {v:>12.4} {p:>12}\n"));
-    }
-    for (k, s) in base_summaries {
-        let ci = |c: [f64; 2]| format!("[{:.3}, {:.3}]", c[0], c[1]);
-        let p = summaries.as_ref().and_then(|m| m.get(k));
-        table.push_str(&format!(
-            "{:<48} {:>12} {:>12}\n",
-            format!("knowledge/{k}/acc 95% CI (n={})", s.n),
-            ci(s.acc_ci95),
-            p.map_or(String::from("-"), |p| ci(p.acc_ci95))
-        ));
-    }
-    println!("{table}");
-    if let Some(((gate_table, _), _)) = &verdict {
-        println!("{gate_table}");
-    }
-    let doc = serde_json::json!({
-        "model": run.model.path,
-        "adapter": adapter.map(|a| a.display().to_string()),
-        "base": base_metrics,
-        "policy": metrics,
-        "weight_distance": distance,
-        "knowledge": {
-            "base": base_summaries,
-            "policy": summaries,
-        },
-        // Per item, so that a later run's retention gate can pair its items with these.
-        "items": {
-            "base": base_items,
-            "policy": items,
-        },
-        "gate": verdict.as_ref().map(|(_, json)| json),
-        "answers": answers,
-    });
-    if let Some(dir) = report.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    write_atomic(report, serde_json::to_string_pretty(&doc)?.as_bytes())?;
-    let svg = std::fs::read_to_string(run.output.dir.join("training.svg")).ok();
-    let html = report.with_extension("html");
-    write_atomic(
-        &html,
-        crate::html::report_page(&doc, svg.as_deref()).as_bytes(),
-    )?;
-    tracing::info!(report = %report.display(), html = %html.display(), "report written");
-    if let Some(((_, Some(failed)), _)) = &verdict {
-        return Err(format!(
-            "retention gate failed ({} written): {failed}",
-            report.display()
-        )
-        .into());
-    }
-    Ok(report.to_path_buf())
 }

@@ -14,17 +14,19 @@ use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::RunConfig;
-use crate::dist::{agree, parameter_fingerprint, GradSync, Single};
-use crate::train::{train_dist, Optim, StepLog};
+use bapo_train::dist::{agree, parameter_fingerprint, GradSync, Single};
+use bapo_train::train::{train_dist, Optim, StepLog};
 
 pub use crate::cache::Numerics;
 use crate::checkpoint::{resume_from, save_checkpoint, Weights};
-use crate::figure::training_figure;
-use crate::gate::GateSpec;
 use crate::prepare::{prepare, Prepared, Shared};
-use crate::report::{eval_report, full_eval, weight_change_norms, EvalExtras};
+use bapo_eval::figure::training_figure;
+use bapo_eval::gate::GateSpec;
+use bapo_eval::heldout::{full_eval, weight_change_norms, EvalExtras};
 
-pub use crate::io::{write_atomic, RunError};
+use crate::eval_job::eval_report;
+
+pub use bapo_train::io::{write_atomic, RunError};
 
 /// Runs the whole job described by `run`.
 ///
@@ -194,7 +196,7 @@ fn evaluate_base<'a, B: AutodiffBackend>(
 ) -> Result<(EvalExtras<'a>, BaseEval), RunError> {
     let mut eos_ids = p.config.eos_token_ids.clone();
     eos_ids.push(p.eos);
-    let encode = crate::encoder(tok);
+    let encode = bapo_train::encoder(tok);
     let items = if all_items {
         0
     } else {
@@ -202,8 +204,8 @@ fn evaluate_base<'a, B: AutodiffBackend>(
     };
     let mut extras = EvalExtras {
         sets: {
-            let mut sets = crate::eval::load_knowledge(&run.eval.knowledge, items)?;
-            crate::eval::with_system_turns(&mut sets, &run.eval.system_turns);
+            let mut sets = bapo_eval::knowledge::load_knowledge(&run.eval.knowledge, items)?;
+            bapo_eval::knowledge::with_system_turns(&mut sets, &run.eval.system_turns);
             sets
         },
         formats: run.eval.formats()?,
@@ -245,17 +247,23 @@ fn evaluate_base<'a, B: AutodiffBackend>(
         template,
     };
     let context = p.config.max_position_embeddings;
-    crate::eval::check_knowledge_context(&extras.sets, &extras.formats, tok, template, context)?;
+    bapo_eval::knowledge::check_knowledge_context(
+        &extras.sets,
+        &extras.formats,
+        tok,
+        template,
+        context,
+    )?;
     let t0 = std::time::Instant::now();
     let mut metrics = if p.eval_enc.is_empty() {
         BTreeMap::new()
     } else {
-        crate::report::evaluate(
+        bapo_eval::heldout::evaluate(
             &p.reference,
             None,
             &p.eval_enc,
             &p.refs.eval,
-            run,
+            run.eval_settings(),
             p.eos,
             device,
         )
@@ -284,12 +292,12 @@ fn evaluate_base<'a, B: AutodiffBackend>(
         &run.output.dir.join("eval_base.cache.json"),
         key,
         &p.refs.numerics,
-        || crate::report::extras_eval(&p.reference, run, device, &extras),
+        || bapo_eval::heldout::extras_eval(&p.reference, run.eval_settings(), device, &extras),
     )?;
     metrics.extend(extra);
     if !extras.out_prompts.is_empty() {
         extras.base_output = Some(bapo_drift::OutputStats::new(&answers));
-        extras.base_answers = Some(crate::report::decode_all(tok, &answers)?);
+        extras.base_answers = Some(bapo_eval::heldout::decode_all(tok, &answers)?);
     }
     extras.base_knowledge = Some(results);
     tracing::info!(secs = t0.elapsed().as_secs_f64(), "base model evaluated");
@@ -364,7 +372,7 @@ fn fit<B: AutodiffBackend>(
         let policy = match res {
             Ok(policy) => policy,
             // Every rank stopped after the same step; rank 0 reports it.
-            Err(crate::train::TrainError::Interrupted { .. }) => return Ok(out.clone()),
+            Err(bapo_train::train::TrainError::Interrupted { .. }) => return Ok(out.clone()),
             Err(e) => return Err(format!("rank {}: {e}", sync.rank()).into()),
         };
         agree(sync, parameter_fingerprint(&policy))?;
@@ -391,7 +399,7 @@ fn fit<B: AutodiffBackend>(
                 Some(reference),
                 &p.eval_enc,
                 &p.refs.eval,
-                run,
+                run.eval_settings(),
                 eos,
                 device,
                 extras,
@@ -441,7 +449,7 @@ fn fit<B: AutodiffBackend>(
         ));
         last = row.clone();
         // Ctrl-C: the loop stops before the next step; save this one so `--resume` continues.
-        if (crate::train::stop_requested()
+        if (bapo_train::train::stop_requested()
             || (run.output.save_steps > 0 && l.step.is_multiple_of(run.output.save_steps)))
             && l.step < run.train.max_steps
         {
@@ -481,7 +489,7 @@ fn fit<B: AutodiffBackend>(
     }
     let policy = match trained {
         Ok(policy) => policy,
-        Err(crate::train::TrainError::Interrupted { step }) => {
+        Err(bapo_train::train::TrainError::Interrupted { step }) => {
             let ckpt = out.join(format!("checkpoint-{step}"));
             return Err(if ckpt.exists() {
                 format!(
@@ -520,7 +528,7 @@ fn fit<B: AutodiffBackend>(
 fn write_dist_report<B: AutodiffBackend>(
     out: &Path,
     policy: &Llama<B>,
-    cfg: &crate::train::TrainConfig,
+    cfg: &bapo_train::train::TrainConfig,
     sync: &mut dyn GradSync<B::InnerBackend>,
 ) -> Result<(), RunError> {
     let identical = agree(sync, parameter_fingerprint(policy))?;
@@ -530,7 +538,7 @@ fn write_dist_report<B: AutodiffBackend>(
         "world_size": world,
         "global_batch_pairs": cfg.batch_size * cfg.grad_accum,
         "pairs_per_rank_per_micro_batch": (0..world)
-            .map(|r| crate::dist::rank_slice(cfg.batch_size, r, world).len())
+            .map(|r| bapo_train::dist::rank_slice(cfg.batch_size, r, world).len())
             .collect::<Vec<_>>(),
         "replicas_identical": identical,
     });

@@ -5,9 +5,9 @@ use bapo_data::{BaseResponse, ChatTemplate, EncodeConfig, PreferenceExample};
 use bapo_model::{generate, GenerationConfig, Llama, Tokenizer};
 use burn::tensor::backend::Backend;
 
-use crate::concurrent::default_threads;
 use crate::config::RunConfig;
-use crate::io::{bar, RunError};
+use bapo_train::concurrent::default_threads;
+use bapo_train::io::{bar, RunError};
 
 /// One decoded generation.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +57,7 @@ pub fn generate_texts<B: Backend>(
             })
             .collect()
     };
-    let parts = crate::concurrent::map_ordered(&chunks, default_threads(), one, |i, _| {
+    let parts = bapo_train::concurrent::map_ordered(&chunks, default_threads(), one, |i, _| {
         pb.inc(chunks[i].1.len() as u64)
     });
     pb.finish_and_clear();
@@ -116,7 +116,7 @@ pub(crate) fn base_responses<B: Backend>(
     context: usize,
     device: &B::Device,
 ) -> Result<(Vec<String>, Vec<BaseResponse>), RunError> {
-    let encode = crate::encoder(tok);
+    let encode = bapo_train::encoder(tok);
     let mut prompts = Vec::with_capacity(examples.len());
     for (i, e) in examples.iter().enumerate() {
         let ids = bapo_data::preference::prompt_ids(template, &encode, &e.prompt, e.line)?;

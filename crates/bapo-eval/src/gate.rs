@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use bapo_drift::gate::gate;
 pub use bapo_drift::gate::{GateLimits, GateRow};
 
-use crate::eval::KnowledgeResults;
-use crate::io::RunError;
+use crate::knowledge::KnowledgeResults;
+use bapo_train::io::RunError;
 
 /// Why a gate without a personalised model is refused (the CLI says it before any work).
 pub const NEEDS_ADAPTER: &str = "the retention gate (--max-drop / --max-margin-drop) needs \
@@ -64,7 +64,7 @@ fn baseline_items(path: &Path) -> Result<KnowledgeResults, RunError> {
 }
 
 /// The gate's rows for `policy` against the baseline (or `base`), and its JSON for the report.
-pub(crate) fn run_gate(
+pub fn run_gate(
     spec: &GateSpec,
     base: &KnowledgeResults,
     policy: &KnowledgeResults,
@@ -88,7 +88,7 @@ pub(crate) fn run_gate(
 }
 
 /// One line per set and format, and the failures as one message (`None`: all passed).
-pub(crate) fn gate_table(rows: &[GateRow], limits: GateLimits) -> (String, Option<String>) {
+pub fn gate_table(rows: &[GateRow], limits: GateLimits) -> (String, Option<String>) {
     let ci = |c: [f64; 2]| format!("[{:+.3}, {:+.3}]", c[0], c[1]);
     let mut table = format!(
         "{:<32} {:>5} {:>9} {:>18} {:>11} {:>18} {:>11} {:>9}  verdict\n",

@@ -132,6 +132,47 @@ pub fn line_of(text: &str, key: &str) -> Option<usize> {
     None
 }
 
+impl RunConfig {
+    /// Range checks of every numeric key, then cross-field checks.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_ranges(self)?;
+        let bad = |key: &str, what: String| Invalid {
+            key: key.into(),
+            what,
+        };
+        self.train
+            .anchor
+            .parse::<bapo_objective::Anchor>()
+            .map_err(|e| bad("train.anchor", format!("is invalid: {e}")))?;
+        self.train
+            .objective()
+            .map_err(|e| bad("train.loss_type", format!("is invalid: {e}")))?;
+        self.data
+            .truncation()
+            .map_err(|e| bad("data.truncation_mode", format!("is invalid: {e}")))?;
+        if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
+            return Err(bad(
+                "data.eval_fraction",
+                "must be 0 because data.eval is set (one held-out split, not two)".into(),
+            ));
+        }
+        if self.data.users.as_ref().is_some_and(Vec::is_empty) {
+            return Err(bad(
+                "data.users",
+                "is empty: list at least one user, or leave it out".into(),
+            ));
+        }
+        if let Some(l) = &self.lora {
+            l.validate()
+                .map_err(|e| bad("lora.target_modules", format!("is invalid: {e}")))?;
+        }
+        self.eval
+            .formats()
+            .map_err(|e| bad("eval.formats", format!("is invalid: {e}")))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use crate::io::RunError;
+use bapo_train::io::RunError;
 
 /// The training figure (`training.svg` / `.png` in the run directory): knowledge accuracy, the
 /// gold answer's margin, drift from the reference and preference accuracy against steps, with
 /// the base model as step 0.
-pub(crate) fn training_figure(
+pub fn training_figure(
     out: &Path,
     base: &serde_json::Value,
     rows: &[serde_json::Value],

@@ -14,9 +14,9 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::checkpoint::latest_checkpoint;
 use crate::config::RunConfig;
-use crate::io::{write_atomic, RunError};
 use crate::prepare::{prepare, split_data, Shared};
 use crate::run::{run_job, Mode};
+use bapo_train::io::{write_atomic, RunError};
 
 /// `--shard i/n`: this process trains the users at positions i-1, i-1+n, i-1+2n, ... of the
 /// sorted user list (1-based, like `cargo nextest --partition count:i/n`).
@@ -122,7 +122,9 @@ pub enum Job {
     /// Evaluate each user's adapter, as `bapo eval --adapter users/<user>/adapter` would, into
     /// `users/<user>/report.{json,html}`, with the retention gate when given; then
     /// `users_report.json` and the index `report.html` beside `users/`.
-    Eval { gate: Option<crate::gate::GateSpec> },
+    Eval {
+        gate: Option<bapo_eval::gate::GateSpec>,
+    },
 }
 
 /// Trains (or evaluates) every selected user (see the module docs); returns the summary's
@@ -218,7 +220,7 @@ pub fn run_per_user<B: AutodiffBackend>(
             row["seconds"] = t0.elapsed().as_secs_f64().into();
             match res {
                 Ok(_) => row["status"] = "trained".into(),
-                Err(e) if crate::train::stop_requested() => {
+                Err(e) if bapo_train::train::stop_requested() => {
                     write_summary(&summary_path, spec, &rows)?;
                     return Err(format!("user {user}: {e}").into());
                 }
@@ -239,7 +241,10 @@ pub fn run_per_user<B: AutodiffBackend>(
     eprintln!("{}", summary_table(&rows));
     if let Job::Eval { .. } = job {
         let index = out.join(format!("report{tag}.html"));
-        write_atomic(&index, crate::html::index_page(&rows, &COLUMNS).as_bytes())?;
+        write_atomic(
+            &index,
+            bapo_eval::html::index_page(&rows, &COLUMNS).as_bytes(),
+        )?;
         tracing::info!(index = %index.display(), "per-user report written");
     }
     if !failed.is_empty() {
@@ -264,7 +269,7 @@ pub fn run_per_user<B: AutodiffBackend>(
 fn eval_user<B: AutodiffBackend>(
     user_run: &RunConfig,
     device: &B::Device,
-    gate: Option<crate::gate::GateSpec>,
+    gate: Option<bapo_eval::gate::GateSpec>,
     shared: &Shared,
 ) -> Result<serde_json::Value, RunError> {
     let dir = &user_run.output.dir;
@@ -325,7 +330,7 @@ fn heterogeneity(
     file: &Path,
     shared: &Shared,
 ) -> serde_json::Value {
-    let refs: Vec<crate::train::ReferenceLogps> = train_ex
+    let refs: Vec<bapo_train::train::ReferenceLogps> = train_ex
         .iter()
         .filter_map(|e| shared.reference(file, e.line).copied())
         .collect();
@@ -349,7 +354,7 @@ fn heterogeneity(
 }
 
 /// Mean over pairs of the per-token reference log-prob of rejected minus chosen.
-pub fn logp_gap(refs: &[crate::train::ReferenceLogps]) -> Option<f64> {
+pub fn logp_gap(refs: &[bapo_train::train::ReferenceLogps]) -> Option<f64> {
     if refs.is_empty() {
         return None;
     }
@@ -493,7 +498,7 @@ mod tests {
 
     #[test]
     fn logp_gap_is_the_mean_per_token_rejected_minus_chosen() {
-        let r = |c: f64, rj: f64| crate::train::ReferenceLogps {
+        let r = |c: f64, rj: f64| bapo_train::train::ReferenceLogps {
             sum: [0.0; 3],
             mean: [c, rj, -1.0],
         };

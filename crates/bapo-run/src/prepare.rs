@@ -19,8 +19,8 @@ use crate::cache::{
 };
 use crate::config::{expand_path, RunConfig};
 use crate::generation::base_responses;
-use crate::io::{bar, write_atomic, RunError};
-use crate::train::{reference_logps, reference_of};
+use bapo_train::io::{bar, write_atomic, RunError};
+use bapo_train::train::{reference_logps, reference_of};
 
 /// The data and the reference's numbers, ready for training or evaluation.
 pub(crate) struct Prepared<B: AutodiffBackend> {
@@ -64,7 +64,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     } = bapo_model::load_pretrained::<B>(&model_path, device)?;
     tracing::info!(model = %model_path.display(), params = config.num_params(), "model loaded");
     let eos = tok.eos_id().ok_or("the tokenizer has no EOS token")?;
-    let template = crate::chat_template(&tok);
+    let template = bapo_train::chat_template(&tok);
 
     let (examples, train_ex, eval_ex) = split_data(run)?;
     let users: std::collections::BTreeSet<&str> =
@@ -93,7 +93,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     let mut fingerprint = sources.fingerprint()?;
 
     let reference = reference_of(&model);
-    let numerics = Numerics::of::<B::InnerBackend>(device);
+    let numerics = Numerics::of::<B::InnerBackend>(device, run.train.prompt_sharing);
     let mut eos_ids = config.eos_token_ids.clone();
     eos_ids.push(eos);
     let all: Vec<&PreferenceExample> = train_ex.iter().chain(&eval_ex).collect();
@@ -205,7 +205,7 @@ impl Sources<'_> {
             ("train", train_ex, &run.data.train),
             ("eval", eval_ex, self.eval_file()),
         ] {
-            let encode = crate::encoder(self.tok);
+            let encode = bapo_train::encoder(self.tok);
             let (_, s) = encode_examples(ex, None, self.template, &encode, self.eos, self.enc_cfg)?;
             let mut lines = s.dropped_prompt_too_long;
             lines.sort_unstable();
@@ -312,7 +312,7 @@ impl Sources<'_> {
         eval_ex: &[PreferenceExample],
         anchors: &AnchorCache,
     ) -> Result<(Vec<EncodedExample>, Vec<EncodedExample>), RunError> {
-        let encode = crate::encoder(self.tok);
+        let encode = bapo_train::encoder(self.tok);
         let (train_bases, eval_bases) = anchors.responses.split_at(train_ex.len());
         let cut = anchors.cut_fraction(0..train_ex.len());
         if cut > 0.0 {
@@ -373,7 +373,7 @@ fn split_keys(
 pub(crate) struct Shared {
     numerics: Numerics,
     bases: std::collections::HashMap<(PathBuf, usize), (String, bapo_data::BaseResponse)>,
-    refs: std::collections::HashMap<(PathBuf, usize), crate::train::ReferenceLogps>,
+    refs: std::collections::HashMap<(PathBuf, usize), bapo_train::train::ReferenceLogps>,
 }
 
 impl Shared {
@@ -415,7 +415,7 @@ impl Shared {
         &self,
         file: &Path,
         line: usize,
-    ) -> Option<&crate::train::ReferenceLogps> {
+    ) -> Option<&bapo_train::train::ReferenceLogps> {
         self.refs.get(&(file.to_path_buf(), line))
     }
 
@@ -514,10 +514,11 @@ fn reference_cache<B: burn::tensor::backend::Backend>(
     }
     let pb = bar(train_enc.len() + eval_enc.len(), "reference log-probs");
     let bs = run.train.batch_size.max(1) * 2;
-    let train = reference_logps(reference, train_enc, bs, eos, device, |n| {
+    let share = run.train.prompt_sharing;
+    let train = reference_logps(reference, train_enc, bs, eos, share, device, |n| {
         pb.set_position(n as u64)
     });
-    let eval = reference_logps(reference, eval_enc, bs, eos, device, |n| {
+    let eval = reference_logps(reference, eval_enc, bs, eos, share, device, |n| {
         pb.set_position((train_enc.len() + n) as u64)
     });
     pb.finish_and_clear();

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::train::ReferenceLogps;
+use bapo_train::train::ReferenceLogps;
 
 /// sha256 of a file, or of every file in a directory (sorted by name).
 pub(crate) fn hash_path(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
@@ -52,11 +52,11 @@ pub struct Numerics {
 }
 
 impl Numerics {
-    /// This process's numerics on backend `B`.
-    pub fn of<B: Backend>(device: &B::Device) -> Self {
+    /// The numerics of backend `B` with prompt sharing on or off (`train.prompt_sharing`).
+    pub fn of<B: Backend>(device: &B::Device, prompt_sharing: bool) -> Self {
         Self {
             backend: B::name(device),
-            logps: if crate::logps::prompt_sharing() {
+            logps: if prompt_sharing {
                 "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated, prompts shared (v4)"
             } else {
                 "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated (v3)"
@@ -146,7 +146,7 @@ pub(crate) fn read_cache<T: for<'de> Deserialize<'de>>(
 pub(crate) struct BaseEvalCache {
     pub(crate) fingerprint: String,
     pub(crate) numerics: Numerics,
-    pub(crate) outcome: crate::report::EvalOutcome,
+    pub(crate) outcome: bapo_eval::heldout::EvalOutcome,
 }
 
 /// The base evaluation's fingerprint: the reference cache's (model, data, seed, encoding), the
@@ -157,7 +157,7 @@ pub(crate) fn base_eval_key(
     reference: &str,
     run: &crate::config::RunConfig,
     outputs: &impl Serialize,
-) -> Result<String, crate::io::RunError> {
+) -> Result<String, bapo_train::io::RunError> {
     let mut h = Sha256::new();
     h.update(reference.as_bytes());
     let model = crate::config::expand_path(&run.model.path);
@@ -176,8 +176,8 @@ pub(crate) fn base_eval(
     path: &Path,
     fingerprint: String,
     numerics: &Numerics,
-    compute: impl FnOnce() -> Result<crate::report::EvalOutcome, crate::io::RunError>,
-) -> Result<crate::report::EvalOutcome, crate::io::RunError> {
+    compute: impl FnOnce() -> Result<bapo_eval::heldout::EvalOutcome, bapo_train::io::RunError>,
+) -> Result<bapo_eval::heldout::EvalOutcome, bapo_train::io::RunError> {
     if let Some(c) = read_cache::<BaseEvalCache>(path, &fingerprint, numerics, |c| {
         (&c.fingerprint, &c.numerics)
     }) {
@@ -191,7 +191,7 @@ pub(crate) fn base_eval(
         outcome,
     };
     match serde_json::to_vec(&c) {
-        Ok(bytes) => crate::io::write_atomic(path, &bytes)?,
+        Ok(bytes) => bapo_train::io::write_atomic(path, &bytes)?,
         Err(e) => tracing::warn!(cache = %path.display(), "base evaluation not cached: {e}"),
     }
     Ok(c.outcome)

@@ -1,0 +1,163 @@
+//! The run configuration (`configs/*.toml`): model, data, anchors, LoRA, training, output.
+//! Types only: [`crate::load`] reads a file into them, [`crate::validate`] checks them.
+
+use std::path::PathBuf;
+
+use bapo_data::TruncationMode;
+use serde::{Deserialize, Serialize};
+
+pub use bapo_eval::EvalSection;
+use bapo_train::lora::LoraConfig;
+use bapo_train::train::TrainConfig;
+
+/// Everything `bapo train` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Compute backend the `bapo` binary runs this config on (`ndarray`, `flex`, `wgpu`,
+    /// `cuda`) unless `--backend` says otherwise; the library ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub anchor: AnchorSection,
+    /// Absent: full fine-tuning.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Drift and knowledge metrics at every `eval_steps` (absent: preference metrics only).
+    #[serde(default)]
+    pub eval: EvalSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF checkpoint directory or `.gguf` file; `~` and `$BAPO_CACHE`/`${BAPO_CACHE}` expand.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Preference JSONL (TRL standard or conversational shape), relative to the config file.
+    pub train: PathBuf,
+    /// A held-out preference file (relative to the config file). When set, it is the eval
+    /// split and `eval_fraction` must be 0.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Keep only pairs whose `user` is one of these (both files); absent keeps every pair.
+    #[serde(default)]
+    pub users: Option<Vec<String>>,
+    /// Fraction of pairs held out for evaluation (seeded split).
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    #[serde(default = "default_truncation")]
+    pub truncation_mode: String,
+    /// A pair whose prompt alone leaves no room for a completion token within `max_length`
+    /// is an error (naming the file and lines) unless this is set: then it is skipped with a
+    /// warning. Setting `max_prompt_length` instead truncates such prompts (TRL's behaviour).
+    #[serde(default)]
+    pub drop_long_prompts: bool,
+}
+
+fn default_eval_fraction() -> f64 {
+    0.1
+}
+fn default_max_length() -> usize {
+    256
+}
+fn default_truncation() -> String {
+    "keep_end".into()
+}
+
+impl DataSection {
+    pub fn truncation(&self) -> Result<TruncationMode, String> {
+        match self.truncation_mode.as_str() {
+            "keep_end" => Ok(TruncationMode::KeepEnd),
+            "keep_start" => Ok(TruncationMode::KeepStart),
+            other => Err(format!(
+                "data.truncation_mode: `{other}` (keep_end or keep_start)"
+            )),
+        }
+    }
+}
+
+/// How the reference model answers the training prompts (the base responses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnchorSection {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    /// Prompts per generation batch.
+    pub batch_size: usize,
+}
+
+impl Default for AnchorSection {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            batch_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory (anchors, caches, metrics, checkpoints), relative to the working directory.
+    pub dir: PathBuf,
+    #[serde(default = "default_eval_steps")]
+    pub eval_steps: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub save_steps: usize,
+}
+
+fn default_eval_steps() -> usize {
+    10
+}
+
+/// A configuration error with its location.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {what}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub what: String,
+}
+
+/// Expands `~/` and `$BAPO_CACHE` (default `~/.cache/bapo`) in a model path.
+pub fn expand_path(p: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cache = std::env::var("BAPO_CACHE").unwrap_or_else(|_| format!("{home}/.cache/bapo"));
+    let s = p
+        .replace("${BAPO_CACHE}", &cache)
+        .replace("$BAPO_CACHE", &cache);
+    match s.strip_prefix("~/") {
+        Some(rest) => PathBuf::from(home).join(rest),
+        None => PathBuf::from(s),
+    }
+}
+
+impl RunConfig {
+    /// What evaluation reads of this config: the eval section and the objective's settings.
+    pub fn eval_settings(&self) -> bapo_eval::EvalSettings<'_> {
+        bapo_eval::EvalSettings {
+            eval: &self.eval,
+            train: &self.train,
+        }
+    }
+}
