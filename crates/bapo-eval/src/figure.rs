@@ -90,4 +90,5 @@ pub fn training_figure(
         "bapo training: personalisation vs retention",
         &panels,
     )
+    .map_err(RunError::from)
 }

@@ -161,3 +161,9 @@ impl RunConfig {
         }
     }
 }
+
+impl From<ConfigError> for bapo_train::io::RunError {
+    fn from(e: ConfigError) -> Self {
+        Self::Other(Box::new(e))
+    }
+}

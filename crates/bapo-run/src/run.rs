@@ -419,7 +419,7 @@ fn fit<B: AutodiffBackend>(
                             &out.join("knowledge_items.json"),
                             doc.to_string().as_bytes(),
                         ) {
-                            write_err.get_or_insert(Box::new(e));
+                            write_err.get_or_insert(RunError::from(e));
                         }
                     }
                 }
@@ -432,7 +432,7 @@ fn fit<B: AutodiffBackend>(
             row["eval_weight_distance"] = serde_json::json!(wd.global);
         }
         if let Err(e) = writeln!(log, "{row}").and_then(|_| log.flush()) {
-            write_err.get_or_insert(Box::new(e));
+            write_err.get_or_insert(RunError::from(e));
         }
         tracing::debug!(
             step = l.step,

@@ -137,10 +137,7 @@ pub fn run_local_peers<B: Backend, T: Send>(
                         };
                         if let Err(e) = &res {
                             // A peer stopped because another failed is not the cause.
-                            if !matches!(
-                                e.downcast_ref::<SyncError>(),
-                                Some(SyncError::PeerFailed { .. })
-                            ) {
+                            if !matches!(e, RunError::Sync(SyncError::PeerFailed { .. })) {
                                 failure.set(rank, e.to_string());
                             }
                         }
