@@ -136,9 +136,9 @@ pub fn slope_verdict(seeds: usize, ci: Option<[f64; 2]>) -> String {
 }
 
 /// Per-item pooled chat-format margins and correctness of a run, and its base model's.
-type Pooled = (Vec<(f64, bool)>, Vec<(f64, bool)>);
-/// Seed → per-item (margin, correct).
-type SeedItems = BTreeMap<u64, Vec<(f64, bool)>>;
+type Pooled = (Vec<(String, f64, bool)>, Vec<(String, f64, bool)>);
+/// Seed → the pooled items of one run: (item id, gold margin, correct), in a fixed order.
+type SeedItems = BTreeMap<u64, Vec<(String, f64, bool)>>;
 
 fn pooled(dir: &Path) -> Result<Option<Pooled>, RunError> {
     if !dir.join("knowledge_items.json").exists() {
@@ -148,37 +148,77 @@ fn pooled(dir: &Path) -> Result<Option<Pooled>, RunError> {
     let f = |i: &super::stats::Items| {
         pooled_chat(i)
             .iter()
-            .map(|r| (r.margin, r.correct))
+            .map(|r| (r.id.clone(), r.margin, r.correct))
             .collect::<Vec<_>>()
     };
     Ok(Some((f(&base), f(&policy))))
 }
 
+/// The means of `a` and of `b` over the seeds both have (`None` where none is shared).
+fn shared_means(a: &BTreeMap<u64, f64>, b: &BTreeMap<u64, f64>) -> (Option<f64>, Option<f64>) {
+    let shared: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
+    let mean = |x: &BTreeMap<u64, f64>| {
+        (!shared.is_empty()).then(|| shared.iter().map(|s| x[s]).sum::<f64>() / shared.len() as f64)
+    };
+    (mean(a), mean(b))
+}
+
+/// Whether two runs scored the same items in the same order; an error naming the seed and
+/// the first item where they part otherwise (a pairing by position would be meaningless).
+fn same_items(
+    seed: u64,
+    a: &[(String, f64, bool)],
+    b: &[(String, f64, bool)],
+) -> Result<(), RunError> {
+    if let Some(i) =
+        (0..a.len().max(b.len())).find(|&i| a.get(i).map(|x| &x.0) != b.get(i).map(|x| &x.0))
+    {
+        return Err(format!(
+            "seed {seed}: knowledge items differ at position {i} ({:?} vs {:?}; {} vs {} items): \
+             the runs cannot be paired",
+            a.get(i).map(|x| &x.0),
+            b.get(i).map(|x| &x.0),
+            a.len(),
+            b.len()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// `b − a` per item, averaged over the seeds both have; the bootstrap interval of its mean,
-/// and McNemar on the flips summed over those seeds.
-fn paired_over_seeds(a: &SeedItems, b: &SeedItems) -> Option<Value> {
+/// and McNemar on the flips summed over those seeds. `None` when no seed is shared; an error
+/// when a shared seed's runs scored different items.
+fn paired_over_seeds(a: &SeedItems, b: &SeedItems) -> Result<Option<Value>, RunError> {
     let seeds: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
-    let n = a.get(seeds.first()?)?.len();
-    if seeds.iter().any(|s| a[s].len() != n || b[s].len() != n) || n == 0 {
-        return None;
+    let Some(first) = seeds.first() else {
+        return Ok(None);
+    };
+    for s in &seeds {
+        same_items(*s, &a[s], &b[s])?;
+        same_items(*s, &a[first], &a[s])?;
+    }
+    let n = a[first].len();
+    if n == 0 {
+        return Ok(None);
     }
     let mut d = vec![0.0; n];
     let (mut lost, mut gained) = (0, 0);
     for s in &seeds {
-        for (i, ((ma, ca), (mb, cb))) in a[s].iter().zip(&b[s]).enumerate() {
+        for (i, ((_, ma, ca), (_, mb, cb))) in a[s].iter().zip(&b[s]).enumerate() {
             d[i] += (mb - ma) / seeds.len() as f64;
             lost += usize::from(*ca && !*cb);
             gained += usize::from(!*ca && *cb);
         }
     }
     let mean = d.iter().sum::<f64>() / n as f64;
-    Some(json!({
+    Ok(Some(json!({
         "seeds": seeds,
         "items": n,
         "delta_margin": mean,
         "ci95": bootstrap_ci95(&d, BOOTSTRAP_REPS, SEED),
         "mcnemar": {"lost": lost, "gained": gained, "p": bapo_drift::gate::mcnemar_exact(lost, gained)},
-    }))
+    })))
 }
 
 fn ci(v: &Value) -> Option<[f64; 2]> {
@@ -215,21 +255,30 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
         // method → seed → items; the base model's items per seed.
         let mut items: BTreeMap<&str, SeedItems> = BTreeMap::new();
         let mut base: SeedItems = BTreeMap::new();
-        let mut success: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        // method → seed → toward-pole success.
+        let mut success: BTreeMap<&str, BTreeMap<u64, f64>> = BTreeMap::new();
         for r in &runs {
             if let Some((b, p)) = pooled(&r.dir)? {
                 base.entry(r.seed).or_insert(b);
                 items.entry(&r.method).or_default().insert(r.seed, p);
             }
             if let Some(s) = r.metrics.get("eval_personalisation/success") {
-                success.entry(&r.method).or_default().push(*s);
+                success.entry(&r.method).or_default().insert(r.seed, *s);
             }
         }
         let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        let dpo_success = success.get("dpo").and_then(|v| mean(v));
+        // Mean success of `method` and of DPO over the seeds both ran (the matched-
+        // personalisation check compares like with like).
+        let success_pair = |method: &str| match (success.get(method), success.get("dpo")) {
+            (Some(m), Some(d)) => shared_means(m, d),
+            (m, _) => (
+                m.and_then(|m| mean(&m.values().copied().collect::<Vec<_>>())),
+                None,
+            ),
+        };
         let mut methods = Vec::new();
         for (method, per_seed) in &items {
-            let Some(vs_base) = paired_over_seeds(&base, per_seed) else {
+            let Some(vs_base) = paired_over_seeds(&base, per_seed)? else {
                 continue;
             };
             for (seed, p) in per_seed {
@@ -239,7 +288,8 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
                 let (Some(gap), n) = (c["logp_gap"].as_f64(), p.len().max(1)) else {
                     continue;
                 };
-                let loss = -p.iter().zip(b).map(|(x, y)| x.0 - y.0).sum::<f64>() / n as f64;
+                same_items(*seed, b, p)?;
+                let loss = -p.iter().zip(b).map(|(x, y)| x.1 - y.1).sum::<f64>() / n as f64;
                 slope_pts
                     .entry(method.to_string())
                     .or_default()
@@ -247,17 +297,17 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
                     .or_default()
                     .push((gap, loss));
             }
-            let s = success.get(method).and_then(|v| mean(v));
-            let vs_dpo = (*method != "dpo")
-                .then(|| {
-                    items
-                        .get("dpo")
-                        .and_then(|d| paired_over_seeds(d, per_seed))
-                })
-                .flatten();
+            let s = success
+                .get(method)
+                .and_then(|v| mean(&v.values().copied().collect::<Vec<_>>()));
+            let (s_shared, dpo_success) = success_pair(method);
+            let vs_dpo = match (*method != "dpo", items.get("dpo")) {
+                (true, Some(d)) => paired_over_seeds(d, per_seed)?,
+                _ => None,
+            };
             let verdict = vs_dpo.as_ref().map(|d| {
                 let mut why = Vec::new();
-                match (s, dpo_success) {
+                match (s_shared, dpo_success) {
                     (Some(s), Some(ds)) if s >= ds - MATCH_POINTS => {}
                     (Some(s), Some(ds)) => why.push(format!(
                         "toward-pole success {:.0} % vs DPO's {:.0} %: not matched",
@@ -442,24 +492,51 @@ mod tests {
         assert_eq!(slope_verdict(3, Some([-0.04, 0.06])), "inconclusive");
     }
 
+    /// The matched-personalisation check compares a method with DPO on the seeds both ran.
+    #[test]
+    fn success_is_compared_on_shared_seeds() {
+        let bapo: BTreeMap<u64, f64> = [(0, 0.5), (1, 0.7)].into();
+        let dpo: BTreeMap<u64, f64> = [(0, 0.6), (1, 0.8), (2, 0.1)].into();
+        let (a, b) = shared_means(&bapo, &dpo);
+        assert!((a.unwrap() - 0.6).abs() < 1e-12);
+        assert!(
+            (b.unwrap() - 0.7).abs() < 1e-12,
+            "seed 2 is DPO's alone: left out"
+        );
+        assert_eq!(shared_means(&bapo, &[(5, 1.0)].into()), (None, None));
+    }
+
     #[test]
     fn paired_over_seeds_averages_items_and_sums_flips() {
-        let a: BTreeMap<u64, Vec<(f64, bool)>> = [
-            (0, vec![(1.0, true), (0.0, false)]),
-            (1, vec![(1.0, true), (0.0, false)]),
+        let it = |v: [(f64, bool); 2]| -> Vec<(String, f64, bool)> {
+            v.iter()
+                .enumerate()
+                .map(|(i, &(m, c))| (format!("capitals/{i}"), m, c))
+                .collect()
+        };
+        let a: SeedItems = [
+            (0, it([(1.0, true), (0.0, false)])),
+            (1, it([(1.0, true), (0.0, false)])),
         ]
         .into();
-        let b: BTreeMap<u64, Vec<(f64, bool)>> = [
-            (0, vec![(0.0, false), (1.0, true)]),
-            (1, vec![(2.0, true), (0.0, false)]),
-            (2, vec![(9.0, true), (9.0, true)]),
+        let mut b: SeedItems = [
+            (0, it([(0.0, false), (1.0, true)])),
+            (1, it([(2.0, true), (0.0, false)])),
+            (2, it([(9.0, true), (9.0, true)])),
         ]
         .into();
-        let v = paired_over_seeds(&a, &b).unwrap();
+        let v = paired_over_seeds(&a, &b).unwrap().unwrap();
         assert_eq!(v["seeds"], json!([0, 1]), "only the seeds both have");
         // Item 0: (-1 + 1) / 2 = 0; item 1: (1 + 0) / 2 = 0.5.
         assert!((v["delta_margin"].as_f64().unwrap() - 0.25).abs() < 1e-12);
         assert_eq!(v["mcnemar"]["lost"], 1);
         assert_eq!(v["mcnemar"]["gained"], 1);
+        // Same lengths, other items (reordered): an error naming the seed, not a pairing.
+        b.get_mut(&1).unwrap().swap(0, 1);
+        let e = paired_over_seeds(&a, &b).unwrap_err().to_string();
+        assert!(e.contains("seed 1") && e.contains("capitals/0"), "{e}");
+        // Disjoint seeds: nothing to pair.
+        let c: SeedItems = [(7, it([(0.0, true), (0.0, true)]))].into();
+        assert!(paired_over_seeds(&a, &c).unwrap().is_none());
     }
 }

@@ -204,15 +204,25 @@ pub(crate) fn markdown(comparisons: &[Value]) -> String {
     md
 }
 
-/// Two-sided 95 % Student-t quantile for `df` degrees of freedom.
+/// Two-sided 95 % Student-t quantile for `df` degrees of freedom: the exact table to 30, then
+/// the Cornish-Fisher expansion in 1/df (within 2e-4 of the exact value at 31 and closer after;
+/// not the normal's 1.96, which understates the interval by 6 % at 11 df).
 pub(crate) fn t95(df: usize) -> f64 {
-    const T: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
     ];
-    if df == 0 {
-        f64::NAN
-    } else {
-        T.get(df - 1).copied().unwrap_or(1.96)
+    match df {
+        0 => f64::NAN,
+        1..=30 => T[df - 1],
+        _ => {
+            let (z, n) = (1.959_963_984_540_054_f64, df as f64);
+            z + (z.powi(3) + z) / (4.0 * n)
+                + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * n * n)
+                + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z)
+                    / (384.0 * n.powi(3))
+        }
     }
 }
 
@@ -232,4 +242,32 @@ pub(crate) fn stat(v: &[f64]) -> Stat {
         t95(n - 1) * (var / n as f64).sqrt()
     });
     Stat { mean, ci95, n }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Student-t 95 % quantiles (two-sided) against published values, above 10 df included.
+    #[test]
+    fn t95_matches_the_t_table() {
+        for (df, want) in [
+            (1, 12.706),
+            (10, 2.228),
+            (11, 2.201),
+            (30, 2.042),
+            (31, 2.040),
+            (40, 2.021),
+            (60, 2.000),
+            (120, 1.980),
+        ] {
+            assert!(
+                (t95(df) - want).abs() < 1e-3,
+                "df {df}: {} vs {want}",
+                t95(df)
+            );
+        }
+        assert!(t95(0).is_nan());
+        assert!(t95(100_000) > 1.959 && t95(100_000) < 1.961);
+    }
 }
