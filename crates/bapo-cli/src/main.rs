@@ -156,10 +156,10 @@ fn main() {
 /// The `--config` file of the command, if it has one.
 fn config_path(cmd: &Cmd) -> Option<&PathBuf> {
     match cmd {
-        Cmd::Train(cmd::train::Args { config, .. })
-        | Cmd::Eval(cmd::eval::Args { config, .. })
-        | Cmd::Anchor(cmd::anchor::Args { config, .. })
-        | Cmd::Compare(cmd::compare::Args { config, .. }) => Some(config),
+        Cmd::Train(cmd::train::Args { run, .. })
+        | Cmd::Eval(cmd::eval::Args { run, .. })
+        | Cmd::Anchor(cmd::anchor::Args { run, .. }) => Some(&run.config),
+        Cmd::Compare(cmd::compare::Args { config, .. }) => Some(config),
         _ => None,
     }
 }
@@ -216,9 +216,18 @@ fn dispatch(mut cli: Cli) -> Result<()> {
     // `--no-prompt-sharing` is the config key `train.prompt_sharing = false`, passed down with
     // the config (caches record it), for every command that reads one.
     if cli.no_prompt_sharing {
-        if let Cmd::Train(cmd::train::Args { set, .. })
-        | Cmd::Eval(cmd::eval::Args { set, .. })
-        | Cmd::Anchor(cmd::anchor::Args { set, .. })
+        if let Cmd::Train(cmd::train::Args {
+            run: cmd::ConfigArgs { set, .. },
+            ..
+        })
+        | Cmd::Eval(cmd::eval::Args {
+            run: cmd::ConfigArgs { set, .. },
+            ..
+        })
+        | Cmd::Anchor(cmd::anchor::Args {
+            run: cmd::ConfigArgs { set, .. },
+            ..
+        })
         | Cmd::Compare(cmd::compare::Args { set, .. }) = &mut cli.command
         {
             set.push("train.prompt_sharing=false".into());

@@ -9,12 +9,8 @@ use crate::prelude::*;
 /// `bapo train` reuses.
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    pub config: PathBuf,
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub run: super::ConfigArgs,
 }
 
 pub fn run<B: Backend>(
@@ -22,15 +18,7 @@ pub fn run<B: Backend>(
     device: B::Device,
     trainer: impl FnOnce(&RunConfig, &B::Device, Job) -> Result<PathBuf>,
 ) -> Result<()> {
-    let Args {
-        config,
-        output,
-        set,
-    } = args;
-    let mut cfg = RunConfig::from_file_with(&config, &set)?;
-    if let Some(o) = output {
-        cfg.output.dir = o;
-    }
+    let cfg = args.run.load()?;
     println!("{}", trainer(&cfg, &device, Job::Anchors)?.display());
     Ok(())
 }

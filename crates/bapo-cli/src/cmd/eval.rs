@@ -11,19 +11,14 @@ use bapo_eval::gate::{Baseline, GateLimits, GateSpec};
 /// item (raw and chat formats). Prints a table, writes report.json.
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub run: super::ConfigArgs,
     /// A LoRA adapter directory (`adapter/`) or a full fine-tuned HF directory (`model/`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Where the JSON report goes (default: `<output.dir>/report.json`).
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Run directory with the anchor and reference caches (default: the config's).
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub set: Vec<String>,
     /// Retention gate: exit non-zero when any knowledge set and format's accuracy fell by
     /// more than this fraction (0.02 = two points), item by item against `--baseline`, else
     /// against the base model. Needs `--adapter`.
@@ -55,11 +50,9 @@ pub fn run<B: Backend>(
     trainer: impl FnOnce(&RunConfig, &B::Device, Job) -> Result<PathBuf>,
 ) -> Result<()> {
     let Args {
-        config,
+        run,
         adapter,
         report,
-        output,
-        set,
         max_drop,
         max_margin_drop,
         baseline,
@@ -69,10 +62,7 @@ pub fn run<B: Backend>(
     } = args;
     let has_adapter = adapter.is_some() || per_user;
     let gate = gate_spec(max_drop, max_margin_drop, baseline, has_adapter)?;
-    let mut cfg = RunConfig::from_file_with(&config, &set)?;
-    if let Some(o) = output {
-        cfg.output.dir = o;
-    }
+    let cfg = run.load()?;
     if per_user {
         let spec = bapo_run::per_user::PerUser {
             users,

@@ -9,3 +9,30 @@ pub mod score;
 pub mod serve;
 pub mod synth;
 pub mod train;
+
+use crate::prelude::*;
+
+/// The run-config arguments of `train`, `eval` and `anchor`.
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    /// Run configuration (see configs/).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override `output.dir` (the run directory with the caches, checkpoints and reports).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Override any config value: `--set train.beta=0.2 --set lora.rank=16`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The config file with the `--set` overrides and `--output` applied.
+    pub fn load(&self) -> Result<RunConfig> {
+        let mut cfg = RunConfig::from_file_with(&self.config, &self.set)?;
+        if let Some(o) = &self.output {
+            cfg.output.dir = o.clone();
+        }
+        Ok(cfg)
+    }
+}

@@ -5,18 +5,11 @@ use crate::prelude::*;
 /// Personalise a model with BAPO (LoRA), as described by a TOML config.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run configuration (see configs/).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override `output.dir`.
-    #[arg(long)]
-    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: super::ConfigArgs,
     /// Override `train.max_steps`.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Override any config value: `--set train.beta=0.2 --set lora.rank=16`.
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub set: Vec<String>,
     /// Continue from the newest `checkpoint-N` in the output directory. With --per-user:
     /// skip users that finished, continue the interrupted one.
     #[arg(long)]
@@ -56,10 +49,8 @@ pub fn run<B: Backend>(
     trainer: impl FnOnce(&RunConfig, &B::Device, Job) -> Result<PathBuf>,
 ) -> Result<()> {
     let Args {
-        config,
-        output,
+        run,
         max_steps,
-        set,
         resume,
         per_user,
         users,
@@ -67,10 +58,7 @@ pub fn run<B: Backend>(
         devices: _,
         mpi,
     } = args;
-    let mut cfg = RunConfig::from_file_with(&config, &set)?;
-    if let Some(o) = output {
-        cfg.output.dir = o;
-    }
+    let mut cfg = run.load()?;
     if let Some(m) = max_steps {
         cfg.train.max_steps = m;
     }
