@@ -361,6 +361,15 @@ pub fn logp_gap(refs: &[bapo_train::train::ReferenceLogps]) -> Option<f64> {
     Some(refs.iter().map(|r| r.mean[1] - r.mean[0]).sum::<f64>() / refs.len() as f64)
 }
 
+/// [`logp_gap`] on summed log-probs (what DPO with `train.normalisation = "sum"` trains on):
+/// its sign can differ from the per-token gap's when one side is much longer.
+pub fn logp_gap_sum(refs: &[bapo_train::train::ReferenceLogps]) -> Option<f64> {
+    if refs.is_empty() {
+        return None;
+    }
+    Some(refs.iter().map(|r| r.sum[1] - r.sum[0]).sum::<f64>() / refs.len() as f64)
+}
+
 /// `shared` for every user of the file, else `shared-<8 hex digits of the selection's hash>`.
 fn shared_dir_name(users: &[String], all: &[String]) -> String {
     if users == all {
@@ -505,6 +514,15 @@ mod tests {
         // (-1 - -3) and (-2 - -1): mean of +2 and -1.
         assert_eq!(logp_gap(&[r(-3.0, -1.0), r(-1.0, -2.0)]), Some(0.5));
         assert_eq!(logp_gap(&[]), None);
+        // Summed form: a short chosen (-6 over 3 tokens) and a long rejected (-40 over 40):
+        // per token the rejected is more likely (+1), summed far less likely (-34).
+        let long = bapo_train::train::ReferenceLogps {
+            sum: [-6.0, -40.0, -1.0],
+            mean: [-2.0, -1.0, -1.0],
+        };
+        assert_eq!(logp_gap(std::slice::from_ref(&long)), Some(1.0));
+        assert_eq!(logp_gap_sum(&[long]), Some(-34.0));
+        assert_eq!(logp_gap_sum(&[]), None);
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
         "user": user,
         "pairs": refs.len(),
         "logp_gap": bapo_run::per_user::logp_gap(&refs),
+        "logp_gap_sum": bapo_run::per_user::logp_gap_sum(&refs),
     });
     let Some((dim, pole)) = bapo_data::synth::Dimension::of_pole(user) else {
         return Ok(Some(out));
@@ -344,6 +345,7 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
             "user": user,
             "level": level.name,
             "logp_gap": mean_of("logp_gap"),
+            "logp_gap_sum": mean_of("logp_gap_sum"),
             "measure_gap": mean_of("measure_gap"),
             "rule_share": mean_of("rule_share"),
             "covariates_per_seed": cov,
