@@ -12,10 +12,15 @@
 # (DPO over β, DPO + NLL, BAPO over λ, rehearsal) × SEEDS seeds (default 3), with
 # configs/compare.toml's full budget. A 135M model leaves an H200 mostly idle, so JOBS (default
 # 11: one per level) `bapo compare` processes share it, each with its own levels; every run
-# lands in OUT_DIR/runs/<level>/<method>-seed<k>/result.json. A final `bapo compare
-# --report-only` over every level writes the combined compare.{json,md}, the figures and the
-# paired statistics. A run cut by the time limit (LIMIT, default 540 s) is redone by calling the
-# script again (finished runs are skipped), so the grid can also be spread over several calls.
+# lands in OUT_DIR/runs/<level>/<method>-seed<k>/result.json.
+#
+# Seeds are the outer loop: round k trains seed k-1 of every level and method (`--seeds k`
+# skips the runs of seeds already finished), so a call cut by its time limit (LIMIT, default
+# 540 s in all) leaves whole seeds, balanced over levels and methods, not all seeds of some
+# levels and none of others. A round starts only with at least ROUND_MIN seconds (default 120)
+# left. A final `bapo compare --report-only` over every level writes the combined
+# compare.{json,md}, the figures and the paired statistics. Calling the script again goes on
+# where it stopped (finished runs are skipped), so the grid can be spread over several calls.
 set -u
 BAPO=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 MODEL=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
@@ -29,17 +34,26 @@ one_user two_compatible two_opposing all_six all_six_no_profile"
 LIMIT=${LIMIT:-540}
 t0=$(date +%s)
 echo "compare-gpu $(date -u +%FT%TZ) seeds=$SEEDS jobs=$JOBS limit=${LIMIT}s" | tee -a "$OUT/compare-gpu.log"
-running=0
-for level in $LEVELS; do
-  timeout "$LIMIT" "$BAPO" --backend cuda compare --config configs/compare.toml --out "$OUT" \
-    --levels "$level" --seeds "$SEEDS" > "$OUT/$level.log" 2>&1 &
-  running=$((running + 1))
-  if [ "$running" -ge "$JOBS" ]; then
-    wait -n
-    running=$((running - 1))
+ROUND_MIN=${ROUND_MIN:-120}
+for k in $(seq 1 "$SEEDS"); do
+  left=$(( LIMIT - ($(date +%s) - t0) ))
+  if [ "$left" -lt "$ROUND_MIN" ]; then
+    echo "seed round $k not started: ${left}s left" | tee -a "$OUT/compare-gpu.log"
+    break
   fi
+  echo "seed round $k (seed $((k - 1))): ${left}s left" | tee -a "$OUT/compare-gpu.log"
+  running=0
+  for level in $LEVELS; do
+    timeout "$left" "$BAPO" --backend cuda compare --config configs/compare.toml --out "$OUT" \
+      --levels "$level" --seeds "$k" >> "$OUT/$level.log" 2>&1 &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then
+      wait -n
+      running=$((running - 1))
+    fi
+  done
+  wait
 done
-wait
 echo "grid: $(( $(date +%s) - t0 )) s; finished runs: $(find "$OUT/runs" -name result.json | wc -l)" | tee -a "$OUT/compare-gpu.log"
 # Combine the finished runs into one report (a run cut by the limit is left out and named in
 # the log; calling the script again trains it).
