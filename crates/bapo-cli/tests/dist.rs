@@ -14,6 +14,15 @@ use common::{bapo, bapo_ok, config};
 
 /// An empty per-process temporary directory with [`config`] at micro-batches of 4 pairs (its
 /// output `<dir>/run` is the one-process run).
+/// The two tests run one at a time: each compares a data-parallel run with one process to 1e-5,
+/// and beside a 2-rank MPI job on a 2-core machine the local-peers comparison once ended 2 %
+/// apart (each path alone is bit-identical run to run; the cause is not found yet, see the
+/// 2026-12-06 closing note). Holding this lock for the whole test keeps them apart.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn setup(name: &str) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -93,6 +102,7 @@ const REL: f64 = 1e-5;
 
 #[test]
 fn two_local_peers_equal_one_process_and_resume_with_another_world_size() {
+    let _one_at_a_time = serial();
     let (dir, cfg) = setup("bapo-dist-local");
     let cfg = cfg.to_str().unwrap();
     let (single, local) = (dir.join("run"), dir.join("local"));
@@ -209,6 +219,7 @@ fn rank_pid(rank: usize) -> Option<u32> {
 #[cfg(feature = "mpi")]
 #[test]
 fn mpirun_two_ranks_equal_one_process_and_a_killed_rank_ends_the_job() {
+    let _one_at_a_time = serial();
     let (dir, cfg) = setup("bapo-dist-mpi");
     let cfg = cfg.to_str().unwrap();
     let (single, mpi) = (dir.join("run"), dir.join("mpi"));
