@@ -42,7 +42,7 @@ impl Baseline {
 /// The per-item knowledge results a baseline report holds: its personalised model's, or its
 /// base model's when it evaluated no adapter.
 fn baseline_items(path: &Path) -> Result<KnowledgeResults, RunError> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| RunError::file(path, e))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let items = &doc["items"];

@@ -201,6 +201,13 @@ impl RopeScaling {
     }
 }
 
+/// Unscaled RoPE inverse frequencies `theta^(-2i/d)`, `i < d / 2`, in f64.
+pub(crate) fn base_inv_freq(theta: f64, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect()
+}
+
 /// Model types whose decoder this crate implements.
 pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
@@ -370,10 +377,7 @@ impl LlamaConfig {
     /// RoPE's inverse frequencies (`head_dim / 2` of them): `theta^(-2i/d)`, scaled by
     /// [`Self::rope_scaling`]; computed in f64, rounded once.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let mut f: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let mut f = base_inv_freq(self.rope_theta, self.head_dim);
         if let Some(s) = &self.rope_scaling {
             s.apply(&mut f);
         }

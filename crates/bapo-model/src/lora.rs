@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::error::ModelError;
 use crate::load::HostTensor;
 use crate::model::{Lora, Proj};
 use crate::Llama;
@@ -184,13 +185,13 @@ pub fn load_adapter<B: Backend>(
                 let [r, c] = param.val().dims();
                 let t = tensors
                     .remove(&key)
-                    .ok_or_else(|| crate::ModelError::MissingTensor {
+                    .ok_or_else(|| ModelError::MissingTensor {
                         path: path.into(),
                         name: key.clone(),
                         expected: vec![c, r],
                     })?;
                 if t.shape != [c, r] {
-                    return Err(crate::ModelError::ShapeMismatch {
+                    return Err(ModelError::ShapeMismatch {
                         path: path.into(),
                         name: key,
                         expected: vec![c, r],
@@ -204,7 +205,7 @@ pub fn load_adapter<B: Backend>(
         }
     }
     if !tensors.is_empty() {
-        return Err(crate::ModelError::UnexpectedTensors {
+        return Err(ModelError::UnexpectedTensors {
             path: path.into(),
             names: tensors.into_keys().collect(),
         });
@@ -246,37 +247,20 @@ pub fn load_adapter_dir<B: Backend>(
     device: &B::Device,
 ) -> crate::Result<Llama<B>> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| crate::ModelError::Io {
-        path: cfg_path.clone(),
-        source: e,
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| crate::ModelError::Format {
-            path: cfg_path.clone(),
-            offset: None,
-            what: format!("line {}: {e}", e.line()),
-        })?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::format(&cfg_path, None, format!("line {}: {e}", e.line())))?;
     let field = |k: &str| {
-        v.get(k).ok_or_else(|| crate::ModelError::Config {
-            path: cfg_path.clone(),
-            field: k.into(),
-            what: "missing".into(),
-        })
+        v.get(k)
+            .ok_or_else(|| ModelError::config(&cfg_path, k, "missing"))
     };
     let rank = field("r")?
         .as_u64()
-        .ok_or_else(|| crate::ModelError::Config {
-            path: cfg_path.clone(),
-            field: "r".into(),
-            what: "not an integer".into(),
-        })? as usize;
+        .ok_or_else(|| ModelError::config(&cfg_path, "r", "not an integer"))?
+        as usize;
     let alpha = field("lora_alpha")?
         .as_f64()
-        .ok_or_else(|| crate::ModelError::Config {
-            path: cfg_path.clone(),
-            field: "lora_alpha".into(),
-            what: "not a number".into(),
-        })?;
+        .ok_or_else(|| ModelError::config(&cfg_path, "lora_alpha", "not a number"))?;
     let targets: Vec<String> = field("target_modules")?
         .as_array()
         .map(|a| {
@@ -291,11 +275,8 @@ pub fn load_adapter_dir<B: Backend>(
         dropout: 0.0,
         target_modules: targets,
     };
-    cfg.validate().map_err(|what| crate::ModelError::Config {
-        path: cfg_path.clone(),
-        field: "target_modules".into(),
-        what,
-    })?;
+    cfg.validate()
+        .map_err(|what| ModelError::config(&cfg_path, "target_modules", what))?;
     load_adapter(
         cfg.attach(model, 0, device),
         &dir.join("adapter_model.safetensors"),

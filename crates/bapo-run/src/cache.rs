@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use bapo_train::io::RunError;
 use bapo_train::train::ReferenceLogps;
 
 /// sha256 of a file, or of every file in a directory (sorted by name).
@@ -157,14 +158,14 @@ pub(crate) fn base_eval_key(
     reference: &str,
     run: &crate::config::RunConfig,
     outputs: &impl Serialize,
-) -> Result<String, bapo_train::io::RunError> {
+) -> Result<String, RunError> {
     let mut h = Sha256::new();
     h.update(reference.as_bytes());
     let model = crate::config::expand_path(&run.model.path);
-    hash_path(&mut h, &model).map_err(|e| format!("{}: {e}", model.display()))?;
+    hash_path(&mut h, &model).map_err(|e| RunError::file(&model, e))?;
     h.update(serde_json::to_vec(&run.eval)?);
     for k in &run.eval.knowledge {
-        hash_path(&mut h, k).map_err(|e| format!("{}: {e}", k.display()))?;
+        hash_path(&mut h, k).map_err(|e| RunError::file(k, e))?;
     }
     h.update(serde_json::to_vec(outputs)?);
     Ok(hex(h))
@@ -176,8 +177,8 @@ pub(crate) fn base_eval(
     path: &Path,
     fingerprint: String,
     numerics: &Numerics,
-    compute: impl FnOnce() -> Result<bapo_eval::heldout::EvalOutcome, bapo_train::io::RunError>,
-) -> Result<bapo_eval::heldout::EvalOutcome, bapo_train::io::RunError> {
+    compute: impl FnOnce() -> Result<bapo_eval::heldout::EvalOutcome, RunError>,
+) -> Result<bapo_eval::heldout::EvalOutcome, RunError> {
     if let Some(c) = read_cache::<BaseEvalCache>(path, &fingerprint, numerics, |c| {
         (&c.fingerprint, &c.numerics)
     }) {

@@ -296,7 +296,7 @@ fn eval_user<B: AutodiffBackend>(
 /// The summary's numbers from a user's `report.json`: the personalised model's metrics of
 /// [`COLUMNS`], the mean knowledge accuracy change, and whether the gate passed.
 fn report_metrics(path: &Path) -> Result<serde_json::Value, RunError> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| RunError::file(path, e))?;
     let doc: serde_json::Value = serde_json::from_str(&text)?;
     let mut m = serde_json::Map::new();
     for (_, k) in COLUMNS {
@@ -409,8 +409,7 @@ fn user_metrics(dir: &Path) -> Result<serde_json::Value, RunError> {
     let last = last_row(&metrics).ok_or_else(|| format!("{}: no metrics", metrics.display()))?;
     let base_path = dir.join("eval_base.json");
     let base: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&base_path)
-            .map_err(|e| format!("{}: {e}", base_path.display()))?,
+        &std::fs::read_to_string(&base_path).map_err(|e| RunError::file(&base_path, e))?,
     )?;
     let mut m = serde_json::Map::new();
     for k in [

@@ -51,7 +51,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     shared: Option<&Shared>,
 ) -> Result<(Llama<B>, Prepared<B>), RunError> {
     let out = &run.output.dir;
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| RunError::file(out, e))?;
     write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(run)?.as_bytes(),

@@ -32,7 +32,7 @@ fn fnv(s: &str) -> u64 {
 
 /// The rows of `src` that belong to `level`, per user in file order (prompts still plain).
 fn rows_by_user(level: &Level, src: &Path) -> Result<BTreeMap<String, Vec<Value>>, RunError> {
-    let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let text = std::fs::read_to_string(src).map_err(|e| bapo_train::io::RunError::file(src, e))?;
     let mut by_user: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

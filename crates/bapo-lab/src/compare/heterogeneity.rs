@@ -46,7 +46,8 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
     if !cache.exists() || !anchors.exists() {
         return Ok(None);
     }
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| bapo_train::io::RunError::file(p, e));
     let c: Value =
         serde_json::from_str(&read(&cache)?).map_err(|e| format!("{}: {e}", cache.display()))?;
     let refs: Vec<bapo_train::train::ReferenceLogps> =

@@ -39,7 +39,8 @@ pub(super) fn read_run(dir: &Path) -> Result<(Metrics, Metrics), RunError> {
             .unwrap_or_default()
     };
     let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| bapo_train::io::RunError::file(&path, e))?;
     let last = text
         .lines()
         .rev()
@@ -49,7 +50,7 @@ pub(super) fn read_run(dir: &Path) -> Result<(Metrics, Metrics), RunError> {
     let base_path = dir.join("eval_base.json");
     let base: Value = serde_json::from_str(
         &std::fs::read_to_string(&base_path)
-            .map_err(|e| format!("{}: {e}", base_path.display()))?,
+            .map_err(|e| bapo_train::io::RunError::file(&base_path, e))?,
     )?;
     Ok((nums(&base), derived(nums(&last))))
 }

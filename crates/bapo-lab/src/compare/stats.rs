@@ -27,7 +27,8 @@ pub(super) const SEED: u64 = 0x6261_706f;
 /// (base, policy) items of a finished run.
 pub(super) fn read_items(dir: &Path) -> Result<(Items, Items), RunError> {
     let path = dir.join("knowledge_items.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| bapo_train::io::RunError::file(&path, e))?;
     let mut doc: Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut take = |k: &str| -> Result<Items, RunError> {

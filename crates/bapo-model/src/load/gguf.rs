@@ -600,6 +600,11 @@ impl GgufFile {
                 }
                 Ok(Some(llama3_from_factors(&f.data, theta, head_dim)))
             }
+            (Some("linear"), Some(_)) => Err(ModelError::config(
+                &self.path,
+                &key,
+                "`linear` together with a `rope_freqs` tensor: two scalings, not implemented",
+            )),
             (Some(other), _) => Err(ModelError::config(
                 &self.path,
                 &key,
@@ -658,9 +663,7 @@ impl GgufFile {
 /// Llama 3.1/3.2 release); otherwise the factors as they are.
 fn llama3_from_factors(factors: &[f32], theta: f64, head_dim: usize) -> RopeScaling {
     let largest = factors.iter().fold(1.0f32, |a, &b| a.max(b)) as f64;
-    let base: Vec<f64> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
+    let base = crate::config::base_inv_freq(theta, head_dim);
     for log2 in 4..=20 {
         let s = RopeScaling::Llama3 {
             factor: largest,
