@@ -20,8 +20,10 @@ pub struct Args {
     /// Seeds 0..N per level and method.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
-    /// Levels to run (default: all; `a` = design A's solo_<user> levels, `b` = design B's
-    /// one_user, two_compatible, two_opposing, all_six, all_six_no_profile).
+    /// Levels to run (default: designs A and B; `a` = design A's solo_<user> levels, `a2` =
+    /// design A′'s near_<user> and far_<user> halves (each user's pairs split at the median
+    /// reference gap, scanned first), `b` = design B's one_user, two_compatible, two_opposing,
+    /// all_six, all_six_no_profile).
     #[arg(long, value_delimiter = ',')]
     pub levels: Vec<String>,
     /// Methods to run (default: all; known: dpo, dpo_beta0.3, dpo_beta1, dpo_nll,
@@ -65,7 +67,8 @@ pub fn run<B: Backend>(
         report_only,
     } = args;
     use bapo_lab::compare::{
-        default_levels, default_methods, design_a_levels, design_b_levels, CompareSpec,
+        default_levels, default_methods, design_a2_levels, design_a_levels, design_b_levels,
+        CompareSpec,
     };
     let (def_levels, def_methods, mut overrides, caps) = if quick {
         (
@@ -106,11 +109,20 @@ pub fn run<B: Backend>(
     .into_iter()
     .flat_map(|l| match l.as_str() {
         "a" => group(design_a_levels()),
+        "a2" => group(design_a2_levels()),
         "b" => group(design_b_levels()),
         _ => vec![l],
     })
     .collect();
-    let levels = pick(default_levels(), &levels, "level", |l| l.name.as_str())?;
+    // An empty list is the default grid (A and B); A′ only by name.
+    let known = match levels.is_empty() {
+        true => default_levels(),
+        false => default_levels()
+            .into_iter()
+            .chain(design_a2_levels())
+            .collect(),
+    };
+    let levels = pick(known, &levels, "level", |l| l.name.as_str())?;
     let methods = pick(
         default_methods(),
         if methods.is_empty() {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use super::halves::Split;
 use super::{profile, CompareSpec, Level};
 use bapo_train::io::{write_atomic, RunError};
 
@@ -30,8 +31,13 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
-/// The rows of `src` that belong to `level`, per user in file order (prompts still plain).
-fn rows_by_user(level: &Level, src: &Path) -> Result<BTreeMap<String, Vec<Value>>, RunError> {
+/// The rows of `src` that belong to `level`, per user in file order (prompts still plain);
+/// with `keep`, only those lines (1-based) of the file.
+fn rows_by_user(
+    level: &Level,
+    src: &Path,
+    keep: Option<&std::collections::BTreeSet<usize>>,
+) -> Result<BTreeMap<String, Vec<Value>>, RunError> {
     let text = std::fs::read_to_string(src).map_err(|e| bapo_train::io::RunError::file(src, e))?;
     let mut by_user: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
@@ -43,7 +49,7 @@ fn rows_by_user(level: &Level, src: &Path) -> Result<BTreeMap<String, Vec<Value>
         let Some(user) = row.get("user").and_then(Value::as_str) else {
             return Err(format!("{}: field `user` is missing", at()).into());
         };
-        if !level.users.iter().any(|u| u == user) {
+        if !level.users.iter().any(|u| u == user) || keep.is_some_and(|k| !k.contains(&(i + 1))) {
             continue;
         }
         if !matches!(row.get("prompt"), Some(Value::String(_))) {
@@ -100,21 +106,30 @@ fn balanced(
     rows
 }
 
-/// Writes `dir/{train,test}.jsonl` for `level` and `seed`; returns their paths.
+/// Writes `dir/{train,test}.jsonl` for `level` and `seed`; returns their paths. A design-A′
+/// level's training pairs come from its half of `split` (its user's; an error without one).
 pub(super) fn level_data(
     level: &Level,
     seed: u64,
     (train, eval): (&Path, &Path),
     dir: &Path,
     spec: &CompareSpec,
+    split: Option<&Split>,
 ) -> Result<(PathBuf, PathBuf), RunError> {
     std::fs::create_dir_all(dir)?;
+    let keep = match (level.half, split) {
+        (None, _) => None,
+        (Some(h), Some(s)) => Some(s.lines(h)),
+        (Some(_), None) => {
+            return Err(format!("level `{}` needs a split of its user's pairs", level.name).into())
+        }
+    };
     let mut paths = Vec::new();
     for (src, name, cap, draw) in [
         (train, "train.jsonl", spec.max_train_pairs, true),
         (eval, "test.jsonl", spec.max_eval_pairs, false),
     ] {
-        let mut by_user = rows_by_user(level, src)?;
+        let mut by_user = rows_by_user(level, src, if draw { keep } else { None })?;
         if draw {
             // The seed draws which of a user's training pairs are kept (and their order).
             for rows in by_user.values_mut() {
@@ -165,6 +180,7 @@ mod tests {
             users: users.iter().map(|u| u.to_string()).collect(),
             profile,
             disjoint,
+            half: None,
         }
     }
 
@@ -194,7 +210,8 @@ mod tests {
             overrides: vec![],
             report_only: false,
         };
-        let (train, eval) = level_data(&two, 0, (&src, &src), &dir.join("d0"), &spec).unwrap();
+        let (train, eval) =
+            level_data(&two, 0, (&src, &src), &dir.join("d0"), &spec, None).unwrap();
         let t = read(&train);
         let users: Vec<&str> = t.iter().map(|r| r["user"].as_str().unwrap()).collect();
         assert_eq!(users, ["concise", "detailed", "concise"]);
@@ -208,7 +225,7 @@ mod tests {
         );
         // Another seed draws other training pairs; the same seed the same ones.
         let prompts = |s: u64, d: &str| -> Vec<Value> {
-            let (t, _) = level_data(&two, s, (&src, &src), &dir.join(d), &spec).unwrap();
+            let (t, _) = level_data(&two, s, (&src, &src), &dir.join(d), &spec, None).unwrap();
             read(&t)
                 .iter()
                 .map(|r| r["prompt"][1]["content"].clone())
@@ -218,12 +235,12 @@ mod tests {
         assert!((1..6).any(|s| prompts(s, "ds") != prompts(0, "d0b")));
         // No profile: the plain prompt stays.
         let plain = level("plain", &["concise"], false, false);
-        let (t, _) = level_data(&plain, 0, (&src, &src), &dir.join("p"), &spec).unwrap();
+        let (t, _) = level_data(&plain, 0, (&src, &src), &dir.join("p"), &spec, None).unwrap();
         assert!(read(&t)[0]["prompt"].is_string());
         // Disjoint: no prompt goes to both users.
         spec.max_train_pairs = None;
         let disj = level("disj", &["concise", "detailed"], true, true);
-        let (t, _) = level_data(&disj, 0, (&src, &src), &dir.join("x"), &spec).unwrap();
+        let (t, _) = level_data(&disj, 0, (&src, &src), &dir.join("x"), &spec, None).unwrap();
         let t = read(&t);
         let of = |u: &str| -> Vec<Value> {
             t.iter()
@@ -235,8 +252,28 @@ mod tests {
         assert_eq!(c.len() + d.len(), 6, "each of the 6 prompts once");
         assert!(c.iter().all(|p| !d.contains(p)));
         let missing = level("x", &["formal"], true, false);
-        let err = level_data(&missing, 0, (&src, &src), &dir.join("e"), &spec).unwrap_err();
+        let err = level_data(&missing, 0, (&src, &src), &dir.join("e"), &spec, None).unwrap_err();
         assert!(err.to_string().contains("needs user `formal`"), "{err}");
+        // A design-A′ half: training pairs from its lines only; held-out pairs all of them.
+        let far = Level {
+            half: Some(super::super::Half::Far),
+            ..level("far_concise", &["concise"], false, false)
+        };
+        let split = Split {
+            near: [1, 2].into(),
+            far: [4, 6].into(),
+        };
+        let (t, e) =
+            level_data(&far, 0, (&src, &src), &dir.join("h"), &spec, Some(&split)).unwrap();
+        let mut got: Vec<String> = read(&t)
+            .iter()
+            .map(|r| r["prompt"].as_str().unwrap().to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, ["q3", "q5"], "lines 4 and 6 hold q3 and q5");
+        assert_eq!(read(&e).len(), 6, "every held-out pair of the user");
+        let err = level_data(&far, 0, (&src, &src), &dir.join("h2"), &spec, None).unwrap_err();
+        assert!(err.to_string().contains("needs a split"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,8 +1,9 @@
 //! Design A's analysis: each user trained alone, a heterogeneity covariate per user, and the
 //! rules declared in the README before the runs.
 //!
-//! - **Covariates** (from a finished run of the user's level and seed): `logp_gap`, the mean over
-//!   the user's training pairs of the reference's per-token log-prob of the rejected answer
+//! - **Covariates** (from a finished run of the user's level and seed, over the pairs its
+//!   optimiser steps drew — the training sampler replayed from the run's config): `logp_gap`,
+//!   the mean over those pairs of the reference's per-token log-prob of the rejected answer
 //!   minus the chosen one (> 0: the base model prefers what the user rejects); `measure_gap`, the
 //!   mean move of the chosen answer away from the base model's own answer along the user's rule
 //!   measure (words, grade, informality; > 0: toward the pole), and `rule_share`, the share of
@@ -11,9 +12,11 @@
 //!   (the primary endpoint, in nats; > 0: forgetting), averaged item by item over seeds, with a
 //!   paired-bootstrap 95 % interval over items; the same against DPO; McNemar on the accuracy
 //!   flips summed over seeds.
-//! - **"BAPO prevents forgetting" for a user**: toward-pole success at least DPO's − 5 points,
-//!   the method's change against the base includes 0, and its difference to DPO excludes 0
-//!   (above).
+//! - **"BAPO prevents forgetting" for a user** (rules of 2026-12-06): toward-pole success not
+//!   worse than DPO's by more than [`MATCH_MARGIN`] (the lower end of the Newcombe 95 % interval
+//!   of the difference, answers pooled over the shared seeds), the change against the base
+//!   inside ±[`PREVENT_MARGIN`] nats (its whole interval: equivalence, not "includes 0", which
+//!   noise would reward), and the difference to DPO's interval above 0.
 //! - **Heterogeneity slope**: per seed, the least-squares slope of each method's knowledge loss
 //!   on `logp_gap` over the users (with its own t interval); over seeds, the mean slope and its
 //!   Student-t interval. DPO's effect is "reproduced" when that interval lies above 0, "not
@@ -35,8 +38,102 @@ use bapo_train::io::RunError;
 pub const EQUIVALENCE: f64 = 0.05;
 /// Seeds the slope's verdict needs.
 pub const MIN_SEEDS: usize = 3;
-/// Toward-pole success a method may lose against DPO and still count as matched.
-pub const MATCH_POINTS: f64 = 0.05;
+/// Toward-pole success a method may lose against DPO and still count as matched: the
+/// non-inferiority margin the difference's interval must clear.
+pub const MATCH_MARGIN: f64 = 0.15;
+/// Knowledge change against the base (nats) inside which a method counts as not forgetting:
+/// the equivalence margin its whole interval must lie within.
+pub const PREVENT_MARGIN: f64 = 0.25;
+
+/// Indices into a run's training examples of every pair its optimiser steps drew, with
+/// multiplicity: the training loop's sampler replayed from the run's `train` config section.
+pub fn trained_draws(n: usize, train: &Value) -> Result<Vec<usize>, String> {
+    let get = |k: &str| {
+        train[k]
+            .as_u64()
+            .ok_or_else(|| format!("config.json: field `train.{k}` is needed"))
+    };
+    let (seed, bs, accum, steps) = (
+        get("seed")?,
+        get("batch_size")? as usize,
+        get("grad_accum")? as usize,
+        get("max_steps")? as usize,
+    );
+    let mut sampler = bapo_train::train::Sampler::new(n, seed);
+    Ok((0..steps * accum).flat_map(|_| sampler.next(bs)).collect())
+}
+
+/// Wilson score 95 % interval of `k` successes in `n`.
+fn wilson(k: f64, n: f64) -> (f64, f64) {
+    let z = 1.959_963_984_540_054_f64;
+    let p = k / n;
+    let d = 1.0 + z * z / n;
+    let c = (p + z * z / (2.0 * n)) / d;
+    let h = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / d;
+    (c - h, c + h)
+}
+
+/// Newcombe's hybrid-score 95 % interval of `k1/n1 − k2/n2` (method 10 of Newcombe 1998).
+pub fn newcombe(k1: f64, n1: f64, k2: f64, n2: f64) -> Option<[f64; 2]> {
+    if n1 <= 0.0 || n2 <= 0.0 {
+        return None;
+    }
+    let ((l1, u1), (l2, u2)) = (wilson(k1, n1), wilson(k2, n2));
+    let (p1, p2) = (k1 / n1, k2 / n2);
+    let d = p1 - p2;
+    Some([
+        d - ((p1 - l1).powi(2) + (u2 - p2).powi(2)).sqrt(),
+        d + ((u1 - p1).powi(2) + (p2 - l2).powi(2)).sqrt(),
+    ])
+}
+
+/// "prevents forgetting" or "not shown: …" from the toward-pole difference's interval (method −
+/// DPO), the change against the base's and the difference to DPO's.
+pub fn prevents_verdict(
+    success: Option<[f64; 2]>,
+    vs_base: Option<[f64; 2]>,
+    vs_dpo: Option<[f64; 2]>,
+) -> String {
+    let mut why = Vec::new();
+    match success {
+        Some([lo, _]) if lo >= -MATCH_MARGIN => {}
+        Some([lo, hi]) => why.push(format!(
+            "toward-pole success vs DPO's [{:+.0}, {:+.0}] points: not within {:.0}",
+            100.0 * lo,
+            100.0 * hi,
+            100.0 * MATCH_MARGIN
+        )),
+        None => why.push("no toward-pole success (eval.output_prompts = 0?)".into()),
+    }
+    match vs_base {
+        Some([lo, hi]) if lo >= -PREVENT_MARGIN && hi <= PREVENT_MARGIN => {}
+        _ => why.push(format!(
+            "its change against the base is not within ±{PREVENT_MARGIN} nats"
+        )),
+    }
+    match vs_dpo {
+        Some([lo, _]) if lo > 0.0 => {}
+        _ => why.push("its difference to DPO includes 0 or is below".into()),
+    }
+    if why.is_empty() {
+        "prevents forgetting".into()
+    } else {
+        format!("not shown: {}", why.join("; "))
+    }
+}
+
+/// Held-out prompts a run answered greedily: the level's held-out pairs, up to the run's
+/// `eval.output_prompts`.
+fn answered(run: &Path, test: &Path) -> Option<f64> {
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).ok()?).ok()?;
+    let pairs = std::fs::read_to_string(test)
+        .ok()?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    Some(pairs.min(cfg["eval"]["output_prompts"].as_u64()? as usize) as f64)
+}
 
 /// The user's covariates from the run in `dir` (trained on `train`); `None` before any run of
 /// the level and seed has finished.
@@ -54,11 +151,21 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
         serde_json::from_value(c["train"].clone())
             .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?;
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let config = dir.join("config.json");
+    let cfg: Value =
+        serde_json::from_str(&read(&config)?).map_err(|e| format!("{}: {e}", config.display()))?;
+    let draws =
+        trained_draws(refs.len(), &cfg["train"]).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let trained: Vec<_> = draws.iter().map(|&i| refs[i].clone()).collect();
+    let distinct: std::collections::BTreeSet<usize> = draws.iter().copied().collect();
     let mut out = json!({
         "user": user,
         "pairs": refs.len(),
-        "logp_gap": bapo_run::per_user::logp_gap(&refs),
-        "logp_gap_sum": bapo_run::per_user::logp_gap_sum(&refs),
+        "trained_pairs": distinct.len(),
+        "trained_draws": draws.len(),
+        "logp_gap": bapo_run::per_user::logp_gap(&trained),
+        "logp_gap_sum": bapo_run::per_user::logp_gap_sum(&trained),
+        "logp_gap_drawn": bapo_run::per_user::logp_gap(&refs),
     });
     let Some((dim, pole)) = bapo_data::synth::Dimension::of_pole(user) else {
         return Ok(Some(out));
@@ -85,6 +192,11 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
             .ok_or_else(|| format!("{} line {n}: no `chosen` answer", train.display()))?;
         moves.push(dim.direction(pole) * (dim.measure(chosen) - dim.measure(base)));
     }
+    // Over the trained draws, like the gap.
+    let moves: Vec<f64> = draws
+        .iter()
+        .filter_map(|&i| moves.get(i).copied())
+        .collect();
     out["measure_gap"] = json!(mean(&moves));
     out["rule_share"] = json!(mean(
         &moves
@@ -154,15 +266,6 @@ fn pooled(dir: &Path) -> Result<Option<Pooled>, RunError> {
             .collect::<Vec<_>>()
     };
     Ok(Some((f(&base), f(&policy))))
-}
-
-/// The means of `a` and of `b` over the seeds both have (`None` where none is shared).
-fn shared_means(a: &BTreeMap<u64, f64>, b: &BTreeMap<u64, f64>) -> (Option<f64>, Option<f64>) {
-    let shared: Vec<u64> = a.keys().filter(|s| b.contains_key(s)).copied().collect();
-    let mean = |x: &BTreeMap<u64, f64>| {
-        (!shared.is_empty()).then(|| shared.iter().map(|s| x[s]).sum::<f64>() / shared.len() as f64)
-    };
-    (mean(a), mean(b))
 }
 
 /// Whether two runs scored the same items in the same order; an error naming the seed and
@@ -238,6 +341,8 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
     let mut users = Vec::new();
     // method → seed → (user, logp_gap, loss)
     let mut slope_pts: BTreeMap<String, BTreeMap<u64, Vec<(f64, f64)>>> = BTreeMap::new();
+    // Design A′'s runs.
+    let mut half_pts = Vec::new();
     for level in &solo {
         let user = &level.users[0];
         let runs: Vec<&RunResult> = results.iter().filter(|r| r.level == level.name).collect();
@@ -257,8 +362,11 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
         // method → seed → items; the base model's items per seed.
         let mut items: BTreeMap<&str, SeedItems> = BTreeMap::new();
         let mut base: SeedItems = BTreeMap::new();
-        // method → seed → toward-pole success.
+        // method → seed → toward-pole success, and held-out prompts answered per seed.
         let mut success: BTreeMap<&str, BTreeMap<u64, f64>> = BTreeMap::new();
+        let mut prompts: BTreeMap<u64, f64> = BTreeMap::new();
+        // method → seed → eval_kl/token.
+        let mut kl: BTreeMap<&str, BTreeMap<u64, f64>> = BTreeMap::new();
         for r in &runs {
             if let Some((b, p)) = pooled(&r.dir)? {
                 base.entry(r.seed).or_insert(b);
@@ -267,16 +375,31 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
             if let Some(s) = r.metrics.get("eval_personalisation/success") {
                 success.entry(&r.method).or_default().insert(r.seed, *s);
             }
+            if let Some(k) = r.metrics.get("eval_kl/token") {
+                kl.entry(&r.method).or_default().insert(r.seed, *k);
+            }
+            if let Some(n) = answered(
+                &r.dir,
+                &data_dir(&spec.out, level, r.seed).join("test.jsonl"),
+            ) {
+                prompts.insert(r.seed, n);
+            }
         }
         let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        // Mean success of `method` and of DPO over the seeds both ran (the matched-
-        // personalisation check compares like with like).
-        let success_pair = |method: &str| match (success.get(method), success.get("dpo")) {
-            (Some(m), Some(d)) => shared_means(m, d),
-            (m, _) => (
-                m.and_then(|m| mean(&m.values().copied().collect::<Vec<_>>())),
-                None,
-            ),
+        // Newcombe interval of `method`'s success minus DPO's, answers pooled over the seeds both
+        // ran (like with like).
+        let success_ci = |method: &str| {
+            let (m, d) = (success.get(method)?, success.get("dpo")?);
+            let (mut k1, mut k2, mut n) = (0.0, 0.0, 0.0);
+            for (seed, s) in m {
+                let (Some(ds), Some(ns)) = (d.get(seed), prompts.get(seed)) else {
+                    continue;
+                };
+                k1 += (s * ns).round();
+                k2 += (ds * ns).round();
+                n += ns;
+            }
+            newcombe(k1, n, k2, n)
         };
         let mut methods = Vec::new();
         for (method, per_seed) in &items {
@@ -292,6 +415,18 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
                 };
                 same_items(*seed, b, p)?;
                 let loss = -p.iter().zip(b).map(|(x, y)| x.1 - y.1).sum::<f64>() / n as f64;
+                if let Some(half) = level.half {
+                    half_pts.push(super::halves::Point {
+                        method: method.to_string(),
+                        user: user.clone(),
+                        half,
+                        seed: *seed,
+                        loss,
+                        gap,
+                        gap_sum: c["logp_gap_sum"].as_f64(),
+                        kl: kl.get(method).and_then(|k| k.get(seed)).copied(),
+                    });
+                }
                 slope_pts
                     .entry(method.to_string())
                     .or_default()
@@ -302,40 +437,19 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
             let s = success
                 .get(method)
                 .and_then(|v| mean(&v.values().copied().collect::<Vec<_>>()));
-            let (s_shared, dpo_success) = success_pair(method);
             let vs_dpo = match (*method != "dpo", items.get("dpo")) {
                 (true, Some(d)) => paired_over_seeds(d, per_seed)?,
                 _ => None,
             };
-            let verdict = vs_dpo.as_ref().map(|d| {
-                let mut why = Vec::new();
-                match (s_shared, dpo_success) {
-                    (Some(s), Some(ds)) if s >= ds - MATCH_POINTS => {}
-                    (Some(s), Some(ds)) => why.push(format!(
-                        "toward-pole success {:.0} % vs DPO's {:.0} %: not matched",
-                        100.0 * s,
-                        100.0 * ds
-                    )),
-                    _ => why.push("no toward-pole success (eval.output_prompts = 0?)".into()),
-                }
-                match ci(&vs_base) {
-                    Some([lo, hi]) if lo <= 0.0 && hi >= 0.0 => {}
-                    _ => why.push("its change against the base excludes 0".into()),
-                }
-                match ci(d) {
-                    Some([lo, _]) if lo > 0.0 => {}
-                    _ => why.push("its difference to DPO includes 0 or is below".into()),
-                }
-                if why.is_empty() {
-                    "prevents forgetting".to_string()
-                } else {
-                    format!("not shown: {}", why.join("; "))
-                }
-            });
+            let s_ci = success_ci(method);
+            let verdict = vs_dpo
+                .as_ref()
+                .map(|d| prevents_verdict(s_ci, ci(&vs_base), ci(d)));
             methods.push(json!({
                 "method": method,
                 "seeds": per_seed.len(),
                 "toward_pole_success": s,
+                "toward_pole_vs_dpo_ci95": s_ci,
                 "knowledge_loss": -vs_base["delta_margin"].as_f64().unwrap_or(f64::NAN),
                 "vs_base": vs_base,
                 "vs_dpo": vs_dpo,
@@ -345,6 +459,7 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
         users.push(json!({
             "user": user,
             "level": level.name,
+            "half": level.half.map(|h| h.name()),
             "logp_gap": mean_of("logp_gap"),
             "logp_gap_sum": mean_of("logp_gap_sum"),
             "measure_gap": mean_of("measure_gap"),
@@ -379,16 +494,18 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
             "verdict": (method == "dpo").then(|| slope_verdict(b.len(), ci)),
         }));
     }
+    let halves = super::halves::analyse(&half_pts);
     let doc = json!({
         "rules": {
-            "endpoint": "knowledge loss = − pooled chat-format gold-margin change against the base model (nats)",
-            "prevents_forgetting": format!("toward-pole success ≥ DPO's − {MATCH_POINTS}, change vs base CI includes 0, difference to DPO CI above 0"),
+            "endpoint": "knowledge loss = − pooled chat-format gold-margin change against the base model (nats), over the pairs the run trained on",
+            "prevents_forgetting": format!("toward-pole success minus DPO's: Newcombe 95 % CI lower end ≥ −{MATCH_MARGIN}; change vs base CI within ±{PREVENT_MARGIN} nats; difference to DPO CI above 0"),
             "slope": format!("DPO's loss on logp_gap: reproduced when the CI over ≥ {MIN_SEEDS} seeds lies above 0; not reproduced when within ±{EQUIVALENCE}"),
         },
         "users": users,
         "slopes": slopes,
+        "design_a2": halves,
     });
-    let md = markdown(&doc);
+    let md = markdown(&doc) + &super::halves::markdown(&doc["design_a2"]);
     super::figures::design_a(spec, results, &doc)?;
     Ok((doc, md))
 }
@@ -408,7 +525,7 @@ fn markdown(doc: &Value) -> String {
          Knowledge change = pooled chat-format gold-margin change (nats; < 0: forgetting), \
          averaged item by item over seeds, paired-bootstrap 95 % interval; McNemar on the \
          accuracy flips summed over seeds.\n\n\
-         | user | logp_gap | measure_gap | method | seeds | toward pole | Δ vs base [95 % CI] | Δ vs DPO [95 % CI] | lost / gained vs base (p) | verdict |\n\
+         | level | logp_gap | measure_gap | method | seeds | toward pole | Δ vs base [95 % CI] | Δ vs DPO [95 % CI] | lost / gained vs base (p) | verdict |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for u in doc["users"].as_array().into_iter().flatten() {
@@ -416,7 +533,7 @@ fn markdown(doc: &Value) -> String {
             let mc = &m["vs_base"]["mcnemar"];
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} ({}) | {} |\n",
-                u["user"].as_str().unwrap_or("-"),
+                u["level"].as_str().unwrap_or("-"),
                 f(&u["logp_gap"]),
                 f(&u["measure_gap"]),
                 m["method"].as_str().unwrap_or("-"),
@@ -495,18 +612,46 @@ mod tests {
         assert_eq!(slope_verdict(3, Some([-0.04, 0.06])), "inconclusive");
     }
 
-    /// The matched-personalisation check compares a method with DPO on the seeds both ran.
+    /// Newcombe's interval against a published example (Newcombe 1998, table II, 56/70 vs
+    /// 48/80: −0.0524 to 0.3339), and the verdict's three conditions one at a time.
     #[test]
-    fn success_is_compared_on_shared_seeds() {
-        let bapo: BTreeMap<u64, f64> = [(0, 0.5), (1, 0.7)].into();
-        let dpo: BTreeMap<u64, f64> = [(0, 0.6), (1, 0.8), (2, 0.1)].into();
-        let (a, b) = shared_means(&bapo, &dpo);
-        assert!((a.unwrap() - 0.6).abs() < 1e-12);
+    fn newcombe_and_the_prevents_forgetting_rule() {
+        let [lo, hi] = newcombe(56.0, 70.0, 48.0, 80.0).unwrap();
         assert!(
-            (b.unwrap() - 0.7).abs() < 1e-12,
-            "seed 2 is DPO's alone: left out"
+            (lo - 0.0524).abs() < 5e-4 && (hi - 0.3339).abs() < 5e-4,
+            "{lo} {hi}"
         );
-        assert_eq!(shared_means(&bapo, &[(5, 1.0)].into()), (None, None));
+        assert!(newcombe(1.0, 0.0, 1.0, 2.0).is_none());
+        let ok = prevents_verdict(Some([-0.1, 0.2]), Some([-0.2, 0.2]), Some([0.1, 0.5]));
+        assert_eq!(ok, "prevents forgetting");
+        let v = prevents_verdict(Some([-0.2, 0.2]), Some([-0.2, 0.2]), Some([0.1, 0.5]));
+        assert!(v.contains("not within 15"), "{v}");
+        // An interval that includes 0 but is wide is not equivalence.
+        let v = prevents_verdict(Some([-0.1, 0.2]), Some([-0.4, 0.1]), Some([0.1, 0.5]));
+        assert!(v.contains("not within ±0.25"), "{v}");
+        let v = prevents_verdict(Some([-0.1, 0.2]), Some([-0.2, 0.2]), Some([-0.1, 0.5]));
+        assert!(v.contains("includes 0"), "{v}");
+    }
+
+    /// The covariate's pairs are the training loop's own draws: every drawn pair once when the
+    /// budget equals the draw, a subset otherwise.
+    #[test]
+    fn trained_draws_replay_the_sampler() {
+        let cfg =
+            |steps: u64| json!({"seed": 3, "batch_size": 2, "grad_accum": 1, "max_steps": steps});
+        let mut all = trained_draws(16, &cfg(8)).unwrap();
+        all.sort();
+        assert_eq!(all, (0..16).collect::<Vec<_>>());
+        let some = trained_draws(24, &cfg(8)).unwrap();
+        let distinct: std::collections::BTreeSet<_> = some.iter().collect();
+        assert_eq!((some.len(), distinct.len()), (16, 16));
+        assert!(some.iter().all(|&i| i < 24));
+        let mut s = bapo_train::train::Sampler::new(24, 3);
+        let direct: Vec<usize> = (0..8).flat_map(|_| s.next(2)).collect();
+        assert_eq!(some, direct);
+        assert!(trained_draws(4, &json!({"seed": 1}))
+            .unwrap_err()
+            .contains("batch_size"));
     }
 
     #[test]

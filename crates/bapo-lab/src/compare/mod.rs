@@ -21,6 +21,7 @@
 
 mod data;
 mod figures;
+pub mod halves;
 pub mod heterogeneity;
 mod report;
 mod stats;
@@ -44,6 +45,30 @@ pub struct Level {
     pub profile: bool,
     /// Each prompt goes to one of the users only (by its hash).
     pub disjoint: bool,
+    /// Design A′: only the near or the far half of the (single) user's training pairs, split
+    /// at the median per-pair `logp_gap` ([`halves`]).
+    #[serde(default)]
+    pub half: Option<Half>,
+}
+
+/// Which half of a user's training pairs a design-A′ level trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Half {
+    /// The pairs whose per-token reference gap (rejected − chosen) is below the user's median:
+    /// the base model already leans toward the chosen answer.
+    Near,
+    /// The pairs above the median: the base model prefers what the user rejects.
+    Far,
+}
+
+impl Half {
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::Near => "near",
+            Half::Far => "far",
+        }
+    }
 }
 
 impl Level {
@@ -93,6 +118,25 @@ pub fn design_a_levels() -> Vec<Level> {
             users: vec![u.to_string()],
             profile: false,
             disjoint: false,
+            half: None,
+        })
+        .collect()
+}
+
+/// Design A′: `near_<user>` and `far_<user>` for each of the six users (twelve levels), each
+/// trained alone on one half of the user's pairs, split at the median per-pair `logp_gap`:
+/// distance from the base varies within a direction, so it is no longer the pole.
+pub fn design_a2_levels() -> Vec<Level> {
+    USERS
+        .iter()
+        .flat_map(|u| {
+            [Half::Near, Half::Far].map(|h| Level {
+                name: format!("{}_{u}", h.name()),
+                users: vec![u.to_string()],
+                profile: false,
+                disjoint: false,
+                half: Some(h),
+            })
         })
         .collect()
 }
@@ -106,6 +150,7 @@ pub fn design_b_levels() -> Vec<Level> {
         users: users.iter().map(|u| u.to_string()).collect(),
         profile,
         disjoint,
+        half: None,
     };
     vec![
         l("one_user", &["concise"], true, false),
@@ -116,7 +161,8 @@ pub fn design_b_levels() -> Vec<Level> {
     ]
 }
 
-/// Every level: design A, then design B.
+/// Every level of the default grid: design A, then design B (design A′ is asked for by name,
+/// `--levels a2`: it needs a scan of each user's pairs first).
 pub fn default_levels() -> Vec<Level> {
     design_a_levels()
         .into_iter()
@@ -201,6 +247,8 @@ pub fn run_compare<B: AutodiffBackend>(
         .clone()
         .ok_or("compare needs data.eval (a held-out pair file) in the config")?;
     std::fs::create_dir_all(&spec.out)?;
+    // Design A′: each user's pairs split at the median gap, from one scan per user.
+    let splits = halves::splits::<B>(config, spec, &base_cfg, device)?;
     let started = std::time::Instant::now();
     let total = spec.levels.len() * spec.methods.len() * spec.seeds.len();
     let mut results = Vec::new();
@@ -208,13 +256,20 @@ pub fn run_compare<B: AutodiffBackend>(
     // Seeds outermost: the first seed of every level (design A's slope) comes first.
     for &seed in &spec.seeds {
         for level in &spec.levels {
-            let (train, eval) = data::level_data(
-                level,
-                seed,
-                (&base_cfg.data.train, &eval_src),
-                &data_dir(&spec.out, level, seed),
-                spec,
-            )?;
+            // A report reads the data the runs were trained on; it writes none.
+            let dir = data_dir(&spec.out, level, seed);
+            let (train, eval) = if spec.report_only {
+                (dir.join("train.jsonl"), dir.join("test.jsonl"))
+            } else {
+                data::level_data(
+                    level,
+                    seed,
+                    (&base_cfg.data.train, &eval_src),
+                    &dir,
+                    spec,
+                    splits.get(&level.users[0]),
+                )?
+            };
             let mut first: Option<PathBuf> = None;
             for method in &spec.methods {
                 done += 1;
