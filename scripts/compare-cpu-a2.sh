@@ -39,7 +39,10 @@ for piece in "$@"; do
   rc=$?
   echo "piece $piece: rc $rc after $(( $(date +%s) - t0 )) s; finished runs: $(find "$OUT/runs" -name result.json | wc -l)" \
     | tee -a "$OUT/pieces.log"
-  methods=$(find "$OUT/runs" -name result.json | sed 's#.*/\([^/]*\)-seed[0-9]*/result.json#\1#' | sort -u | paste -sd, -)
+  methods=$(find "$OUT/runs" -name result.json 2>/dev/null | sed 's#.*/\([^/]*\)-seed[0-9]*/result.json#\1#' | sort -u | paste -sd, -)
+  if [ -z "$methods" ]; then
+    echo "piece $piece: no finished run to report (see $OUT/compare.log)"; exit 1
+  fi
   "$BAPO" compare "${ARGS[@]}" --levels a2 --methods "$methods" --seeds 3 --report-only \
     >> "$OUT/compare.log" 2>&1 || { echo "report failed: see $OUT/compare.log"; exit 1; }
   cp "$OUT"/compare.json "$OUT"/compare.md "$RESULTS"/

@@ -136,10 +136,15 @@ fn scan<B: AutodiffBackend>(
         .eval
         .as_ref()
         .ok_or("compare needs data.eval (a held-out pair file) in the config")?;
+    // Overrides resolve against the config's folder: pass absolute paths.
+    let (train, eval) = (
+        std::path::absolute(&base.data.train)?,
+        std::path::absolute(eval)?,
+    );
     let mut ov = spec.overrides.clone();
     ov.extend([
-        format!("data.train={}", q(&base.data.train)),
-        format!("data.eval={}", q(eval)),
+        format!("data.train={}", q(&train)),
+        format!("data.eval={}", q(&eval)),
         format!("data.users=[\"{user}\"]"),
         format!("output.dir={}", q(&run_dir)),
         "anchor.max_new_tokens=1".into(),
