@@ -7,6 +7,7 @@
 #   mkdir -p bin && cp target-cuda/release/bapo bin/bapo-cuda
 #
 # Usage: scripts/compare-gpu.sh BAPO_CUDA_BINARY MODEL_GGUF OUT_DIR [SEEDS] [JOBS]
+#        DESIGN=a2 scripts/compare-gpu.sh ...   (design A′: near/far halves, 6 processes)
 #
 # The grid: design A (six solo_<user> levels) and design B (five mixed levels) × every method
 # (DPO over β, DPO + NLL, BAPO over λ, rehearsal) × SEEDS seeds (default 3), with
@@ -31,6 +32,22 @@ cd "$(dirname "$0")/.."
 export BAPO_CACHE=$(dirname "$MODEL") RUST_LOG=${RUST_LOG:-info}
 LEVELS="solo_concise solo_detailed solo_child solo_expert solo_friendly solo_formal \
 one_user two_compatible two_opposing all_six all_six_no_profile"
+REPORT=a,b
+EXTRA=()
+if [ "${DESIGN:-ab}" = a2 ]; then
+  # Design A′ (docs/experiment.md): one process per user (its near and far halves), so each
+  # user's pairs are scanned once; DPO and BAPO λ 1 at the CPU run's declared budget.
+  LEVELS="near_concise,far_concise near_detailed,far_detailed near_child,far_child \
+near_expert,far_expert near_friendly,far_friendly near_formal,far_formal"
+  REPORT=a2
+  EXTRA=(--methods dpo,bapo_l1 --max-train-pairs 16
+    --set train.max_steps=8 --set train.warmup_steps=1 --set train.grad_accum=1
+    --set train.learning_rate=2e-3
+    --set 'eval.knowledge=["../data/knowledge/capitals.jsonl", "../data/knowledge/general_knowledge.jsonl"]'
+    --set eval.knowledge_items=0 --set 'eval.formats=["chat"]'
+    --set eval.output_prompts=1000 --set eval.output_max_new_tokens=96
+    --set output.eval_steps=8 --set output.save_steps=8)
+fi
 LIMIT=${LIMIT:-540}
 t0=$(date +%s)
 echo "compare-gpu $(date -u +%FT%TZ) seeds=$SEEDS jobs=$JOBS limit=${LIMIT}s" | tee -a "$OUT/compare-gpu.log"
@@ -45,7 +62,7 @@ for k in $(seq 1 "$SEEDS"); do
   running=0
   for level in $LEVELS; do
     timeout "$left" "$BAPO" --backend cuda compare --config configs/compare.toml --out "$OUT" \
-      --levels "$level" --seeds "$k" >> "$OUT/$level.log" 2>&1 &
+      --levels "$level" --seeds "$k" "${EXTRA[@]}" >> "$OUT/${level%%,*}.log" 2>&1 &
     running=$((running + 1))
     if [ "$running" -ge "$JOBS" ]; then
       wait -n
@@ -57,6 +74,6 @@ done
 echo "grid: $(( $(date +%s) - t0 )) s; finished runs: $(find "$OUT/runs" -name result.json | wc -l)" | tee -a "$OUT/compare-gpu.log"
 # Combine the finished runs into one report (a run cut by the limit is left out and named in
 # the log; calling the script again trains it).
-"$BAPO" --backend cuda compare --config configs/compare.toml --out "$OUT" --levels a,b \
-  --seeds "$SEEDS" --report-only >> "$OUT/compare-gpu.log" 2>&1
+"$BAPO" --backend cuda compare --config configs/compare.toml --out "$OUT" --levels "$REPORT" \
+  --seeds "$SEEDS" --report-only "${EXTRA[@]}" >> "$OUT/compare-gpu.log" 2>&1
 echo "total: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/compare-gpu.log"

@@ -759,10 +759,10 @@ fn drift_and_knowledge_metrics_during_training_figure_and_eval_report() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn compare_trains_each_method_on_per_level_data_and_reports() {
-    let dir = fresh_dir("bapo-compare-cli");
-    let cfg = config(&dir, "");
+/// The tiny model's config on the persona data with held-out pairs, six capitals items and
+/// two answered prompts: what the compare tests run.
+fn compare_config(dir: &Path) -> PathBuf {
+    let cfg = config(dir, "");
     let r = root();
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -783,6 +783,127 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
             ),
         );
     std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// Design A′: the user's pairs scanned once, split at the median per-token gap into equal
+/// halves, each half-level trained on its own half only, and the near/far difference reported.
+#[test]
+fn compare_design_a2_splits_each_user_at_the_median_gap() {
+    let dir = fresh_dir("bapo-compare-a2");
+    let cfg = compare_config(&dir);
+    let out = dir.join("cmp");
+    let res = bapo(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--levels",
+        "near_concise,far_concise",
+        "--methods",
+        "dpo",
+        "--max-train-pairs",
+        "4",
+        "--max-eval-pairs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "output.eval_steps=2",
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let gaps: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("data/scan/concise/gaps.json")).unwrap(),
+    )
+    .unwrap();
+    let pairs = gaps["pairs"].as_array().unwrap();
+    let half = |h: &str| -> Vec<(u64, f64)> {
+        pairs
+            .iter()
+            .filter(|p| p["half"] == h)
+            .map(|p| {
+                (
+                    p["line"].as_u64().unwrap(),
+                    p["gap_token"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (near, far, median) = (half("near"), half("far"), half("median"));
+    assert_eq!(
+        (pairs.len(), near.len(), far.len(), median.len()),
+        (73, 36, 36, 1)
+    );
+    let top_near = near.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+    let low_far = far.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+    assert!(
+        top_near <= median[0].1 && median[0].1 <= low_far,
+        "{top_near} {median:?} {low_far}"
+    );
+    // Each half-level trains on prompts of its own half only.
+    let source: Vec<serde_json::Value> =
+        std::fs::read_to_string(root().join("data/personas/train.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    for (level, lines) in [("near_concise", &near), ("far_concise", &far)] {
+        let allowed: Vec<&serde_json::Value> = lines
+            .iter()
+            .map(|(l, _)| &source[*l as usize - 1]["prompt"])
+            .collect();
+        let train =
+            std::fs::read_to_string(out.join(format!("data/{level}/seed0/train.jsonl"))).unwrap();
+        let rows: Vec<serde_json::Value> = train
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 4);
+        assert!(
+            rows.iter()
+                .all(|r| r["user"] == "concise" && allowed.contains(&&r["prompt"])),
+            "{level}"
+        );
+    }
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let m = &doc["design_a"]["design_a2"]["methods"][0];
+    let d = &m["directions"][0];
+    assert_eq!(
+        (m["method"].as_str(), d["user"].as_str()),
+        (Some("dpo"), Some("concise"))
+    );
+    let diff = d["loss_far"].as_f64().unwrap() - d["loss_near"].as_f64().unwrap();
+    assert!(
+        (d["far_minus_near"].as_f64().unwrap() - diff).abs() < 1e-12,
+        "{d}"
+    );
+    assert!(
+        m["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("undetermined: 1 of 6"),
+        "{m}"
+    );
+    // The near half's trained gap lies below the far half's.
+    let users = doc["design_a"]["users"].as_array().unwrap();
+    let gap = |lvl: &str| {
+        users.iter().find(|u| u["level"] == lvl).unwrap()["logp_gap"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(gap("near_concise") < gap("far_concise"));
+}
+
+#[test]
+fn compare_trains_each_method_on_per_level_data_and_reports() {
+    let dir = fresh_dir("bapo-compare-cli");
+    let cfg = compare_config(&dir);
     let out = dir.join("cmp");
     let args = [
         "compare",
@@ -971,7 +1092,26 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
             .map(|r| r["mean"][1].as_f64().unwrap() - r["mean"][0].as_f64().unwrap())
             .collect();
         let gap = gaps.iter().sum::<f64>() / gaps.len() as f64;
-        assert!((u["logp_gap"].as_f64().unwrap() - gap).abs() < 1e-12, "{u}");
+        assert!(
+            (u["logp_gap_drawn"].as_f64().unwrap() - gap).abs() < 1e-12,
+            "{u}"
+        );
+        // The covariate proper: over the pairs the optimiser steps drew (the training loop's
+        // sampler replayed from the run's config), with multiplicity.
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let t = &cfg["train"];
+        let n = |k: &str| t[k].as_u64().unwrap() as usize;
+        let mut sampler = bapo_train::train::Sampler::new(gaps.len(), t["seed"].as_u64().unwrap());
+        let draws: Vec<usize> = (0..n("max_steps") * n("grad_accum"))
+            .flat_map(|_| sampler.next(n("batch_size")))
+            .collect();
+        let trained = draws.iter().map(|&i| gaps[i]).sum::<f64>() / draws.len() as f64;
+        assert!(
+            (u["logp_gap"].as_f64().unwrap() - trained).abs() < 1e-12,
+            "{u}"
+        );
         assert!(u["measure_gap"].as_f64().is_some_and(f64::is_finite), "{u}");
         let k: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("knowledge_items.json")).unwrap(),
@@ -1009,7 +1149,7 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
             verdict == "prevents forgetting" || verdict.starts_with("not shown: "),
             "{verdict}"
         );
-        pts.push((gap, loss));
+        pts.push((trained, loss));
     }
     let n = pts.len() as f64;
     let (mx, my) = (

@@ -156,7 +156,7 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
         serde_json::from_str(&read(&config)?).map_err(|e| format!("{}: {e}", config.display()))?;
     let draws =
         trained_draws(refs.len(), &cfg["train"]).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let trained: Vec<_> = draws.iter().map(|&i| refs[i].clone()).collect();
+    let trained: Vec<_> = draws.iter().map(|&i| refs[i]).collect();
     let distinct: std::collections::BTreeSet<usize> = draws.iter().copied().collect();
     let mut out = json!({
         "user": user,
@@ -462,6 +462,7 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
             "half": level.half.map(|h| h.name()),
             "logp_gap": mean_of("logp_gap"),
             "logp_gap_sum": mean_of("logp_gap_sum"),
+            "logp_gap_drawn": mean_of("logp_gap_drawn"),
             "measure_gap": mean_of("measure_gap"),
             "rule_share": mean_of("rule_share"),
             "covariates_per_seed": cov,
