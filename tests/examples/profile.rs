@@ -1,5 +1,6 @@
 //! A profiling driver with the bench's exact shapes, for `perf record` and quick A/B timings:
-//! `cargo run --release -p bapo-tests --example profile -- [flex|ndarray] [step|generate1|generate8|forward] [N]`.
+//! `cargo run --release -p bapo-tests --example profile -- [flex|ndarray] [step|generate1|generate8|forward] [N]`
+//! (also `flex matmul` and `flex elementwise`: single ops at the step's exact shapes).
 //! Prints each repetition's wall time (and, for steps, the forward/backward/optimiser split from
 //! `train`'s step log). SmolLM2 from `cargo xtask fetch`. `BAPO_PROFILE_SHARE=0` turns prompt
 //! sharing off (every row a full sequence), `BAPO_PROFILE_THREADS=N` sets concurrent passes.
@@ -141,6 +142,45 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
 }
 
 /// One `[m, k] × [k, n]` product on the inner backend, GFLOP/s (the shapes of a projection).
+/// Element-wise ops at the step's exact shapes (12 × 128 rows; the head's 768 completion rows
+/// × 49,152): median of 20 repetitions each, in ms, and the result's sum (the same bits on any
+/// thread count: a check that a faster path computes the same numbers).
+fn elementwise<B: burn::tensor::backend::Backend>() {
+    use burn::tensor::{activation, Distribution, Tensor};
+    let d = Default::default();
+    B::seed(&d, 7);
+    let head = Tensor::<B, 2>::random([768, 49152], Distribution::Default, &d);
+    let mlp = Tensor::<B, 2>::random([1536, 1536], Distribution::Default, &d);
+    let mlp2 = Tensor::<B, 2>::random([1536, 1536], Distribution::Default, &d);
+    let hid = Tensor::<B, 2>::random([1536, 576], Distribution::Default, &d);
+    let hid2 = Tensor::<B, 2>::random([1536, 576], Distribution::Default, &d);
+    let time = |name: &str, f: &dyn Fn() -> Tensor<B, 2>| {
+        let mut v: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                let y = f();
+                B::sync(&d).unwrap();
+                let dt = t.elapsed().as_secs_f64() * 1e3;
+                drop(y);
+                dt
+            })
+            .skip(1)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let sum: f32 = f().sum().into_scalar().elem();
+        eprintln!("{name}: {:.2} ms (sum {sum:e})", v[v.len() / 2]);
+    };
+    use burn::tensor::ElementConversion;
+    time("exp [768, 49152]", &|| head.clone().exp());
+    time("exp(x - 1) [768, 49152]", &|| (head.clone() - 1.0).exp());
+    time("silu [1536, 1536]", &|| activation::silu(mlp.clone()));
+    time("mul [1536, 1536]", &|| mlp.clone() * mlp2.clone());
+    time("add [1536, 576]", &|| hid.clone() + hid2.clone());
+    time("sqrt(x^2 + 1) [1536, 576]", &|| {
+        (hid.clone().powi_scalar(2) + 1.0).sqrt()
+    });
+}
+
 fn matmul<B: burn::tensor::backend::Backend>(m: usize, k: usize, n: usize, transposed: bool) {
     use burn::tensor::{Distribution, Tensor};
     let d = Default::default();
@@ -331,6 +371,10 @@ fn main() {
     }
     if what == "split" {
         split_gemv::<burn::backend::Flex>(reps);
+        return;
+    }
+    if what == "elementwise" {
+        elementwise::<burn::backend::Flex>();
         return;
     }
     if what == "matmul" {
