@@ -20,13 +20,8 @@ BAPO=${BAPO:-target/release/bapo}
 OUT=${OUT:-runs/compare-cpu-a2}
 RESULTS=docs/results/design-a2
 LIMIT=${LIMIT:-2700}
-ARGS=(--config configs/compare.toml --out "$OUT" --max-train-pairs 16
-  --set train.max_steps=8 --set train.warmup_steps=1 --set train.grad_accum=1
-  --set train.learning_rate=2e-3
-  --set 'eval.knowledge=["../data/knowledge/capitals.jsonl", "../data/knowledge/general_knowledge.jsonl"]'
-  --set eval.knowledge_items=0 --set 'eval.formats=["chat"]'
-  --set eval.output_prompts=1000 --set eval.output_max_new_tokens=96
-  --set output.eval_steps=8 --set output.save_steps=8)
+source scripts/a2-budget.sh
+ARGS=(--config configs/compare.toml --out "$OUT" "${A2_BUDGET[@]}")
 export RUST_LOG=${RUST_LOG:-info}
 mkdir -p "$OUT" "$RESULTS"
 for piece in "$@"; do

@@ -40,13 +40,8 @@ if [ "${DESIGN:-ab}" = a2 ]; then
   LEVELS="near_concise,far_concise near_detailed,far_detailed near_child,far_child \
 near_expert,far_expert near_friendly,far_friendly near_formal,far_formal"
   REPORT=a2
-  EXTRA=(--methods dpo,bapo_l1 --max-train-pairs 16
-    --set train.max_steps=8 --set train.warmup_steps=1 --set train.grad_accum=1
-    --set train.learning_rate=2e-3
-    --set 'eval.knowledge=["../data/knowledge/capitals.jsonl", "../data/knowledge/general_knowledge.jsonl"]'
-    --set eval.knowledge_items=0 --set 'eval.formats=["chat"]'
-    --set eval.output_prompts=1000 --set eval.output_max_new_tokens=96
-    --set output.eval_steps=8 --set output.save_steps=8)
+  source scripts/a2-budget.sh
+  EXTRA=(--methods dpo,bapo_l1 "${A2_BUDGET[@]}")
 fi
 LIMIT=${LIMIT:-540}
 t0=$(date +%s)

@@ -129,7 +129,7 @@ fn scan<B: AutodiffBackend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(), RunError> {
-    let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "/"));
+    let q = super::toml_path;
     let run_dir = dir.join("run");
     let eval = base
         .data
@@ -155,15 +155,10 @@ fn scan<B: AutodiffBackend>(
         "design A′: scanning every training pair's reference gap"
     );
     bapo_run::run::run_anchors::<B>(&cfg, device)?;
-    let cache = run_dir.join("reference_logps.cache.json");
     let anchors = run_dir.join("anchors.jsonl");
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| RunError::file(p, e));
-    let c: Value =
-        serde_json::from_str(&read(&cache)?).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let refs: Vec<bapo_train::train::ReferenceLogps> =
-        serde_json::from_value(c["train"].clone())
-            .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?;
-    let lines: Vec<usize> = read(&anchors)?
+    let refs = super::heterogeneity::train_refs(&run_dir)?;
+    let lines: Vec<usize> = std::fs::read_to_string(&anchors)
+        .map_err(|e| RunError::file(&anchors, e))?
         .lines()
         .enumerate()
         .map(|(i, l)| {
@@ -186,7 +181,7 @@ fn scan<B: AutodiffBackend>(
             anchors.display(),
             lines.len(),
             refs.len(),
-            cache.display()
+            run_dir.join("reference_logps.cache.json").display()
         )
         .into());
     }

@@ -135,6 +135,16 @@ fn answered(run: &Path, test: &Path) -> Option<f64> {
     Some(pairs.min(cfg["eval"]["output_prompts"].as_u64()? as usize) as f64)
 }
 
+/// The reference log-probs of every training example of the run in `dir` (its
+/// `reference_logps.cache.json`), in the run's training order.
+pub(super) fn train_refs(dir: &Path) -> Result<Vec<bapo_train::train::ReferenceLogps>, RunError> {
+    let cache = dir.join("reference_logps.cache.json");
+    let text = std::fs::read_to_string(&cache).map_err(|e| RunError::file(&cache, e))?;
+    let c: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", cache.display()))?;
+    Ok(serde_json::from_value(c["train"].clone())
+        .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?)
+}
+
 /// The user's covariates from the run in `dir` (trained on `train`); `None` before any run of
 /// the level and seed has finished.
 pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>, RunError> {
@@ -145,11 +155,7 @@ pub fn covariates(user: &str, dir: &Path, train: &Path) -> Result<Option<Value>,
     }
     let read =
         |p: &Path| std::fs::read_to_string(p).map_err(|e| bapo_train::io::RunError::file(p, e));
-    let c: Value =
-        serde_json::from_str(&read(&cache)?).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let refs: Vec<bapo_train::train::ReferenceLogps> =
-        serde_json::from_value(c["train"].clone())
-            .map_err(|e| format!("{}: field `train`: {e}", cache.display()))?;
+    let refs = train_refs(dir)?;
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let config = dir.join("config.json");
     let cfg: Value =

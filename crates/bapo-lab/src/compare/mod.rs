@@ -213,6 +213,11 @@ pub fn profile(user: &str) -> String {
     }
 }
 
+/// `p` as a quoted TOML string for a `--set` override (forward slashes on every platform).
+fn toml_path(p: &Path) -> String {
+    format!("\"{}\"", p.display().to_string().replace('\\', "/"))
+}
+
 /// `out/data/<level>/seed<k>`: the level's files for one seed.
 pub(crate) fn data_dir(out: &Path, level: &Level, seed: u64) -> PathBuf {
     out.join("data")
@@ -287,7 +292,7 @@ pub fn run_compare<B: AutodiffBackend>(
                     tracing::info!(level = %level.name, method = %method.name, seed, "not finished: left out (--report-only)");
                     continue;
                 }
-                let q = |p: &Path| format!("\"{}\"", p.display().to_string().replace('\\', "/"));
+                let q = toml_path;
                 let users = level
                     .users
                     .iter()
