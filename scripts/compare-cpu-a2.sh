@@ -23,7 +23,35 @@ LIMIT=${LIMIT:-2700}
 source scripts/a2-budget.sh
 ARGS=(--config configs/compare.toml --out "$OUT" "${A2_BUDGET[@]}")
 export RUST_LOG=${RUST_LOG:-info}
+ARCHIVE=$RESULTS/archive
+# What the report reads from each finished run and its data (weights and optimizer state are
+# not needed): archived in git after every piece and restored here first, so a fresh clone
+# reports and skips every run that has landed.
+KEEP=(result.json metrics.jsonl eval_base.json knowledge_items.json config.json
+  reference_logps.cache.json anchors.jsonl train.jsonl test.jsonl gaps.json)
 mkdir -p "$OUT" "$RESULTS"
+[ -d "$ARCHIVE" ] && cp -rn "$ARCHIVE"/. "$OUT"/
+# The reference's gap scan of each user (deterministic, published next to the results) is
+# restored too, so a fresh clone does not score every pair again.
+for g in "$RESULTS"/gaps-*.json; do
+  [ -e "$g" ] || continue
+  u=${g##*/gaps-}; u=${u%.json}
+  [ -e "$OUT/data/scan/$u/gaps.json" ] || { mkdir -p "$OUT/data/scan/$u" && cp "$g" "$OUT/data/scan/$u/gaps.json"; }
+done
+archive() {
+  local f rel
+  for name in "${KEEP[@]}"; do
+    find "$OUT/runs" "$OUT/data" -name "$name" 2>/dev/null
+  done | while read -r f; do
+    rel=${f#"$OUT"/}
+    # A run counts once its result.json exists: skip the files of unfinished runs.
+    case $rel in
+      runs/*) [ -e "$(dirname "$f")/result.json" ] || continue ;;
+      data/scan/*/run/*) continue ;;  # the scan's own run: gaps.json is all it leaves
+    esac
+    mkdir -p "$ARCHIVE/$(dirname "$rel")" && cp -p "$f" "$ARCHIVE/$rel"
+  done
+}
 for piece in "$@"; do
   IFS=: read -r method seed users <<< "$piece"
   levels=$(echo "$users" | tr ',' '\n' | sed 's/.*/near_&,far_&/' | paste -sd, -)
@@ -40,6 +68,7 @@ for piece in "$@"; do
   fi
   "$BAPO" compare "${ARGS[@]}" --levels a2 --methods "$methods" --seeds 3 --report-only \
     >> "$OUT/compare.log" 2>&1 || { echo "report failed: see $OUT/compare.log"; exit 1; }
+  archive
   cp "$OUT"/compare.json "$OUT"/compare.md "$RESULTS"/
   cp "$OUT"/heterogeneity.svg "$RESULTS"/ 2>/dev/null
   for g in "$OUT"/data/scan/*/gaps.json; do

@@ -281,7 +281,10 @@ pub fn run_compare<B: AutodiffBackend>(
                 let dir = run_dir(&spec.out, level, method, seed);
                 let result_path = dir.join("result.json");
                 if let Ok(text) = std::fs::read_to_string(&result_path) {
-                    if let Ok(r) = serde_json::from_str::<RunResult>(&text) {
+                    if let Ok(mut r) = serde_json::from_str::<RunResult>(&text) {
+                        // The run's files are read from where they are now (results restored
+                        // from docs/ into another clone), not where they were written.
+                        r.dir = dir.clone();
                         tracing::info!(level = %level.name, method = %method.name, seed, "finished earlier: reusing result.json");
                         first.get_or_insert(dir.clone());
                         results.push(r);
