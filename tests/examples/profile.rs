@@ -377,14 +377,32 @@ fn main() {
         elementwise::<burn::backend::Flex>();
         return;
     }
-    if what == "matmul" {
-        for (m, k, n) in [
-            (1536, 576, 1536),
-            (1536, 576, 192),
-            (1536, 1536, 576),
-            (768, 576, 49152),
-            (1, 576, 49152),
-        ] {
+    if what == "matmul" || what == "concat" {
+        // `concat`: the projections of one layer at the bench's 12 × 128 rows, apart (Q, K, V;
+        // gate, up) and concatenated (QKV 576 → 960; gate‖up 576 → 3072), forward (x·Wᵀ) and
+        // the input gradient (dy·W), to size what concatenating the weights at load could save.
+        let shapes: &[(usize, usize, usize)] = if what == "concat" {
+            &[
+                (1536, 576, 576),
+                (1536, 576, 192),
+                (1536, 576, 960),
+                (1536, 576, 1536),
+                (1536, 576, 3072),
+                (1536, 192, 576),
+                (1536, 960, 576),
+                (1536, 1536, 576),
+                (1536, 3072, 576),
+            ]
+        } else {
+            &[
+                (1536, 576, 1536),
+                (1536, 576, 192),
+                (1536, 1536, 576),
+                (768, 576, 49152),
+                (1, 576, 49152),
+            ]
+        };
+        for &(m, k, n) in shapes {
             for tr in [false, true] {
                 match backend {
                     "flex" => matmul::<burn::backend::Flex>(m, k, n, tr),
