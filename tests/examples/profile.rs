@@ -1,6 +1,8 @@
 //! A profiling driver with the bench's exact shapes, for `perf record` and quick A/B timings:
 //! `cargo run --release -p bapo-tests --example profile -- [flex|ndarray] [step|generate1|generate8|forward] [N]`
-//! (also `flex matmul` and `flex elementwise`: single ops at the step's exact shapes).
+//! (also `flex matmul`, `flex concat` and `flex elementwise`: single ops at the step's exact
+//! shapes; the head's log-prob kernel: `cargo run --release -p bapo-objective --features flex
+//! --example head`). `BAPO_FUSED=0` runs without the fused kernels.
 //! Prints each repetition's wall time (and, for steps, the forward/backward/optimiser split from
 //! `train`'s step log). SmolLM2 from `cargo xtask fetch`. `BAPO_PROFILE_SHARE=0` turns prompt
 //! sharing off (every row a full sequence), `BAPO_PROFILE_THREADS=N` sets concurrent passes.

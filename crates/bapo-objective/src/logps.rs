@@ -126,9 +126,27 @@ impl CompletionRows {
 /// shifted copy and its exponential: no `[n, v]` log-softmax is materialised, and the gradient
 /// is `onehot(target) − softmax(row)`.
 ///
+/// With feature `flex`, f32 logits on burn-flex (plain or under `Autodiff`) go through a fused
+/// kernel instead (`fused`): one pass for each row's log-sum-exp, the logits and `[n]`
+/// log-sum-exps kept for a one-pass backward; the same values within float rounding (its own
+/// exponential and summation order), each row's bits independent of the batch.
+///
 /// # Shapes
 /// `logits`: `[n, v]`; `targets`: `[n]` → `[n]`.
 pub fn target_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    #[cfg(feature = "flex")]
+    let (logits, targets) = match crate::fused::target_logps(logits, targets) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    target_logps_op_by_op(logits, targets)
+}
+
+/// [`target_logps`] in Burn's ops, on any backend (the path without a fused kernel).
+pub fn target_logps_op_by_op<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
     let [n, _] = logits.dims();
     let max = logits.clone().detach().max_dim(1); // [n, 1]
     let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;

@@ -57,12 +57,19 @@ impl Numerics {
     pub fn of<B: Backend>(device: &B::Device, prompt_sharing: bool) -> Self {
         Self {
             backend: B::name(device),
-            logps: if prompt_sharing {
-                "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated, prompts shared (v4)"
-            } else {
-                "f32, completion rows only, logit - logsumexp, grouped attention, base responses as generated (v3)"
-            }
-            .into(),
+            logps: format!(
+                "f32, completion rows only, logit - logsumexp{}, grouped attention, base responses as generated{}",
+                if bapo_objective::fused_kernels() {
+                    " (fused kernels on)"
+                } else {
+                    ""
+                },
+                if prompt_sharing {
+                    ", prompts shared (v5)"
+                } else {
+                    " (v4)"
+                }
+            ),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }

@@ -1,0 +1,273 @@
+//! The head's log-prob of each target on plain `f32` rows: one pass for the row's
+//! log-sum-exp (forward) and one for `grad · (onehot(target) − softmax)` (backward), with an
+//! exponential written as plain arithmetic so the compiler vectorises it.
+//!
+//! Every row is computed by the same instructions in the same order whatever else is in the
+//! batch, whichever thread runs it and whichever instruction set the CPU offers (lane-wise
+//! IEEE operations, no fused multiply-add, a fixed 16-lane reduction order): a row's result is
+//! the same bits in any batch (the anchor's hinge sits on its kink at step 1, so this matters).
+
+use rayon::prelude::*;
+
+/// Lanes of the partial sums: each lane accumulates every 16th element of a row, and the
+/// lanes are added in one fixed order at the end.
+const LANES: usize = 16;
+
+/// `e^x` for `x ≤ 0` (finite), within ≈ 2 ulp of the exact value for `x ≥ −87`; below −87
+/// (where `e^x < 1.7e−38`) it returns `e^−87` instead of a denormal or zero, which changes
+/// a row's sum by less than one part in 10³⁰.
+///
+/// `x = k·ln 2 + r` with `k` rounded to nearest by the 1.5·2²³ trick (an add, so the integer
+/// `k` is read from the sum's low bits), `|r| ≤ ln 2 / 2` in two parts (Cody–Waite), `e^r` by
+/// its degree-6 Taylor polynomial (truncation ≤ 1.2e−7 relative), `2^k` by building the float's
+/// exponent bits.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 rounded to 10 bits: k·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = if x < -87.0 { -87.0 } else { x };
+    let t = x * LOG2E + MAGIC;
+    let k = t - MAGIC; // round(x · log2 e), as a float
+    let ki = t.to_bits().wrapping_sub(MAGIC.to_bits()); // the same integer (two's complement)
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(ki.wrapping_add(127) << 23);
+    p * scale
+}
+
+/// Maximum of a row (NaN-free rows; a NaN anywhere still reaches the sum and the output).
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    for (l, &x) in rest.iter().enumerate() {
+        acc[l] = if x > acc[l] { x } else { acc[l] };
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// `Σ e^(x − shift)` over a row, in 16 lanes added pairwise in a fixed order.
+#[inline(always)]
+fn row_sum_exp(row: &[f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += exp_nonpositive(c[l] - shift);
+        }
+    }
+    for (l, &x) in rest.iter().enumerate() {
+        acc[l] += exp_nonpositive(x - shift);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// `grad · (onehot(target) − e^(x − lse))` of one row into `out`.
+#[inline(always)]
+fn row_backward(row: &[f32], lse: f32, grad: f32, out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = -(grad * exp_nonpositive(x - lse));
+    }
+}
+
+/// The per-row work compiled three times: for AVX-512, for AVX2 and for the baseline, picked
+/// once per call by what the CPU reports. The arithmetic is identical in all three.
+macro_rules! dispatch {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        // The crate's only unsafe: calling a `target_feature` function after checking the CPU.
+        #[allow(unsafe_code)]
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret { $body($($arg),*) }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret { $body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn forward_row(row: &[f32]) -> f32 {
+    let max = row_max(row);
+    max + row_sum_exp(row, max).ln()
+}
+
+dispatch!(forward_row_fast, forward_row, (row: &[f32]) -> f32);
+dispatch!(backward_row_fast, row_backward, (row: &[f32], lse: f32, grad: f32, out: &mut [f32]) -> ());
+
+/// Each row's `log softmax(row)[target]` and its log-sum-exp.
+///
+/// # Panics
+/// When `logits.len() != targets.len() · vocab` or a target is outside `0..vocab` (a caller's
+/// bug: the op-by-op path's gather would fail on it too).
+pub fn target_logps(logits: &[f32], vocab: usize, targets: &[i64]) -> (Vec<f32>, Vec<f32>) {
+    check(logits, vocab, targets);
+    let lse: Vec<f32> = logits
+        .par_chunks(vocab.max(1))
+        .map(forward_row_fast)
+        .collect();
+    let out = targets
+        .iter()
+        .zip(&lse)
+        .enumerate()
+        .map(|(i, (&t, &l))| logits[i * vocab + t as usize] - l)
+        .collect();
+    (out, lse)
+}
+
+/// The gradient of [`target_logps`]'s output with respect to the logits, given the output's
+/// gradient `grad` `[n]` and the forward's `lse` `[n]`: `grad · (onehot(target) − softmax)`.
+pub fn target_logps_backward(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[i64],
+    lse: &[f32],
+    grad: &[f32],
+) -> Vec<f32> {
+    check(logits, vocab, targets);
+    assert!(
+        lse.len() == targets.len() && grad.len() == targets.len(),
+        "target_logps_backward: {} rows, {} lse, {} grads",
+        targets.len(),
+        lse.len(),
+        grad.len()
+    );
+    let mut out = vec![0.0f32; logits.len()];
+    out.par_chunks_mut(vocab.max(1))
+        .zip(logits.par_chunks(vocab.max(1)))
+        .enumerate()
+        .for_each(|(i, (o, row))| {
+            backward_row_fast(row, lse[i], grad[i], o);
+            o[targets[i] as usize] += grad[i];
+        });
+    out
+}
+
+fn check(logits: &[f32], vocab: usize, targets: &[i64]) {
+    assert!(
+        logits.len() == targets.len() * vocab,
+        "target_logps: {} logits for {} rows of {vocab}",
+        logits.len(),
+        targets.len()
+    );
+    if let Some(t) = targets.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+        panic!("target_logps: target {t} outside a vocabulary of {vocab}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_within_two_ulp_of_f64() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let got = exp_nonpositive(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_731;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1e30) < 1.7e-38 && exp_nonpositive(f32::NEG_INFINITY) < 1.7e-38);
+    }
+
+    /// Forward and backward against f64 by hand, with a row length that is not a multiple of
+    /// the lanes (the remainder path) and rows far apart in scale.
+    #[test]
+    fn matches_f64_by_hand() {
+        let vocab = 37;
+        let rows: Vec<Vec<f32>> = (0..5)
+            .map(|r| {
+                (0..vocab)
+                    .map(|j| ((j * 7 + r * 3) % 11) as f32 * (r as f32 + 0.5) - 20.0 * r as f32)
+                    .collect()
+            })
+            .collect();
+        let logits: Vec<f32> = rows.concat();
+        let targets = [0i64, 36, 5, 17, 9];
+        let grad = [1.0f32, -0.5, 2.0, 0.0, 0.25];
+        let (out, lse) = target_logps(&logits, vocab, &targets);
+        let dx = target_logps_backward(&logits, vocab, &targets, &lse, &grad);
+        for (i, row) in rows.iter().enumerate() {
+            let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+            let l = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            let t = targets[i] as usize;
+            assert!(
+                (out[i] as f64 - (row[t] as f64 - l)).abs() < 2e-5,
+                "row {i}: {}",
+                out[i]
+            );
+            for (j, &x) in row.iter().enumerate() {
+                let want = grad[i] as f64 * ((j == t) as u8 as f64 - (x as f64 - l).exp());
+                let got = dx[i * vocab + j] as f64;
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "row {i} col {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// A row gives the same bits alone and inside a batch (the kink test's premise).
+    #[test]
+    fn row_bits_do_not_depend_on_the_batch() {
+        let vocab = 1000;
+        let logits: Vec<f32> = (0..vocab * 9)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0)
+            .collect();
+        let targets: Vec<i64> = (0..9).map(|i| (i * 101) as i64).collect();
+        let (all, lse_all) = target_logps(&logits, vocab, &targets);
+        let grad = vec![1.0f32; 9];
+        let dx_all = target_logps_backward(&logits, vocab, &targets, &lse_all, &grad);
+        for i in 0..9 {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let (one, lse) = target_logps(row, vocab, &targets[i..=i]);
+            assert_eq!(one[0].to_bits(), all[i].to_bits(), "row {i}");
+            let dx = target_logps_backward(row, vocab, &targets[i..=i], &lse, &grad[..1]);
+            assert!(dx
+                .iter()
+                .zip(&dx_all[i * vocab..])
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside a vocabulary of 4")]
+    fn a_target_outside_the_vocabulary_is_refused() {
+        target_logps(&[0.0; 8], 4, &[1, 4]);
+    }
+}
