@@ -287,9 +287,20 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `[b, s, e]` → `[b, s, e]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj.forward(gated(gate, self.up_proj.forward(x)))
     }
+}
+
+/// `silu(gate) · up`: one fused pass on burn-flex with feature `flex` (`bapo_kernels::swiglu`,
+/// equal within float rounding), Burn's ops everywhere else.
+fn gated<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    #[cfg(feature = "flex")]
+    let (gate, up) = match bapo_kernels::swiglu::swiglu(gate, up) {
+        Ok(h) => return h,
+        Err(inputs) => inputs,
+    };
+    silu(gate) * up
 }
 
 /// One pre-norm decoder block.

@@ -18,19 +18,17 @@
 //! assert!(out.loss.into_scalar() > 0.0);
 //! ```
 
-#[cfg(feature = "flex")]
-pub mod fused;
 mod logps;
 mod losses;
 
 /// Whether the fused kernels run where a backend has them: built with feature `flex` and the
-/// environment variable `BAPO_FUSED` not `0` (read once; `BAPO_FUSED=0` is the op-by-op path
-/// everywhere, for A/B timing and as an escape hatch).
+/// environment variable `BAPO_FUSED` not `0` (`BAPO_FUSED=0` is the op-by-op path everywhere,
+/// for A/B timing and as an escape hatch).
 pub fn fused_kernels() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        cfg!(feature = "flex") && std::env::var("BAPO_FUSED").map_or(true, |v| v.trim() != "0")
-    })
+    #[cfg(feature = "flex")]
+    return bapo_kernels::enabled();
+    #[cfg(not(feature = "flex"))]
+    false
 }
 
 pub use logps::{

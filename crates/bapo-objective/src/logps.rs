@@ -127,15 +127,15 @@ impl CompletionRows {
 /// is `onehot(target) − softmax(row)`.
 ///
 /// With feature `flex`, f32 logits on burn-flex (plain or under `Autodiff`) go through a fused
-/// kernel instead (`fused`): one pass for each row's log-sum-exp, the logits and `[n]`
-/// log-sum-exps kept for a one-pass backward; the same values within float rounding (its own
-/// exponential and summation order), each row's bits independent of the batch.
+/// kernel instead (`bapo_kernels::head`): one pass for each row's log-sum-exp, the logits and
+/// `[n]` log-sum-exps kept for a one-pass backward; the same values within float rounding (its
+/// own exponential and summation order), each row's bits independent of the batch.
 ///
 /// # Shapes
 /// `logits`: `[n, v]`; `targets`: `[n]` → `[n]`.
 pub fn target_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     #[cfg(feature = "flex")]
-    let (logits, targets) = match crate::fused::target_logps(logits, targets) {
+    let (logits, targets) = match bapo_kernels::head::target_logps(logits, targets) {
         Ok(out) => return out,
         Err(inputs) => inputs,
     };
@@ -310,5 +310,47 @@ mod tests {
             "token",
         );
         close(g_got, g_want, "grad");
+    }
+
+    /// The fused kernel (feature `flex`) against this op-by-op path on the same backend:
+    /// forward and gradient, with a different upstream weight on every row.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn fused_matches_op_by_op_forward_and_gradient() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::tensor::Distribution;
+        type A = Autodiff<Flex>;
+        assert!(crate::fused_kernels(), "run the tests without BAPO_FUSED=0");
+        let d = Default::default();
+        <A as Backend>::seed(&d, 11);
+        let (n, v) = (13, 3001);
+        let logits = Tensor::<A, 2>::random([n, v], Distribution::Normal(0.0, 4.0), &d);
+        let t: Vec<i64> = (0..n).map(|i| ((i * 7919) % v) as i64).collect();
+        let targets = Tensor::<A, 1, Int>::from_data(TensorData::new(t, [n]), &d);
+        let w: Vec<f32> = (0..n).map(|i| i as f32 - 4.0).collect();
+        let weights = Tensor::<A, 1>::from_data(TensorData::new(w, [n]), &d);
+        let run = |fused: bool| {
+            let x = logits.clone().detach().require_grad();
+            let out = if fused {
+                target_logps(x.clone(), targets.clone())
+            } else {
+                target_logps_op_by_op(x.clone(), targets.clone())
+            };
+            let g = (out.clone() * weights.clone()).sum().backward();
+            let dx = x.grad(&g).expect("gradient");
+            (
+                out.into_data().into_vec::<f32>().unwrap(),
+                dx.into_data().into_vec::<f32>().unwrap(),
+            )
+        };
+        let ((fo, fg), (oo, og)) = (run(true), run(false));
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(max_diff(&fo, &oo) < 2e-5, "forward {}", max_diff(&fo, &oo));
+        assert!(max_diff(&fg, &og) < 1e-6, "gradient {}", max_diff(&fg, &og));
     }
 }

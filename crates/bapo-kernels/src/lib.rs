@@ -1,0 +1,36 @@
+//! # bapo-kernels
+//!
+//! Fused CPU kernels with their own autodiff backward for burn-flex: the head's log-prob of
+//! each target ([`head`]) and SwiGLU ([`swiglu`]). Each entry point takes a generic Burn
+//! tensor and runs its kernel only when the backend *is* `Flex` or `Autodiff<Flex>` (checked
+//! by type with `Any`, safely), handing the inputs back otherwise, so its callers keep a plain
+//! `B: Backend` bound and every other backend (ndarray, wgpu, cuda, someone else's) runs the
+//! caller's op-by-op path unchanged.
+//!
+//! Why not a `FusedOps: Backend` extension trait: the bound would have to be implemented for
+//! every backend a caller uses, and the orphan rule lets only this crate do that, so a model on
+//! a backend this crate does not know could no longer call the library.
+//!
+//! The backward passes use Burn's autodiff extension points (`Backward`, `prepare`,
+//! `compute_bound().stateful()`, `Gradients::register`), as burn's custom-kernel example does.
+//!
+//! **Numerics.** A kernel computes each row (or element) alone, in a fixed order: fixed-lane
+//! sums, no fused multiply-add, the same code compiled for AVX-512, AVX2 and the baseline and
+//! picked by CPU detection. So an element's bits do not depend on its batch or on the thread
+//! that ran it, and the plain and autodiff backends share each forward kernel (the anchor's
+//! kink at step 1 holds). Results differ from the op-by-op path within float rounding.
+
+mod flex;
+pub mod head;
+pub mod head_kernel;
+mod simd;
+pub mod swiglu;
+
+pub use simd::exp_nonpositive;
+
+/// Whether the kernels run: the environment variable `BAPO_FUSED` is not `0` (read once).
+/// `BAPO_FUSED=0` is the op-by-op path everywhere, for A/B timing and as an escape hatch.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BAPO_FUSED").map_or(true, |v| v.trim() != "0"))
+}
