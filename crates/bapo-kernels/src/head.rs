@@ -15,8 +15,8 @@ use burn_flex::FlexTensor;
 use crate::flex::{cast, ints, same, tensor, with_f32};
 use crate::head_kernel as kernel;
 
-/// Each row's `log softmax(logits)[target]` through the fused kernel when `B` is `Flex` or
-/// `Autodiff<Flex>` with f32 logits and [`crate::enabled`]; the inputs back otherwise.
+/// Each row's `log softmax(logits)[target]` through the fused kernel when `head` is
+/// [`crate::enabled`] and [`target_logps_fused`] applies; the inputs back otherwise.
 ///
 /// # Shapes
 /// `logits`: `[n, v]`; `targets`: `[n]` → `[n]`.
@@ -25,7 +25,20 @@ pub fn target_logps<B: Backend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Result<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
-    if logits.dtype() != DType::F32 || !crate::enabled() {
+    if !crate::enabled("head") {
+        return Err((logits, targets));
+    }
+    target_logps_fused(logits, targets)
+}
+
+/// [`target_logps`] whatever `BAPO_FUSED` says: the kernel when `B` is `Flex` or
+/// `Autodiff<Flex>` with f32 logits, the inputs back otherwise.
+#[allow(clippy::type_complexity)]
+pub fn target_logps_fused<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Result<Tensor<B, 1>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
+    if logits.dtype() != DType::F32 {
         return Err((logits, targets));
     }
     let logits = match cast::<_, Tensor<Autodiff<Flex>, 2>>(logits) {
@@ -123,10 +136,10 @@ mod tests {
     /// The inference path (plain Flex) gives the autodiff path's values bit for bit.
     #[test]
     fn plain_flex_equals_autodiff_flex() {
-        assert!(crate::enabled(), "run the tests without BAPO_FUSED=0");
         let (logits, targets) = inputs::<Flex>(5, 700);
-        let plain = target_logps(logits.clone(), targets.clone()).expect("flex has the kernel");
-        let ad = target_logps(
+        let plain =
+            target_logps_fused(logits.clone(), targets.clone()).expect("flex has the kernel");
+        let ad = target_logps_fused(
             Tensor::<Autodiff<Flex>, 2>::from_data(logits.into_data(), &Default::default()),
             Tensor::<Autodiff<Flex>, 1, Int>::from_data(targets.into_data(), &Default::default()),
         )
@@ -142,7 +155,7 @@ mod tests {
     fn other_backends_get_their_inputs_back() {
         use burn::backend::NdArray;
         let (logits, targets) = inputs::<NdArray>(4, 300);
-        let (l, t) = target_logps(logits.clone(), targets.clone()).expect_err("no kernel");
+        let (l, t) = target_logps_fused(logits.clone(), targets.clone()).expect_err("no kernel");
         assert_eq!(l.into_data(), logits.into_data());
         assert_eq!(t.into_data(), targets.into_data());
     }

@@ -28,9 +28,35 @@ pub mod swiglu;
 
 pub use simd::exp_nonpositive;
 
-/// Whether the kernels run: the environment variable `BAPO_FUSED` is not `0` (read once).
-/// `BAPO_FUSED=0` is the op-by-op path everywhere, for A/B timing and as an escape hatch.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BAPO_FUSED").map_or(true, |v| v.trim() != "0"))
+/// The kernels this crate has, by the names `BAPO_FUSED` takes.
+pub const KERNELS: [&str; 2] = ["head", "swiglu"];
+
+/// The kernels on by default. `head` is off: with it, the shared-prompt test
+/// (`bapo-train/tests/shared.rs`) finds one example's summed log-prob one ulp apart alone and
+/// in a batch of four, although the kernel computes each row alone (its unit test); the cause
+/// is open, and the anchor's kink needs batch-invariant log-probs, so it is opt-in until found.
+pub const DEFAULT: [&str; 1] = ["swiglu"];
+
+/// The kernels that run, from the environment variable `BAPO_FUSED` (read once): unset or `1`
+/// = [`DEFAULT`]; `all` = every kernel; `0` = none (the op-by-op path everywhere, for A/B
+/// timing and as an escape hatch); otherwise a comma-separated list of names from [`KERNELS`].
+pub fn active() -> &'static [&'static str] {
+    static ON: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    ON.get_or_init(|| match std::env::var("BAPO_FUSED") {
+        Err(_) => DEFAULT.to_vec(),
+        Ok(v) => match v.trim() {
+            "" | "1" => DEFAULT.to_vec(),
+            "all" => KERNELS.to_vec(),
+            "0" | "none" => Vec::new(),
+            list => KERNELS
+                .into_iter()
+                .filter(|k| list.split(',').any(|x| x.trim() == *k))
+                .collect(),
+        },
+    })
+}
+
+/// Whether kernel `name` runs ([`active`]).
+pub fn enabled(name: &str) -> bool {
+    active().contains(&name)
 }

@@ -76,18 +76,27 @@ pub fn backward(gate: &[f32], up: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (dg, du)
 }
 
-/// `silu(gate) · up` through the fused kernel when `B` is `Flex` or `Autodiff<Flex>`, both f32
-/// and of one shape, and [`crate::enabled`]; the inputs back otherwise.
+/// `silu(gate) · up` through the fused kernel when `swiglu` is [`crate::enabled`] and
+/// [`swiglu_fused`] applies; the inputs back otherwise.
 #[allow(clippy::type_complexity)]
 pub fn swiglu<B: Backend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-    if gate.dtype() != DType::F32
-        || up.dtype() != DType::F32
-        || gate.dims() != up.dims()
-        || !crate::enabled()
-    {
+    if !crate::enabled("swiglu") {
+        return Err((gate, up));
+    }
+    swiglu_fused(gate, up)
+}
+
+/// [`swiglu`] whatever `BAPO_FUSED` says: the kernel when `B` is `Flex` or `Autodiff<Flex>`,
+/// both f32 and of one shape, the inputs back otherwise.
+#[allow(clippy::type_complexity)]
+pub fn swiglu_fused<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.dims() != up.dims() {
         return Err((gate, up));
     }
     let gate = match cast::<_, Tensor<Autodiff<Flex>, D>>(gate) {
@@ -178,7 +187,6 @@ mod tests {
     /// with a non-uniform upstream gradient, on a shape that is not a multiple of the lanes.
     #[test]
     fn fused_matches_op_by_op() {
-        assert!(crate::enabled(), "run the tests without BAPO_FUSED=0");
         let d = Default::default();
         <A as Backend>::seed(&d, 5);
         let g0 = Tensor::<A, 3>::random([2, 37, 301], Distribution::Normal(0.0, 3.0), &d);
@@ -188,7 +196,7 @@ mod tests {
             let g = g0.clone().detach().require_grad();
             let u = u0.clone().detach().require_grad();
             let h = if fused {
-                swiglu(g.clone(), u.clone()).expect("autodiff flex has the kernel")
+                swiglu_fused(g.clone(), u.clone()).expect("autodiff flex has the kernel")
             } else {
                 silu(g.clone()) * u.clone()
             };
@@ -223,15 +231,17 @@ mod tests {
         <Flex as Backend>::seed(&d, 9);
         let g = Tensor::<Flex, 2>::random([6, 40_000], Distribution::Normal(0.0, 3.0), &d);
         let u = Tensor::<Flex, 2>::random([6, 40_000], Distribution::Normal(0.0, 1.0), &d);
-        let plain = swiglu(g.clone(), u.clone()).expect("flex").into_data();
-        let ad = swiglu(
+        let plain = swiglu_fused(g.clone(), u.clone())
+            .expect("flex")
+            .into_data();
+        let ad = swiglu_fused(
             Tensor::<A, 2>::from_data(g.clone().into_data(), &d),
             Tensor::<A, 2>::from_data(u.clone().into_data(), &d),
         )
         .expect("autodiff flex")
         .into_data();
         assert_eq!(plain, ad);
-        let row = swiglu(g.narrow(0, 3, 1), u.narrow(0, 3, 1))
+        let row = swiglu_fused(g.narrow(0, 3, 1), u.narrow(0, 3, 1))
             .expect("flex")
             .into_data();
         let all = plain.into_vec::<f32>().unwrap();
@@ -246,6 +256,6 @@ mod tests {
         let d = Default::default();
         let g = Tensor::<Flex, 2>::zeros([2, 3], &d);
         let u = Tensor::<Flex, 2>::zeros([3, 2], &d);
-        assert!(swiglu(g, u).is_err());
+        assert!(swiglu_fused(g, u).is_err());
     }
 }

@@ -21,14 +21,14 @@
 mod logps;
 mod losses;
 
-/// Whether the fused kernels run where a backend has them: built with feature `flex` and the
-/// environment variable `BAPO_FUSED` not `0` (`BAPO_FUSED=0` is the op-by-op path everywhere,
-/// for A/B timing and as an escape hatch).
-pub fn fused_kernels() -> bool {
+/// The fused kernels that run where a backend has them (`bapo_kernels::active`): none without
+/// feature `flex`; the environment variable `BAPO_FUSED` picks them (`0` = none, the op-by-op
+/// path everywhere, for A/B timing and as an escape hatch).
+pub fn fused_kernels() -> Vec<&'static str> {
     #[cfg(feature = "flex")]
-    return bapo_kernels::enabled();
+    return bapo_kernels::active().to_vec();
     #[cfg(not(feature = "flex"))]
-    false
+    Vec::new()
 }
 
 pub use logps::{

@@ -59,10 +59,9 @@ impl Numerics {
             backend: B::name(device),
             logps: format!(
                 "f32, completion rows only, logit - logsumexp{}, grouped attention, base responses as generated{}",
-                if bapo_objective::fused_kernels() {
-                    " (fused kernels on)"
-                } else {
-                    ""
+                match bapo_objective::fused_kernels() {
+                    k if k.is_empty() => String::new(),
+                    k => format!(" (fused kernels: {})", k.join(", ")),
                 },
                 if prompt_sharing {
                     ", prompts shared (v5)"
