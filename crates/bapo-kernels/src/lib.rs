@@ -40,23 +40,55 @@ pub const DEFAULT: [&str; 1] = ["swiglu"];
 /// The kernels that run, from the environment variable `BAPO_FUSED` (read once): unset or `1`
 /// = [`DEFAULT`]; `all` = every kernel; `0` = none (the op-by-op path everywhere, for A/B
 /// timing and as an escape hatch); otherwise a comma-separated list of names from [`KERNELS`].
+///
+/// # Panics
+/// On a name that is not a kernel (a typo would otherwise silently turn kernels off).
 pub fn active() -> &'static [&'static str] {
     static ON: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
-    ON.get_or_init(|| match std::env::var("BAPO_FUSED") {
-        Err(_) => DEFAULT.to_vec(),
-        Ok(v) => match v.trim() {
-            "" | "1" => DEFAULT.to_vec(),
-            "all" => KERNELS.to_vec(),
-            "0" | "none" => Vec::new(),
-            list => KERNELS
-                .into_iter()
-                .filter(|k| list.split(',').any(|x| x.trim() == *k))
-                .collect(),
-        },
+    ON.get_or_init(|| {
+        parse(std::env::var("BAPO_FUSED").ok().as_deref()).unwrap_or_else(|e| panic!("{e}"))
     })
+}
+
+/// [`active`]'s reading of a `BAPO_FUSED` value.
+fn parse(value: Option<&str>) -> Result<Vec<&'static str>, String> {
+    let list = match value.map(str::trim) {
+        None | Some("") | Some("1") => return Ok(DEFAULT.to_vec()),
+        Some("all") => return Ok(KERNELS.to_vec()),
+        Some("0") | Some("none") => return Ok(Vec::new()),
+        Some(list) => list,
+    };
+    for name in list.split(',').map(str::trim) {
+        if !KERNELS.contains(&name) {
+            return Err(format!(
+                "BAPO_FUSED: `{name}` is not a kernel (kernels: {}; or 0, 1, all)",
+                KERNELS.join(", ")
+            ));
+        }
+    }
+    Ok(KERNELS
+        .into_iter()
+        .filter(|k| list.split(',').any(|x| x.trim() == *k))
+        .collect())
 }
 
 /// Whether kernel `name` runs ([`active`]).
 pub fn enabled(name: &str) -> bool {
     active().contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bapo_fused_values() {
+        assert_eq!(parse(None).unwrap(), DEFAULT.to_vec());
+        assert_eq!(parse(Some("1")).unwrap(), DEFAULT.to_vec());
+        assert_eq!(parse(Some("all")).unwrap(), KERNELS.to_vec());
+        assert!(parse(Some("0")).unwrap().is_empty());
+        assert_eq!(parse(Some("swiglu, head")).unwrap(), vec!["head", "swiglu"]);
+        let e = parse(Some("head,haed")).unwrap_err();
+        assert!(e.contains("`haed` is not a kernel"), "{e}");
+    }
 }

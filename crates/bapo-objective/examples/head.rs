@@ -1,11 +1,13 @@
 //! Times the head's log-prob of each target on the bench's `[768, 49152]` logits (its
 //! completion rows), forward and forward + backward under `Autodiff<Flex>`, the fused kernel
-//! and the op-by-op path alternating in one process:
+//! (called directly, whatever `BAPO_FUSED` says) and the op-by-op path alternating in one
+//! process:
 //! `cargo run --release -p bapo-objective --features flex --example head -- [reps]`.
 
 use std::time::Instant;
 
-use bapo_objective::{target_logps, target_logps_op_by_op};
+use bapo_kernels::head::target_logps_fused;
+use bapo_objective::target_logps_op_by_op;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Distribution, ElementConversion, Int, Tensor, TensorData};
 
@@ -27,7 +29,8 @@ fn main() {
             let x = logits.clone().detach().require_grad();
             let t0 = Instant::now();
             let lp = if fused {
-                target_logps(x.clone(), targets.clone())
+                target_logps_fused(x.clone(), targets.clone())
+                    .unwrap_or_else(|_| panic!("autodiff flex has the kernel"))
             } else {
                 target_logps_op_by_op(x.clone(), targets.clone())
             };
