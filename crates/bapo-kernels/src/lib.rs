@@ -1,7 +1,7 @@
 //! # bapo-kernels
 //!
 //! Fused CPU kernels with their own autodiff backward for burn-flex: the head's log-prob of
-//! each target ([`head`]) and SwiGLU ([`swiglu`]). Each entry point takes a generic Burn
+//! each target ([`head`]), attention's biased softmax ([`softmax`]) and SwiGLU ([`swiglu`]). Each entry point takes a generic Burn
 //! tensor and runs its kernel only when the backend *is* `Flex` or `Autodiff<Flex>` (checked
 //! by type with `Any`, safely), handing the inputs back otherwise, so its callers keep a plain
 //! `B: Backend` bound and every other backend (ndarray, wgpu, cuda, someone else's) runs the
@@ -24,18 +24,19 @@ mod flex;
 pub mod head;
 pub mod head_kernel;
 mod simd;
+pub mod softmax;
 pub mod swiglu;
 
 pub use simd::exp_nonpositive;
 
 /// The kernels this crate has, by the names `BAPO_FUSED` takes.
-pub const KERNELS: [&str; 2] = ["head", "swiglu"];
+pub const KERNELS: [&str; 3] = ["head", "softmax", "swiglu"];
 
-/// The kernels on by default. `head` is off: with it, the shared-prompt test
-/// (`bapo-train/tests/shared.rs`) finds one example's summed log-prob one ulp apart alone and
-/// in a batch of four, although the kernel computes each row alone (its unit test); the cause
-/// is open, and the anchor's kink needs batch-invariant log-probs, so it is opt-in until found.
-pub const DEFAULT: [&str; 1] = ["swiglu"];
+/// The kernels on by default: all of them. (`head` was opt-in for a while: with it, one
+/// example's summed log-prob came out one ulp apart alone and in a batch of four. The cause was
+/// not the kernel but the per-row sum after it, whose order depended on the row's padding;
+/// `bapo_objective::row_sums` now sums in an order padding cannot change.)
+pub const DEFAULT: [&str; 3] = KERNELS;
 
 /// The kernels that run, from the environment variable `BAPO_FUSED` (read once): unset or `1`
 /// = [`DEFAULT`]; `all` = every kernel; `0` = none (the op-by-op path everywhere, for A/B

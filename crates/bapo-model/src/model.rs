@@ -222,8 +222,8 @@ impl<B: Backend> Attention<B> {
                 append_order: None,
             });
         }
-        let scores = q.matmul(k.swap_dims(2, 3)) + bias; // [b, g, s·r, t]
-        let out = softmax_same_ops(scores).matmul(v); // [b, g, s·r, d]
+        let scores = q.matmul(k.swap_dims(2, 3)); // [b, g, s·r, t]
+        let out = biased_softmax(scores, bias).matmul(v); // [b, g, s·r, d]
         let out = out
             .reshape([b, g, s, r * d])
             .swap_dims(1, 2)
@@ -241,6 +241,18 @@ fn reorder_keys<B: Backend>(x: Tensor<B, 4>, order: Tensor<B, 1, Int>) -> Tensor
         .select(0, order)
         .reshape([b, t, g, d])
         .swap_dims(1, 2)
+}
+
+/// `softmax(scores + bias)` over the last axis: one fused pass on burn-flex with feature `flex`
+/// (`bapo_kernels::softmax`, within float rounding, and its own backward keeping only the
+/// output), [`softmax_same_ops`] everywhere else.
+fn biased_softmax<B: Backend>(scores: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let (scores, bias) = match bapo_kernels::softmax::softmax(scores, bias) {
+        Ok(p) => return p,
+        Err(inputs) => inputs,
+    };
+    softmax_same_ops(scores + bias)
 }
 
 /// Softmax over the last axis as explicit primitive ops (detached max, subtract, exp, sum,

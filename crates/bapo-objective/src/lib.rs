@@ -32,7 +32,7 @@ pub fn fused_kernels() -> Vec<&'static str> {
 }
 
 pub use logps::{
-    scatter_logps, sequence_logps, target_logps, target_logps_op_by_op, CompletionRows,
+    row_sums, scatter_logps, sequence_logps, target_logps, target_logps_op_by_op, CompletionRows,
     SequenceLogps,
 };
 pub use losses::{

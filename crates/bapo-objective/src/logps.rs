@@ -57,8 +57,7 @@ impl<B: Backend> SequenceLogps<B> {
     /// Per-row sum and mean of masked per-token log-probs `token` `[b, s - 1]`, given each
     /// row's number of scored tokens `count` `[b]`.
     fn reduce(token: Tensor<B, 2>, count: Tensor<B, 1>) -> Self {
-        let b = token.dims()[0];
-        let sum = token.clone().sum_dim(1).reshape([b]);
+        let sum = row_sums(token.clone());
         let mean = sum.clone() / count.clone().clamp_min(1.0);
         Self {
             sum,
@@ -67,6 +66,34 @@ impl<B: Backend> SequenceLogps<B> {
             token,
         }
     }
+}
+
+/// Each row's sum `[b]` of `token` `[b, l]`, bit for bit the same whatever zero padding
+/// follows the row's scored tokens: the row is padded with zeros to a power-of-two width and
+/// halved pairwise (`t[:, :w/2] + t[:, w/2..w]` until one column is left), so wider padding
+/// only adds zeros in the first halvings. Element-wise adds are exact IEEE operations on every
+/// backend, so this holds on every backend.
+///
+/// A backend's `sum_dim` gives no such promise: burn-flex sums a row in SIMD vectors and adds
+/// the tail past the last full vector separately, so the same tokens padded to another length
+/// are added in another order (measured: one ulp on a summed log-prob of -78.1). The reference
+/// pass and training group examples differently, and the anchor's hinge sits on its kink at
+/// step one, so a row's log-prob must not depend on the batch it is in.
+pub fn row_sums<B: Backend>(token: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [b, l] = token.dims();
+    let width = l.max(1).next_power_of_two();
+    let mut t = if width > l {
+        let zeros = Tensor::<B, 2>::zeros([b, width - l], &token.device());
+        Tensor::cat(vec![token, zeros], 1)
+    } else {
+        token
+    };
+    let mut w = width;
+    while w > 1 {
+        w /= 2;
+        t = t.clone().narrow(1, 0, w) + t.narrow(1, w, w);
+    }
+    t.reshape([b])
 }
 
 /// The logits rows a right-padded batch really needs: position `i` of row `r` is needed only
@@ -191,6 +218,50 @@ mod tests {
     use burn::backend::NdArray;
 
     type B = NdArray;
+
+    /// A row's sum is the same bits whatever zero padding follows it (the row sums of a batch
+    /// padded to its longest row equal each row's sum alone), and within f32 rounding of the
+    /// f64 sum. Rows of 1..=70 scored tokens, padded by 0..=70 columns.
+    fn row_sums_ignore_padding<Bk: Backend>() {
+        let device = Default::default();
+        let value =
+            |r: usize, j: usize| -(((r * 31 + j * 17) % 23) as f32 * 0.37 + 0.013 * j as f32);
+        for len in 1..=70usize {
+            let alone: Vec<f32> = (0..len).map(|j| value(len, j)).collect();
+            let one = Tensor::<Bk, 2>::from_data(TensorData::new(alone.clone(), [1, len]), &device);
+            let want = row_sums(one).into_data().to_vec::<f32>().unwrap()[0];
+            let exact: f64 = alone.iter().map(|&x| x as f64).sum();
+            assert!(
+                (want as f64 - exact).abs() <= 4e-7 * exact.abs(),
+                "{len}: {want} vs {exact}"
+            );
+            for pad in 1..=70usize {
+                let mut row = alone.clone();
+                row.resize(len + pad, 0.0);
+                // Two rows, so the batch also differs: this row and a full one.
+                let full: Vec<f32> = (0..len + pad).map(|j| value(pad, j)).collect();
+                let data = TensorData::new([row, full].concat(), [2, len + pad]);
+                let got = row_sums(Tensor::<Bk, 2>::from_data(data, &device));
+                let got = got.into_data().to_vec::<f32>().unwrap()[0];
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{len} padded by {pad}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn row_sums_ignore_padding_on_ndarray() {
+        row_sums_ignore_padding::<B>();
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn row_sums_ignore_padding_on_flex() {
+        row_sums_ignore_padding::<burn::backend::Flex>();
+    }
 
     #[test]
     fn shift_by_one_by_hand() {
