@@ -56,32 +56,45 @@ fn exp_or_zero(x: f32) -> f32 {
 }
 
 /// One row: `p = softmax(x + bias)` into `p` (three passes over a row that stays in cache).
+/// Element `i` goes to lane `i % 16` (whole 16-element chunks, then the tail), so the
+/// compiler can keep the lanes in one vector register.
 #[inline(always)]
 fn forward_row(x: &[f32], bias: &[f32], p: &mut [f32]) {
     let n = p.len().min(x.len()).min(bias.len());
     let (x, bias, p) = (&x[..n], &bias[..n], &mut p[..n]);
+    let full = n / LANES * LANES;
     let mut max = [f32::NEG_INFINITY; LANES];
-    for ((p, x), b) in p
-        .chunks_mut(LANES)
-        .zip(x.chunks(LANES))
-        .zip(bias.chunks(LANES))
+    for ((p, x), b) in p[..full]
+        .chunks_exact_mut(LANES)
+        .zip(x.chunks_exact(LANES))
+        .zip(bias.chunks_exact(LANES))
     {
-        for l in 0..p.len().min(x.len()).min(b.len()) {
+        for l in 0..LANES {
             let y = x[l] + b[l];
             p[l] = y;
             max[l] = if y > max[l] { y } else { max[l] };
         }
     }
+    for i in full..n {
+        let (y, l) = (x[i] + bias[i], i - full);
+        p[i] = y;
+        max[l] = if y > max[l] { y } else { max[l] };
+    }
     let m = max
         .iter()
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     let mut sum = [0.0f32; LANES];
-    for p in p.chunks_mut(LANES) {
-        for (l, p) in p.iter_mut().enumerate() {
-            let e = exp_or_zero(*p - m);
-            *p = e;
+    for p in p[..full].chunks_exact_mut(LANES) {
+        for l in 0..LANES {
+            let e = exp_or_zero(p[l] - m);
+            p[l] = e;
             sum[l] += e;
         }
+    }
+    for i in full..n {
+        let e = exp_or_zero(p[i] - m);
+        p[i] = e;
+        sum[i - full] += e;
     }
     let s = fold(sum);
     for p in p.iter_mut() {
@@ -89,16 +102,23 @@ fn forward_row(x: &[f32], bias: &[f32], p: &mut [f32]) {
     }
 }
 
-/// One row: `dx = p · (dp − Σ dp·p)` into `dx`.
+/// One row: `dx = p · (dp − Σ dp·p)` into `dx` (lanes as in [`forward_row`]).
 #[inline(always)]
 fn backward_row(p: &[f32], dp: &[f32], dx: &mut [f32]) {
     let n = dx.len().min(p.len()).min(dp.len());
     let (p, dp, dx) = (&p[..n], &dp[..n], &mut dx[..n]);
+    let full = n / LANES * LANES;
     let mut dot = [0.0f32; LANES];
-    for (p, g) in p.chunks(LANES).zip(dp.chunks(LANES)) {
-        for l in 0..p.len().min(g.len()) {
+    for (p, g) in p[..full]
+        .chunks_exact(LANES)
+        .zip(dp[..full].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
             dot[l] += p[l] * g[l];
         }
+    }
+    for i in full..n {
+        dot[i - full] += p[i] * dp[i];
     }
     let c = fold(dot);
     for ((dx, &p), &g) in dx.iter_mut().zip(p).zip(dp) {

@@ -192,7 +192,7 @@ impl<B: Backend> Attention<B> {
         let r = h / g;
         let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
         if let Some(n) = &self.q_norm {
-            q = n.forward(q);
+            q = norm(n, q);
         }
         // Query heads gi·r .. gi·r + r serve key/value head gi (HF's `repeat_kv` order), so the
         // contiguous `[b, s, g, r·d]` view groups them; rows of a group are (position, head).
@@ -203,7 +203,7 @@ impl<B: Backend> Attention<B> {
             .reshape([b, g, s * r, d]);
         let mut k = self.k_proj.forward(x.clone()).reshape([b, s, g, d]);
         if let Some(n) = &self.k_norm {
-            k = n.forward(k);
+            k = norm(n, k);
         }
         let mut k = Rope::apply(k, &rope.key).swap_dims(1, 2); // [b, g, s, d]
         let mut v = self.v_proj.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
@@ -315,6 +315,18 @@ fn gated<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     silu(gate) * up
 }
 
+/// RMSNorm over the last axis: one fused pass on burn-flex with feature `flex`
+/// (`bapo_kernels::rmsnorm`, within float rounding of Burn's, and its own backward keeping `x`
+/// and one `rstd` a row), Burn's `RmsNorm::forward` everywhere else.
+fn norm<B: Backend, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = match bapo_kernels::rmsnorm::rms_norm(x, n.gamma.val(), n.epsilon) {
+        Ok(y) => return y,
+        Err((x, _)) => x,
+    };
+    n.forward(x)
+}
+
 /// One pre-norm decoder block.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
@@ -337,8 +349,8 @@ impl<B: Backend> Block<B> {
         let x = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, bias, cache);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+                .forward(norm(&self.input_layernorm, x), rope, bias, cache);
+        x.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, x))
     }
 }
 
@@ -442,7 +454,7 @@ impl<B: Backend> Llama<B> {
                 x = layer.forward(x, &rope, bias.clone(), slot);
             }
         }
-        self.norm.forward(x)
+        norm(&self.norm, x)
     }
 
     /// Projects hidden states to vocabulary logits.
