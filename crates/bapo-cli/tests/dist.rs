@@ -51,7 +51,8 @@ fn adapter(run: &Path) -> BTreeMap<String, HostTensor> {
 /// The largest per-tensor relative L2 difference ‖a − b‖ / ‖a‖ between two adapters.
 fn worst_relative(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>) -> f64 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter()
+    let (worst, name) = a
+        .iter()
         .map(|(k, x)| {
             let y = &b[k];
             assert_eq!(x.shape, y.shape, "{k}");
@@ -62,9 +63,14 @@ fn worst_relative(a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTen
                 .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
                 .sum();
             let n: f64 = x.data.iter().map(|p| (*p as f64).powi(2)).sum();
-            (d / n.max(1e-30)).sqrt()
+            ((d / n.max(1e-30)).sqrt(), k)
         })
-        .fold(0.0, f64::max)
+        .fold(
+            (0.0, ""),
+            |m, (r, k)| if r > m.0 { (r, k.as_str()) } else { m },
+        );
+    eprintln!("worst relative difference {worst:e} in {name}");
+    worst
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
@@ -97,8 +103,13 @@ fn same_curve(a: &Path, b: &Path) {
 
 /// Tolerance between one process and several ranks with the same global batch: each rank pads
 /// its slice to its own longest sequence and the gradients are summed in another order, so the
-/// float results differ by rounding (measured: 4.5e-6 worst tensor, 4e-7 overall).
-const REL: f64 = 1e-5;
+/// float results differ by rounding. The worst tensor is layer 0's `k_proj` LoRA B in every
+/// measurement: it starts at zero and AdamW's first steps move each element by about the
+/// learning rate whatever its gradient's size, so rounding in small gradients shows there
+/// most. Measured (2026-12-07, worst tensor, two local peers): 9.7e-6 without fused kernels,
+/// 7.2e-6 with head, RMSNorm, softmax and SwiGLU, 8.7e-7 with RoPE alone, 1.8e-5 with all five
+/// (so the bound was raised from 1e-5, which the op-by-op path already nearly reached).
+const REL: f64 = 5e-5;
 
 #[test]
 fn two_local_peers_equal_one_process_and_resume_with_another_world_size() {

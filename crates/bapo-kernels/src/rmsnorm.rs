@@ -124,7 +124,7 @@ fn rows_per_task(e: usize) -> usize {
 fn check(x: &[f32], gamma: &[f32]) -> usize {
     let e = gamma.len();
     assert!(
-        e > 0 && x.len() % e == 0,
+        e > 0 && x.len().is_multiple_of(e),
         "rms_norm: {} values in rows of {e}",
         x.len()
     );

@@ -164,7 +164,7 @@ fn task_len(t: usize) -> usize {
 /// When the lengths differ or are not whole rows (a caller's bug).
 pub fn forward(x: &[f32], bias: &[f32], t: usize) -> Vec<f32> {
     assert!(
-        t > 0 && x.len() == bias.len() && x.len() % t == 0,
+        t > 0 && x.len() == bias.len() && x.len().is_multiple_of(t),
         "softmax: {} scores, {} bias, rows of {t}",
         x.len(),
         bias.len()
@@ -181,7 +181,7 @@ pub fn forward(x: &[f32], bias: &[f32], t: usize) -> Vec<f32> {
 /// output's gradient `dp`.
 pub fn backward(p: &[f32], dp: &[f32], t: usize) -> Vec<f32> {
     assert!(
-        t > 0 && p.len() == dp.len() && p.len() % t == 0,
+        t > 0 && p.len() == dp.len() && p.len().is_multiple_of(t),
         "softmax backward: {} outputs, {} grads, rows of {t}",
         p.len(),
         dp.len()

@@ -56,7 +56,8 @@ impl<B: Backend> KvCache<B> {
 /// a strided `[b, 1, s, d]` broadcast was 7 % of a SmolLM2 forward on flex).
 #[derive(Clone, Debug)]
 pub struct Rope<B: Backend> {
-    /// `(cos, sin)`, each `[b, s, num_heads, d]`.
+    /// `(cos, sin)`, each `[b, s, num_heads, d]`, every head's row the same (the fused
+    /// `bapo_kernels::rope` reads the first head's).
     pub query: (Tensor<B, 4>, Tensor<B, 4>),
     /// `(cos, sin)`, each `[b, s, num_kv_heads, d]`.
     pub key: (Tensor<B, 4>, Tensor<B, 4>),
@@ -196,17 +197,19 @@ impl<B: Backend> Attention<B> {
         }
         // Query heads gi·r .. gi·r + r serve key/value head gi (HF's `repeat_kv` order), so the
         // contiguous `[b, s, g, r·d]` view groups them; rows of a group are (position, head).
-        let q = Rope::apply(q, &rope.query)
-            .mul_scalar((d as f64).powf(-0.5))
-            .reshape([b, s, g, r * d])
-            .swap_dims(1, 2)
-            .reshape([b, g, s * r, d]);
+        let scale = (d as f64).powf(-0.5);
+        let q = to_heads(q.reshape([b, s, g, r * d]), Some(&rope.query), scale).reshape([
+            b,
+            g,
+            s * r,
+            d,
+        ]);
         let mut k = self.k_proj.forward(x.clone()).reshape([b, s, g, d]);
         if let Some(n) = &self.k_norm {
             k = norm(n, k);
         }
-        let mut k = Rope::apply(k, &rope.key).swap_dims(1, 2); // [b, g, s, d]
-        let mut v = self.v_proj.forward(x).reshape([b, s, g, d]).swap_dims(1, 2);
+        let mut k = to_heads(k, Some(&rope.key), 1.0); // [b, g, s, d]
+        let mut v = to_heads(self.v_proj.forward(x).reshape([b, s, g, d]), None, 1.0);
         if let Some(slot) = cache {
             if let Some(prev) = slot.take() {
                 k = Tensor::cat(vec![prev.k, k], 2);
@@ -224,12 +227,38 @@ impl<B: Backend> Attention<B> {
         }
         let scores = q.matmul(k.swap_dims(2, 3)); // [b, g, s·r, t]
         let out = biased_softmax(scores, bias).matmul(v); // [b, g, s·r, d]
-        let out = out
-            .reshape([b, g, s, r * d])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * d]);
+        let out = to_heads(out.reshape([b, g, s, r * d]), None, 1.0).reshape([b, s, h * d]);
         self.o_proj.forward(out)
     }
+}
+
+/// `x` `[b, p, q, m]` as `[b, q, p, m]` (attention's layout changes), each head of `d` values
+/// rotated by `rope`'s tables (positions along `p`, `d` the tables' last axis) and multiplied
+/// by `scale` when `rope` is given: one pass on burn-flex with feature `flex`
+/// (`bapo_kernels::rope`, the same bits as these ops), [`Rope::apply`], `mul_scalar` and
+/// `swap_dims` everywhere else.
+fn to_heads<B: Backend>(
+    x: Tensor<B, 4>,
+    rope: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "flex")]
+    let x = match bapo_kernels::rope::swap_heads(x, rope.map(|(c, s)| (c, s)), scale as f32) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    let Some(tables) = rope else {
+        return x.swap_dims(1, 2);
+    };
+    let [b, p, q, m] = x.dims();
+    let d = tables.0.dims()[3];
+    let rotated = Rope::apply(x.reshape([b, p, q * m / d, d]), tables);
+    let rotated = if scale == 1.0 {
+        rotated
+    } else {
+        rotated.mul_scalar(scale)
+    };
+    rotated.reshape([b, p, q, m]).swap_dims(1, 2)
 }
 
 /// `x` `[b, g, t, d]` with key `j` of row `r` taken from flat key `order[r·t + j]` (see
