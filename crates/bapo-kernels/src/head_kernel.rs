@@ -8,11 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{dispatch, exp_nonpositive};
-
-/// Lanes of the partial sums: each lane accumulates every 16th element of a row, and the
-/// lanes are added in one fixed order at the end.
-const LANES: usize = 16;
+use crate::simd::{dispatch, exp_nonpositive, fold, LANES};
 
 /// Maximum of a row (NaN-free rows; a NaN anywhere still reaches the sum and the output).
 #[inline(always)]
@@ -46,14 +42,7 @@ fn row_sum_exp(row: &[f32], shift: f32) -> f32 {
     for (l, &x) in rest.iter().enumerate() {
         acc[l] += exp_nonpositive(x - shift);
     }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0]
+    fold(acc)
 }
 
 /// `grad · (onehot(target) − e^(x − lse))` of one row into `out`.

@@ -18,10 +18,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::flex::{cast, same, tensor, with_f32};
-use crate::simd::dispatch;
-
-/// Lanes of a row's partial sums, added in one fixed order (as in the other kernels).
-const LANES: usize = 16;
+use crate::simd::{dispatch, fold, LANES};
 
 /// Rows per block of `dγ`'s partial sums: a fixed number, so the sum's order does not depend
 /// on the threads.
@@ -29,18 +26,6 @@ const GAMMA_BLOCK: usize = 64;
 
 /// Elements per forward/backward task.
 const TASK_ELEMS: usize = 16 * 1024;
-
-#[inline(always)]
-fn fold(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0]
-}
 
 /// `Σ a·b` over one row in 16 lanes (element `i` in lane `i % 16`: whole chunks, then the
 /// tail), added in a fixed order.

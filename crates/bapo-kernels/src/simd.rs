@@ -40,6 +40,24 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
     }
 }
 
+/// Lanes of a row's partial sums in every kernel: lane `l` takes elements `l, l + 16, …`, and
+/// the lanes are added by [`fold`] in one fixed order, so a row's sum does not depend on its
+/// length's padding, on the thread or on the instruction set.
+pub(crate) const LANES: usize = 16;
+
+/// The 16 lane sums added pairwise in a fixed order (`l + 8`, then `l + 4`, …).
+#[inline(always)]
+pub(crate) fn fold(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
 /// The per-row work compiled three times: for AVX-512, for AVX2 and for the baseline, picked
 /// once per call by what the CPU reports. The arithmetic is identical in all three.
 macro_rules! dispatch {

@@ -21,27 +21,10 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use crate::flex::{cast, same, tensor, with_f32};
-use crate::simd::{dispatch, exp_nonpositive};
-
-/// Lanes of a row's partial sums (each lane takes every 16th element; lanes are added in one
-/// fixed order), as in the head kernel.
-const LANES: usize = 16;
+use crate::simd::{dispatch, exp_nonpositive, fold, LANES};
 
 /// Rows per task: at least this many elements, so short rows do not become tiny tasks.
 const TASK_ELEMS: usize = 16 * 1024;
-
-/// Lane sums added pairwise in a fixed order.
-#[inline(always)]
-fn fold(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0]
-}
 
 /// `e^x` for `x ≤ 0`, exactly zero below −87 (a masked key's weight is zero, as on the op-by-op
 /// path, and not `e^−87`).
