@@ -2,11 +2,11 @@
 //! 12 rows × 128 tokens, no prompt sharing): the forward on plain Flex (the reference pass and
 //! decoding) and forward + backward under `Autodiff<Flex>` (training), median of 9 after 2
 //! warm-ups, the result read back to the host inside the clock.
-//! `cargo run --release -p bapo-kernels --example kernels [softmax|rmsnorm|swiglu]`
+//! `cargo run --release -p bapo-kernels --example kernels [softmax|rmsnorm|rope|swiglu]`
 
 use std::time::Instant;
 
-use bapo_kernels::{rmsnorm, softmax, swiglu};
+use bapo_kernels::{rmsnorm, rope, softmax, swiglu};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -122,6 +122,57 @@ fn rmsnorm_case() {
     report("rmsnorm [12, 128, 576], γ frozen", f, o);
 }
 
+/// The query's path: RoPE, the `1/√d` scale and `[b, s, g, r·d] → [b, g, s·r, d]`, made
+/// contiguous (as the next product needs it).
+fn rope_ops<B: Backend>(x: Tensor<B, 4>, c: Tensor<B, 4>, s: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = 64;
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    (x * c + rotated * s)
+        .mul_scalar(0.125)
+        .reshape([12, 128, 3, 192])
+        .swap_dims(1, 2)
+        .reshape([12, 3, 128 * 3, 64])
+}
+
+fn rope_case() {
+    let d = Default::default();
+    let x0 = Tensor::<A, 4>::random([12, 128, 9, 64], Distribution::Normal(0.0, 1.0), &d);
+    let angle = Tensor::<A, 4>::random([12, 128, 1, 64], Distribution::Uniform(0.0, 6.0), &d);
+    let table = |t: Tensor<A, 4>| Tensor::<A, 4>::zeros([12, 128, 9, 64], &d) + t;
+    let (c, s) = (table(angle.clone().cos()), table(angle.sin()));
+    let fused = |x: Tensor<A, 4>| {
+        rope::swap_heads_fused(x.reshape([12, 128, 3, 192]), Some((&c, &s)), 0.125)
+            .expect("flex")
+            .reshape([12, 3, 128 * 3, 64])
+    };
+    let run = |use_kernel: bool| {
+        let x = x0.clone().detach().require_grad();
+        let y = if use_kernel {
+            fused(x.clone())
+        } else {
+            rope_ops(x.clone(), c.clone(), s.clone())
+        };
+        let g = y.sum().backward();
+        x.grad(&g).map(|t| t.into_data())
+    };
+    let plain = |use_kernel: bool| {
+        let x = x0.clone().inner();
+        let (ci, si) = (c.clone().inner(), s.clone().inner());
+        match use_kernel {
+            true => rope::swap_heads_fused(x.reshape([12, 128, 3, 192]), Some((&ci, &si)), 0.125)
+                .expect("flex")
+                .reshape([12, 3, 128 * 3, 64]),
+            false => rope_ops(x, ci, si),
+        }
+        .into_data()
+    };
+    let f = (time(|| plain(true)), time(|| run(true)));
+    let o = (time(|| plain(false)), time(|| run(false)));
+    report("rope, query [12, 128, 9, 64] -> [12, 3, 384, 64]", f, o);
+}
+
 fn swiglu_case() {
     let d = Default::default();
     let g0 = Tensor::<A, 2>::random([1536, 1536], Distribution::Normal(0.0, 2.0), &d);
@@ -158,6 +209,9 @@ fn main() {
     }
     if want("rmsnorm") {
         rmsnorm_case();
+    }
+    if want("rope") {
+        rope_case();
     }
     if want("swiglu") {
         swiglu_case();
