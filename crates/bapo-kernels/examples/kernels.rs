@@ -37,10 +37,16 @@ fn time<T>(mut f: impl FnMut() -> T) -> f64 {
     )
 }
 
-fn report(name: &str, fused: (f64, f64), op: (f64, f64)) {
+/// Times `plain` (forward on Flex) and `run` (forward + backward under autodiff), each with the
+/// kernel (`true`) and without, and prints the four medians.
+fn compare<T, U>(name: &str, plain: impl Fn(bool) -> T, run: impl Fn(bool) -> U) {
+    let (f, o) = (
+        (time(|| plain(true)), time(|| run(true))),
+        (time(|| plain(false)), time(|| run(false))),
+    );
     println!(
         "{name}: forward {:.2} ms fused vs {:.2} ms op-by-op; forward+backward {:.2} vs {:.2} ms",
-        fused.0, op.0, fused.1, op.1
+        f.0, o.0, f.1, o.1
     );
 }
 
@@ -90,9 +96,7 @@ fn softmax_case() {
         }
         .into_data()
     };
-    let f = (time(|| plain(true)), time(|| run(true)));
-    let o = (time(|| plain(false)), time(|| run(false)));
-    report("softmax [12, 3, 384, 128]", f, o);
+    compare("softmax [12, 3, 384, 128]", plain, run);
 }
 
 fn rmsnorm_case() {
@@ -117,9 +121,7 @@ fn rmsnorm_case() {
         }
         .into_data()
     };
-    let f = (time(|| plain(true)), time(|| run(true)));
-    let o = (time(|| plain(false)), time(|| run(false)));
-    report("rmsnorm [12, 128, 576], γ frozen", f, o);
+    compare("rmsnorm [12, 128, 576], γ frozen", plain, run);
 }
 
 /// The query's path: RoPE, the `1/√d` scale and `[b, s, g, r·d] → [b, g, s·r, d]`, made
@@ -168,9 +170,11 @@ fn rope_case() {
         }
         .into_data()
     };
-    let f = (time(|| plain(true)), time(|| run(true)));
-    let o = (time(|| plain(false)), time(|| run(false)));
-    report("rope, query [12, 128, 9, 64] -> [12, 3, 384, 64]", f, o);
+    compare(
+        "rope, query [12, 128, 9, 64] -> [12, 3, 384, 64]",
+        plain,
+        run,
+    );
 }
 
 fn swiglu_case() {
@@ -196,9 +200,7 @@ fn swiglu_case() {
         }
         .into_data()
     };
-    let f = (time(|| plain(true)), time(|| run(true)));
-    let o = (time(|| plain(false)), time(|| run(false)));
-    report("swiglu [1536, 1536]", f, o);
+    compare("swiglu [1536, 1536]", plain, run);
 }
 
 fn main() {
