@@ -42,8 +42,8 @@ struct Cli {
     backend: Option<BackendKind>,
     /// CPU threads for the flex backend (and ndarray built with `ndarray-threads`). Default:
     /// `RAYON_NUM_THREADS`, else one per logical core. On CPU backends, products of at most 8
-    /// rows (decoding) are also cut into this many column ranges computed at once
-    /// (`bapo_model::split`; same numbers bit for bit).
+    /// rows (decoding) are computed as two input halves on up to this many threads
+    /// (`bapo_model::split`; the same numbers at any thread count).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Independent batches computed at once, each on its own thread: the reference pass,
@@ -262,11 +262,12 @@ fn dispatch(mut cli: Cli) -> Result<()> {
         (None, BackendKind::Wgpu | BackendKind::Cuda) => 1,
     };
     bapo_train::concurrent::set_default_threads(micro);
-    // Products of a few rows (decoding) split by column over the pool's threads: one thread
-    // alone cannot read the weights as fast as memory delivers them (bapo_model::split).
+    // Products of a few rows (decoding) cut into input halves over the pool's threads: one
+    // thread alone cannot read the weights as fast as memory delivers them (bapo_model::split;
+    // the same numbers at any thread count). Off (0) on GPUs.
     let split = match kind {
         BackendKind::Flex | BackendKind::Ndarray => threads,
-        BackendKind::Wgpu | BackendKind::Cuda => 1,
+        BackendKind::Wgpu | BackendKind::Cuda => 0,
     };
     bapo_model::split::set_split_threads(split);
     tracing::info!(backend = ?kind, threads, concurrent = micro, split, prompt_sharing = !cli.no_prompt_sharing, "compute backend");

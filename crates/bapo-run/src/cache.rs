@@ -58,7 +58,7 @@ impl Numerics {
         Self {
             backend: B::name(device),
             logps: format!(
-                "f32, completion rows only, logit - logsumexp{}, pairwise row sums, grouped attention, base responses as generated{}",
+                "f32, completion rows only, logit - logsumexp{}, pairwise row sums, grouped attention, base responses as generated, few-row products in input halves{}",
                 match bapo_objective::fused_kernels() {
                     k if k.is_empty() => String::new(),
                     k => format!(" (fused kernels: {})", k.join(", ")),
