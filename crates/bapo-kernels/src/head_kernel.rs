@@ -53,6 +53,14 @@ fn row_backward(row: &[f32], lse: f32, grad: f32, out: &mut [f32]) {
     }
 }
 
+/// [`row_backward`] written over the row itself (the same operations: the same bits).
+#[inline(always)]
+fn row_backward_in_place(row: &mut [f32], lse: f32, grad: f32) {
+    for x in row.iter_mut() {
+        *x = -(grad * exp_nonpositive(*x - lse));
+    }
+}
+
 #[inline(always)]
 fn forward_row(row: &[f32]) -> f32 {
     let max = row_max(row);
@@ -61,6 +69,7 @@ fn forward_row(row: &[f32]) -> f32 {
 
 dispatch!(forward_row_fast, forward_row, (row: &[f32]) -> f32);
 dispatch!(backward_row_fast, row_backward, (row: &[f32], lse: f32, grad: f32, out: &mut [f32]) -> ());
+dispatch!(backward_row_in_place_fast, row_backward_in_place, (row: &mut [f32], lse: f32, grad: f32) -> ());
 
 /// Each row's `log softmax(row)[target]` and its log-sum-exp.
 ///
@@ -108,6 +117,32 @@ pub fn target_logps_backward(
             o[targets[i] as usize] += grad[i];
         });
     out
+}
+
+/// [`target_logps_backward`] written over `logits` (no second `[n, v]` buffer: the saved
+/// logits are not needed after the backward). The same bits.
+pub fn target_logps_backward_in_place(
+    logits: &mut [f32],
+    vocab: usize,
+    targets: &[i64],
+    lse: &[f32],
+    grad: &[f32],
+) {
+    check(logits, vocab, targets);
+    assert!(
+        lse.len() == targets.len() && grad.len() == targets.len(),
+        "target_logps_backward_in_place: {} rows, {} lse, {} grads",
+        targets.len(),
+        lse.len(),
+        grad.len()
+    );
+    logits
+        .par_chunks_mut(vocab.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            backward_row_in_place_fast(row, lse[i], grad[i]);
+            row[targets[i] as usize] += grad[i];
+        });
 }
 
 fn check(logits: &[f32], vocab: usize, targets: &[i64]) {
@@ -184,6 +219,26 @@ mod tests {
                 .zip(&dx_all[i * vocab..])
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
         }
+    }
+
+    /// The in-place backward gives the out-of-place one's bits (remainder path included).
+    #[test]
+    fn in_place_backward_equals_out_of_place() {
+        let vocab = 1003;
+        let logits: Vec<f32> = (0..vocab * 7)
+            .map(|i| ((i * 7919) % 1013) as f32 / 31.0 - 16.0)
+            .collect();
+        let targets: Vec<i64> = (0..7).map(|i| (i * 143) as i64).collect();
+        let grad: Vec<f32> = (0..7).map(|i| i as f32 * 0.75 - 2.0).collect();
+        let (_, lse) = target_logps(&logits, vocab, &targets);
+        let dx = target_logps_backward(&logits, vocab, &targets, &lse, &grad);
+        let mut buf = logits.clone();
+        target_logps_backward_in_place(&mut buf, vocab, &targets, &lse, &grad);
+        assert!(dx.iter().zip(&buf).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            dx.iter().zip(&logits).any(|(a, b)| a != b),
+            "a real backward"
+        );
     }
 
     #[test]
