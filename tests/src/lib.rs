@@ -90,6 +90,11 @@ pub fn smollm2_gguf() -> PathBuf {
 
 pub mod parity;
 
+/// Held while a test changes or depends on the process-wide decoding split
+/// (`bapo_model::split`): the test binary runs tests on parallel threads, and a split set by
+/// one test would otherwise reach another's greedy decoding mid-run.
+pub static SPLIT_SETTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Deterministic pseudo-random token ids in `[3, vocab)` (the benches' synthetic text).
 pub fn bench_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

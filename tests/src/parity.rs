@@ -114,7 +114,12 @@ pub fn check_model<B: Backend>(
         eos_ids: vec![pad_id],
         ..Default::default()
     };
-    let out = generate(&loaded.model, &prompts, &cfg, device);
+    let out = {
+        let _split = crate::SPLIT_SETTING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        generate(&loaded.model, &prompts, &cfg, device)
+    };
     for (g, exp) in out.iter().zip(&golden.greedy_24) {
         assert_eq!(g.tokens, exp.ids, "greedy ids of {:?}", exp.prompt);
     }

@@ -249,6 +249,9 @@ fn split_products_are_bit_for_bit<B: burn::tensor::backend::Backend>(device: &B:
 /// One test for both CPU backends: the split setting is process-wide.
 #[test]
 fn split_products_are_bit_for_bit_on_flex_and_ndarray() {
+    let _split = bapo_tests::SPLIT_SETTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     split_products_are_bit_for_bit::<burn::backend::Flex>(&Default::default());
     split_products_are_bit_for_bit::<burn::backend::NdArray>(&Default::default());
 }

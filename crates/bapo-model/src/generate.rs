@@ -214,8 +214,85 @@ fn generate_here<B: Backend>(
     out
 }
 
+/// A prefix shared by every context is computed once (batch 1) and its keys/values repeated
+/// for every row, when it is at least this many tokens (a chat template's system turn is tens;
+/// below a few tokens the extra pass costs more than it saves).
+const MIN_SHARED_PREFIX: usize = 8;
+
+/// Every context run into a fresh KV cache. Returns the last pass's final hidden states
+/// `[n, l, e]` (each context's last token at position `l - 1`), which cached keys are padding
+/// (`n × t` flags, row-major), the cached length `t`, and the cache.
+///
+/// Contexts are left-padded to a common length. When they all start with the same
+/// [`MIN_SHARED_PREFIX`] or more tokens, that prefix runs once and the remainders (at least one
+/// token each) run after it, left-padded between the prefix and themselves: positions stay the
+/// tokens' own, padded keys are masked, so every row sees what it would see alone.
+#[allow(clippy::type_complexity)]
+fn prefill_contexts<B: Backend>(
+    model: &Llama<B>,
+    contexts: &[Vec<u32>],
+    device: &B::Device,
+) -> (Tensor<B, 3>, Vec<bool>, usize, KvCache<B>) {
+    let n = contexts.len();
+    let shortest = contexts.iter().map(Vec::len).min().unwrap_or(0);
+    let mut p = 0;
+    while p + 1 < shortest && contexts.iter().all(|c| c[p] == contexts[0][p]) {
+        p += 1;
+    }
+    if n < 2 || p < MIN_SHARED_PREFIX {
+        p = 0;
+    }
+    let mut cache = KvCache::default();
+    if p > 0 {
+        let ids: Vec<i64> = contexts[0][..p].iter().map(|&t| t as i64).collect();
+        let pos: Vec<i64> = (0..p as i64).collect();
+        model.forward_cached(
+            Tensor::from_data(TensorData::new(ids, [1, p]), device),
+            Tensor::from_data(TensorData::new(pos, [1, p]), device),
+            crate::model::causal_mask::<B>(1, p, device),
+            &mut cache,
+        );
+        let rows = Tensor::<B, 1, Int>::zeros([n], device);
+        for layer in cache.layers.iter_mut().flatten() {
+            layer.k = layer.k.clone().select(0, rows.clone());
+            layer.v = layer.v.clone().select(0, rows.clone());
+        }
+    }
+    // The remainders (whole contexts when nothing is shared), left-padded.
+    let l = contexts.iter().map(|c| c.len() - p).max().unwrap_or(1);
+    let (mut ids, mut pos) = (Vec::with_capacity(n * l), Vec::with_capacity(n * l));
+    let mut pad_key = Vec::with_capacity(n * (p + l));
+    for c in contexts {
+        let pad = l - (c.len() - p);
+        pad_key.extend(std::iter::repeat_n(false, p));
+        for i in 0..l {
+            ids.push(if i >= pad { c[p + i - pad] as i64 } else { 0 });
+            pos.push((p + i.saturating_sub(pad)) as i64);
+            pad_key.push(i < pad);
+        }
+    }
+    let t = p + l;
+    // Remainder query i may see the prefix and remainder keys p..=p + i that are not padding.
+    let keys =
+        Tensor::<B, 4, Bool>::from_data(TensorData::new(pad_key.clone(), [n, 1, 1, t]), device)
+            .expand([n, 1, l, t]);
+    let causal: Vec<bool> = (0..l)
+        .flat_map(|i| (0..t).map(move |k| k > p + i))
+        .collect();
+    let causal = Tensor::<B, 4, Bool>::from_data(TensorData::new(causal, [1, 1, l, t]), device)
+        .expand([n, 1, l, t]);
+    let hidden = model.forward_cached(
+        Tensor::from_data(TensorData::new(ids, [n, l]), device),
+        Tensor::from_data(TensorData::new(pos, [n, l]), device),
+        causal.bool_or(keys),
+        &mut cache,
+    );
+    (hidden, pad_key, t, cache)
+}
+
 /// Summed log-probabilities of several continuations per shared context, computing each
-/// context once: the contexts are prefilled together (left-padded) into a KV cache, the cache
+/// context once: the contexts are prefilled together (left-padded; a prefix they all share,
+/// such as a chat template's system turn, computed once: [`MIN_SHARED_PREFIX`]) into a KV cache, the cache
 /// rows are repeated for every continuation of their context, and all continuations
 /// (right-padded) run in one cached pass. Equals scoring `context + continuation` as one
 /// sequence (tested), at a fraction of the cost when contexts are long and continuations short
@@ -239,31 +316,10 @@ pub fn continuation_logps<B: Backend>(
         continuations.iter().all(|c| !c.1.is_empty() && c.0 < n),
         "bad continuation"
     );
-    // Prefill, left-padded as in `generate`.
-    let lc = contexts.iter().map(Vec::len).max().unwrap_or(1);
-    let mut ids = Vec::with_capacity(n * lc);
-    let mut pos = Vec::with_capacity(n * lc);
-    let mut pad_key = Vec::with_capacity(n * lc);
-    for c in contexts {
-        let p = lc - c.len();
-        for i in 0..lc {
-            ids.push(if i >= p { c[i - p] as i64 } else { 0 });
-            pos.push(i.saturating_sub(p) as i64);
-            pad_key.push(i < p);
-        }
-    }
-    let keys =
-        Tensor::<B, 4, Bool>::from_data(TensorData::new(pad_key.clone(), [n, 1, 1, lc]), device);
-    let mask = crate::model::causal_mask::<B>(n, lc, device).bool_or(keys.expand([n, 1, lc, lc]));
-    let mut cache = KvCache::default();
-    let hidden = model.forward_cached(
-        Tensor::from_data(TensorData::new(ids, [n, lc]), device),
-        Tensor::from_data(TensorData::new(pos, [n, lc]), device),
-        mask,
-        &mut cache,
-    );
+    let (hidden, pad_key, lc, mut cache) = prefill_contexts(model, contexts, device);
     // Each continuation's first token, from its context's last position: [n, 1, v].
-    let first = log_softmax(model.logits(hidden.narrow(1, lc - 1, 1)), 2);
+    let last = hidden.dims()[1];
+    let first = log_softmax(model.logits(hidden.narrow(1, last - 1, 1)), 2);
     let rows: Vec<i64> = continuations.iter().map(|c| c.0 as i64).collect();
     let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [r]), device);
     let heads: Vec<i64> = continuations.iter().map(|c| c.1[0] as i64).collect();

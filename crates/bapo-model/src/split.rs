@@ -18,7 +18,9 @@
 //! result never depends on the thread count (tested on SmolLM2's shapes in
 //! `tests/tests/smollm2.rs`); it differs from the plain product by float rounding (a sum
 //! regrouped). With more than two threads each half is also cut by output column, which keeps
-//! every column's dot product in the same order. The tied head `W·h` (`W` `[vocab, e]`) is cut
+//! every column's dot product in the same order. Weights kept in f16 (`--weights f16`) keep
+//! the output-column cut (the plain bits): two f16-rounded partial sums instead of one moved
+//! greedy decoding off transformers' on a parity prompt. The tied head `W·h` (`W` `[vocab, e]`) is cut
 //! by rows of `W` (contiguous, and every output the same dot product: the plain product's
 //! bits).
 //!
@@ -108,6 +110,24 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         return crate::precision::linear_as_weight(linear, x);
     }
     let threads = split_threads();
+    if w.dtype() != x.dtype() {
+        // Weights kept in a smaller type (f16): input halves would round two partial sums to
+        // it instead of one total (measured: greedy decoding then leaves transformers' at token
+        // 22 of a parity prompt), so these products are cut by output column, each column the
+        // plain product's dot product: the plain bits.
+        let n = column_parts(outputs, threads);
+        if n == 1 {
+            return crate::precision::linear_as_weight(linear, x);
+        }
+        // One cast of the input (and of the result) for the whole product, not one per range.
+        let y = crate::precision::in_weight_type(x, w.dtype(), |x| {
+            let pieces = map_ranges(outputs, n, &|a, b| {
+                x.clone().matmul(w.clone().slice([0..inputs, a..b]))
+            });
+            Tensor::cat(pieces, 1)
+        });
+        return crate::precision::add_bias(linear, y);
+    }
     // Each half gets half the threads; its columns are cut among them.
     let per_half = column_parts(outputs, threads.div_ceil(2));
     let half = |x: &Tensor<B, 2>, lo: usize, hi: usize| {
@@ -116,7 +136,7 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
             w.clone().slice([lo..hi, 0..outputs]),
         );
         let pieces = map_ranges(outputs, per_half, &|a, b| {
-            crate::precision::matmul_as_weight(x.clone(), w.clone().slice([0..hi - lo, a..b]))
+            x.clone().matmul(w.clone().slice([0..hi - lo, a..b]))
         });
         if pieces.len() == 1 {
             pieces.into_iter().next().expect("one piece")
@@ -125,8 +145,6 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         }
     };
     let h = inputs / 2;
-    // Each half in the weight's type (f16 weights: f32 accumulation inside gemm), the two
-    // summed in the activations' type.
     let (a, b) = if threads > 1 {
         rayon::join(|| half(&x, 0, h), || half(&x, h, inputs))
     } else {

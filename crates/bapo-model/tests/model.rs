@@ -499,8 +499,22 @@ fn shared_context_scoring_equals_whole_sequence_scoring() {
         (1, vec![8]),
         (0, vec![2]),
     ];
-    for conts in [mixed, single] {
+    for conts in [mixed.clone(), single.clone()] {
         check_continuations(&model, &contexts, &conts);
+    }
+    // Contexts that share a 10-token prefix (a chat template's system turn): the prefix runs
+    // once, the remainders (1 to 5 tokens) after it.
+    let prefix: Vec<u32> = (20..30).collect();
+    let shared: Vec<Vec<u32>> = [vec![3u32, 8, 13], vec![7u32], vec![9u32, 9, 9, 9, 1]]
+        .iter()
+        .map(|r| prefix.iter().chain(r).copied().collect())
+        .collect();
+    // Identical contexts: the shared part stops one token short, so each keeps a remainder.
+    let same = vec![shared[2].clone(), shared[2].clone(), shared[2].clone()];
+    for contexts in [shared, same] {
+        for conts in [mixed.clone(), single.clone()] {
+            check_continuations(&model, &contexts, &conts);
+        }
     }
 }
 
