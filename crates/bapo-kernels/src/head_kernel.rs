@@ -45,15 +45,8 @@ fn row_sum_exp(row: &[f32], shift: f32) -> f32 {
     fold(acc)
 }
 
-/// `grad · (onehot(target) − e^(x − lse))` of one row into `out`.
-#[inline(always)]
-fn row_backward(row: &[f32], lse: f32, grad: f32, out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = -(grad * exp_nonpositive(x - lse));
-    }
-}
-
-/// [`row_backward`] written over the row itself (the same operations: the same bits).
+/// `grad · (onehot(target) − e^(x − lse))` of one row, without the one-hot term, written over
+/// the row.
 #[inline(always)]
 fn row_backward_in_place(row: &mut [f32], lse: f32, grad: f32) {
     for x in row.iter_mut() {
@@ -68,7 +61,6 @@ fn forward_row(row: &[f32]) -> f32 {
 }
 
 dispatch!(forward_row_fast, forward_row, (row: &[f32]) -> f32);
-dispatch!(backward_row_fast, row_backward, (row: &[f32], lse: f32, grad: f32, out: &mut [f32]) -> ());
 dispatch!(backward_row_in_place_fast, row_backward_in_place, (row: &mut [f32], lse: f32, grad: f32) -> ());
 
 /// Each row's `log softmax(row)[target]` and its log-sum-exp.
@@ -100,27 +92,13 @@ pub fn target_logps_backward(
     lse: &[f32],
     grad: &[f32],
 ) -> Vec<f32> {
-    check(logits, vocab, targets);
-    assert!(
-        lse.len() == targets.len() && grad.len() == targets.len(),
-        "target_logps_backward: {} rows, {} lse, {} grads",
-        targets.len(),
-        lse.len(),
-        grad.len()
-    );
-    let mut out = vec![0.0f32; logits.len()];
-    out.par_chunks_mut(vocab.max(1))
-        .zip(logits.par_chunks(vocab.max(1)))
-        .enumerate()
-        .for_each(|(i, (o, row))| {
-            backward_row_fast(row, lse[i], grad[i], o);
-            o[targets[i] as usize] += grad[i];
-        });
+    let mut out = logits.to_vec();
+    target_logps_backward_in_place(&mut out, vocab, targets, lse, grad);
     out
 }
 
 /// [`target_logps_backward`] written over `logits` (no second `[n, v]` buffer: the saved
-/// logits are not needed after the backward). The same bits.
+/// logits are not needed after the backward).
 pub fn target_logps_backward_in_place(
     logits: &mut [f32],
     vocab: usize,
@@ -131,7 +109,7 @@ pub fn target_logps_backward_in_place(
     check(logits, vocab, targets);
     assert!(
         lse.len() == targets.len() && grad.len() == targets.len(),
-        "target_logps_backward_in_place: {} rows, {} lse, {} grads",
+        "target_logps_backward: {} rows, {} lse, {} grads",
         targets.len(),
         lse.len(),
         grad.len()
@@ -221,7 +199,8 @@ mod tests {
         }
     }
 
-    /// The in-place backward gives the out-of-place one's bits (remainder path included).
+    /// The copying backward (for shared logits) gives the in-place one's bits, remainder path
+    /// included, and the backward really changes the values.
     #[test]
     fn in_place_backward_equals_out_of_place() {
         let vocab = 1003;
