@@ -42,3 +42,64 @@ pub(crate) fn ints(t: Tensor<Flex, 1, Int>) -> Vec<i64> {
         .into_vec::<i64>()
         .expect("i64 after convert")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vendored burn-flex's strided copy (patch 4: rank >= 3 views copied by blocks of the
+    /// last two dims, on rayon's threads from 64 K elements) gives the elements of the view in
+    /// row-major order, computed here from the permutation by index arithmetic: permuted views
+    /// (contiguous last dim and not, below and above 64 K elements) and a narrowed one.
+    #[test]
+    fn strided_views_copy_to_their_elements_in_order() {
+        let cases: [([usize; 4], [usize; 4]); 4] = [
+            ([2, 5, 3, 4], [0, 2, 1, 3]),
+            ([3, 4, 5, 6], [0, 2, 3, 1]),
+            ([4, 40, 9, 64], [0, 2, 1, 3]),
+            ([2, 3, 80, 140], [1, 0, 3, 2]),
+        ];
+        for (shape, perm) in cases {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let t = Tensor::<Flex, 4>::from_data(
+                TensorData::new(data, shape.to_vec()),
+                &Default::default(),
+            );
+            let strides = [
+                shape[1] * shape[2] * shape[3],
+                shape[2] * shape[3],
+                shape[3],
+                1,
+            ];
+            let pshape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            // Element `idx` (row-major over `pshape`, from `start` in dim 1) of the permuted view.
+            let expect = |dims: [usize; 4], start: usize| -> Vec<f32> {
+                let mut v = Vec::new();
+                for a in 0..dims[0] {
+                    for b in 0..dims[1] {
+                        for c in 0..dims[2] {
+                            for d in 0..dims[3] {
+                                let ix = [a, b + start, c, d];
+                                let off: usize = (0..4).map(|j| ix[j] * strides[perm[j]]).sum();
+                                v.push(off as f32);
+                            }
+                        }
+                    }
+                }
+                v
+            };
+            let p = t.permute(perm.map(|x| x as isize));
+            let full: Vec<f32> = p.clone().into_data().into_vec().expect("f32");
+            let dims = [pshape[0], pshape[1], pshape[2], pshape[3]];
+            assert_eq!(full, expect(dims, 0), "shape {shape:?} perm {perm:?}");
+            let narrowed: Vec<f32> = p.narrow(1, 1, 1).into_data().into_vec().expect("f32");
+            let dims = [pshape[0], 1, pshape[2], pshape[3]];
+            assert_eq!(
+                narrowed,
+                expect(dims, 1),
+                "narrowed: shape {shape:?} perm {perm:?}"
+            );
+        }
+    }
+}

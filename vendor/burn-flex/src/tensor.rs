@@ -387,6 +387,18 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive && n > 0 {
+            // bapo patch 4: ND positive-stride layouts (attention's
+            // `[b, s, h, d]` <-> `[b, h, s, d]` with b > 1, ...) as a
+            // 2D copy of the last two dims per outer index (rows of
+            // contiguous runs copied whole), on rayon's threads from
+            // 64 K elements. Upstream walked them one element at a time
+            // with `StridedIter` on the calling thread. A copy: the
+            // values are the same whichever path or thread moves them.
+            // SAFETY: capacity is n; `copy_nd_outer` writes every
+            // position exactly once.
+            unsafe { dst.set_len(n) };
+            copy_nd_outer(&mut dst, src, offset, shape, strides);
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.
@@ -554,6 +566,61 @@ fn collapse_for_copy(shape: &[usize], strides: &[isize]) -> CollapsedLayout {
     }
 
     out
+}
+
+/// Elements from which [`copy_nd_outer`] runs on rayon's threads (bapo patch 4; the same
+/// threshold as the patched unary ops).
+#[cfg(feature = "rayon")]
+const COPY_PARALLEL_THRESHOLD: usize = 64 * 1024;
+
+/// bapo patch 4: copies a collapsed layout of rank >= 3 with positive strides into the
+/// contiguous `dst` (`dst.len()` = the product of `shape`): one 2D copy of the last two dims
+/// per index of the outer dims, whole rows at a time when the last dim is a contiguous run,
+/// through [`copy_2d_tiled`] otherwise.
+fn copy_nd_outer<E: Copy + Send + Sync>(
+    dst: &mut [E],
+    src: &[E],
+    offset: isize,
+    shape: &[usize],
+    strides: &[isize],
+) {
+    let nd = shape.len();
+    debug_assert!(nd >= 3 && strides.iter().all(|&s| s >= 0));
+    let (rows, cols) = (shape[nd - 2], shape[nd - 1]);
+    let (row_stride, col_stride) = (strides[nd - 2], strides[nd - 1]);
+    let block = rows * cols;
+    debug_assert_eq!(dst.len() % block, 0);
+    // Source offset of the block at outer (row-major) index `i`.
+    let base = |mut i: usize| -> isize {
+        let mut off = offset;
+        for d in (0..nd - 2).rev() {
+            off += (i % shape[d]) as isize * strides[d];
+            i /= shape[d];
+        }
+        off
+    };
+    let one = |i: usize, out: &mut [E]| {
+        let b = base(i);
+        if col_stride == 1 {
+            for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+                let s = (b + r as isize * row_stride) as usize;
+                row.copy_from_slice(&src[s..s + cols]);
+            }
+        } else {
+            copy_2d_tiled(out, src, b, rows, cols, row_stride, col_stride);
+        }
+    };
+    #[cfg(feature = "rayon")]
+    if dst.len() >= COPY_PARALLEL_THRESHOLD {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, out)| one(i, out));
+        return;
+    }
+    for (i, out) in dst.chunks_mut(block).enumerate() {
+        one(i, out);
+    }
 }
 
 /// Tiled 2D copy from a strided source into a contiguous destination.
