@@ -102,4 +102,37 @@ mod tests {
             );
         }
     }
+
+    /// The vendored gemm-common (patch: a strided lhs block is packed on every thread, not
+    /// only the calling one) gives a linear layer's input gradient `dy · wᵀ` the same bits as
+    /// the same product with `wᵀ` stored contiguously (no packing of that kind), and both
+    /// match an f64 product within float rounding.
+    #[test]
+    fn transposed_weight_products_match_the_contiguous_ones_bit_for_bit() {
+        use burn::tensor::Distribution;
+        let d = Default::default();
+        let dy = Tensor::<Flex, 2>::random([300, 1536], Distribution::Default, &d);
+        let w = Tensor::<Flex, 2>::random([576, 1536], Distribution::Default, &d);
+        let wt = Tensor::<Flex, 2>::from_data(w.clone().transpose().into_data(), &d);
+        let strided: Vec<f32> = dy
+            .clone()
+            .matmul(w.clone().transpose())
+            .into_data()
+            .into_vec()
+            .expect("f32");
+        let contiguous: Vec<f32> = dy.clone().matmul(wt).into_data().into_vec().expect("f32");
+        assert_eq!(strided, contiguous);
+        let a: Vec<f32> = dy.into_data().into_vec().expect("f32");
+        let b: Vec<f32> = w.into_data().into_vec().expect("f32");
+        for (i, j) in [(0, 0), (17, 300), (299, 575), (150, 48)] {
+            let want: f64 = (0..1536)
+                .map(|k| a[i * 1536 + k] as f64 * b[j * 1536 + k] as f64)
+                .sum();
+            let got = strided[i * 576 + j] as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "({i}, {j}): {got} vs {want}"
+            );
+        }
+    }
 }
