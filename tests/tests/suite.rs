@@ -6,6 +6,8 @@
 mod architectures;
 #[path = "fuzz_corpus.rs"]
 mod fuzz_corpus;
+#[path = "gradients.rs"]
+mod gradients;
 #[path = "smollm2.rs"]
 mod smollm2;
 #[path = "tiny_llama.rs"]

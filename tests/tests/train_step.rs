@@ -37,17 +37,9 @@ fn logs<A: AutodiffBackend>(device: &A::Device) -> Vec<std::collections::BTreeMa
     run::<A>(device, |c| c).0
 }
 
-/// A 3-step run with `cfg` adjusted by `adjust`: every step's metrics and the final adapter.
-fn run<A: AutodiffBackend>(
-    device: &A::Device,
-    adjust: impl FnOnce(TrainConfig) -> TrainConfig,
-) -> (
-    Vec<std::collections::BTreeMap<String, f64>>,
-    std::collections::BTreeMap<String, bapo_model::load::HostTensor>,
-) {
+/// The tiny Llama fixture's pairs with their base responses, chat-templated (64 tokens at most).
+pub(crate) fn fixture_pairs(tok: &bapo_model::Tokenizer) -> Vec<bapo_data::EncodedExample> {
     let dir = fixture("tiny-llama");
-    let loaded = bapo_model::load_pretrained::<A::InnerBackend>(&dir, device).unwrap();
-    let tok = &loaded.tokenizer;
     let examples = read_preferences(&dir.join("pairs.jsonl")).unwrap();
     let eos = tok.eos_id().unwrap();
     let bases: Vec<BaseResponse> = std::fs::read_to_string(dir.join("pairs.jsonl"))
@@ -62,7 +54,21 @@ fn run<A: AutodiffBackend>(
             BaseResponse::from_text(&bapo_train::encoder(tok), text, eos, i + 1).unwrap()
         })
         .collect();
-    let enc = encode(tok, &examples, &bases);
+    encode(tok, &examples, &bases)
+}
+
+/// A 3-step run with `cfg` adjusted by `adjust`: every step's metrics and the final adapter.
+fn run<A: AutodiffBackend>(
+    device: &A::Device,
+    adjust: impl FnOnce(TrainConfig) -> TrainConfig,
+) -> (
+    Vec<std::collections::BTreeMap<String, f64>>,
+    std::collections::BTreeMap<String, bapo_model::load::HostTensor>,
+) {
+    let loaded =
+        bapo_model::load_pretrained::<A::InnerBackend>(&fixture("tiny-llama"), device).unwrap();
+    let eos = loaded.tokenizer.eos_id().unwrap();
+    let enc = fixture_pairs(&loaded.tokenizer);
     let refs = reference_logps(&loaded.model, &enc, 4, eos, true, device, |_| {});
     let cfg = adjust(TrainConfig {
         max_steps: 3,
