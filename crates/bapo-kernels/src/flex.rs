@@ -103,6 +103,30 @@ mod tests {
         }
     }
 
+    /// The layouts patch 4 must leave to upstream's element walk or handle with zero strides:
+    /// a rank-9 view (above burn-flex's collapse rank: the patch once took it with an empty
+    /// block and panicked) and a broadcast view (stride 0) above 64 K elements.
+    #[test]
+    fn rank_9_and_broadcast_views_copy_to_their_elements() {
+        let d = Default::default();
+        let data: Vec<f32> = (0..512).map(|i| i as f32).collect();
+        let t = Tensor::<Flex, 9>::from_data(TensorData::new(data, vec![2; 9]), &d);
+        let got: Vec<f32> = t.swap_dims(0, 1).into_data().into_vec().expect("f32");
+        // Swapping the two leading dims swaps the two leading bits of the row-major index.
+        let want: Vec<f32> = (0..512usize)
+            .map(|i| ((i & 0x7f) | ((i >> 8) & 1) << 7 | ((i >> 7) & 1) << 8) as f32)
+            .collect();
+        assert_eq!(got, want);
+
+        let data: Vec<f32> = (0..4 * 300).map(|i| i as f32).collect();
+        let t = Tensor::<Flex, 3>::from_data(TensorData::new(data, vec![4, 1, 300]), &d);
+        let got: Vec<f32> = t.expand([4, 70, 300]).into_data().into_vec().expect("f32");
+        let want: Vec<f32> = (0..4 * 70 * 300usize)
+            .map(|i| ((i / (70 * 300)) * 300 + i % 300) as f32)
+            .collect();
+        assert_eq!(got, want);
+    }
+
     /// The vendored gemm-common (patch: a strided lhs block is packed on every thread, not
     /// only the calling one) gives a linear layer's input gradient `dy · wᵀ` the same bits as
     /// the same product with `wᵀ` stored contiguously (no packing of that kind), and both
@@ -111,28 +135,33 @@ mod tests {
     fn transposed_weight_products_match_the_contiguous_ones_bit_for_bit() {
         use burn::tensor::Distribution;
         let d = Default::default();
-        let dy = Tensor::<Flex, 2>::random([300, 1536], Distribution::Default, &d);
-        let w = Tensor::<Flex, 2>::random([576, 1536], Distribution::Default, &d);
-        let wt = Tensor::<Flex, 2>::from_data(w.clone().transpose().into_data(), &d);
-        let strided: Vec<f32> = dy
-            .clone()
-            .matmul(w.clone().transpose())
-            .into_data()
-            .into_vec()
-            .expect("f32");
-        let contiguous: Vec<f32> = dy.clone().matmul(wt).into_data().into_vec().expect("f32");
-        assert_eq!(strided, contiguous);
-        let a: Vec<f32> = dy.into_data().into_vec().expect("f32");
-        let b: Vec<f32> = w.into_data().into_vec().expect("f32");
-        for (i, j) in [(0, 0), (17, 300), (299, 575), (150, 48)] {
-            let want: f64 = (0..1536)
-                .map(|k| a[i * 1536 + k] as f64 * b[j * 1536 + k] as f64)
-                .sum();
-            let got = strided[i * 576 + j] as f64;
-            assert!(
-                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                "({i}, {j}): {got} vs {want}"
-            );
+        // 576 rows: SmolLM2's q/o projections (9 full 64-row panels on AVX-512); 112 rows: a
+        // short last panel on AVX-512 (64 + 48) and prepacked on AVX2 too, with as many dy rows
+        // as keep the product as large (so as parallel).
+        for (rows, n) in [(576, 300), (112, 1536)] {
+            let dy = Tensor::<Flex, 2>::random([n, 1536], Distribution::Default, &d);
+            let w = Tensor::<Flex, 2>::random([rows, 1536], Distribution::Default, &d);
+            let wt = Tensor::<Flex, 2>::from_data(w.clone().transpose().into_data(), &d);
+            let strided: Vec<f32> = dy
+                .clone()
+                .matmul(w.clone().transpose())
+                .into_data()
+                .into_vec()
+                .expect("f32");
+            let contiguous: Vec<f32> = dy.clone().matmul(wt).into_data().into_vec().expect("f32");
+            assert_eq!(strided, contiguous, "{rows} rows");
+            let a: Vec<f32> = dy.into_data().into_vec().expect("f32");
+            let b: Vec<f32> = w.into_data().into_vec().expect("f32");
+            for (i, j) in [(0, 0), (17, rows / 2), (299, rows - 1), (150, 48)] {
+                let want: f64 = (0..1536)
+                    .map(|k| a[i * 1536 + k] as f64 * b[j * 1536 + k] as f64)
+                    .sum();
+                let got = strided[i * rows + j] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{rows} rows ({i}, {j}): {got} vs {want}"
+                );
+            }
         }
     }
 }

@@ -387,7 +387,7 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
-        } else if all_positive && n > 0 {
+        } else if all_positive && n > 0 && self.layout.shape().len() <= COLLAPSE_MAX_RANK {
             // bapo patch 4: ND positive-stride layouts (attention's
             // `[b, s, h, d]` <-> `[b, h, s, d]` with b > 1, ...) as a
             // 2D copy of the last two dims per outer index (rows of
@@ -395,6 +395,8 @@ impl FlexTensor {
             // 64 K elements. Upstream walked them one element at a time
             // with `StridedIter` on the calling thread. A copy: the
             // values are the same whichever path or thread moves them.
+            // Ranks above COLLAPSE_MAX_RANK are not collapsed (zeroed
+            // shape) and keep the fallback below.
             // SAFETY: capacity is n; `copy_nd_outer` writes every
             // position exactly once.
             unsafe { dst.set_len(n) };
