@@ -87,18 +87,26 @@ fn model<A: AutodiffBackend>() -> (Llama<A>, Vec<EncodedExample>, u32) {
     (model, enc, eos)
 }
 
-/// The loss: every row's summed log-prob (chosen, rejected and base rows of all pairs, prompts
-/// shared as in training) plus three times its per-token mean.
-fn loss<B: Backend>(model: &Llama<B>, enc: &[EncodedExample], pad: u32) -> Tensor<B, 1> {
+/// Every row's summed and per-token mean log-prob (chosen, rejected and base rows of all pairs
+/// in one batch, prompts shared as in training). The loss is the sums plus three times the means.
+fn row_logps<B: Backend>(
+    model: &Llama<B>,
+    enc: &[EncodedExample],
+    pad: u32,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let all: Vec<&EncodedExample> = enc.iter().collect();
     let batch = PreferenceBatch::collate(&all, pad);
-    let (sum, mean) = batch_logps(model, &batch, true, &Default::default());
-    sum.sum() + mean.sum().mul_scalar(3.0)
+    batch_logps(model, &batch, true, &Default::default())
 }
 
-fn gradients<A: AutodiffBackend>() -> Vec<Vec<f32>> {
-    let (model, enc, pad) = model::<A>();
-    let g = loss(&model, &enc, pad).backward();
+/// The loss's gradient for every trainable parameter, in visiting order.
+fn gradients<A: AutodiffBackend>(
+    model: &Llama<A>,
+    enc: &[EncodedExample],
+    pad: u32,
+) -> Vec<Vec<f32>> {
+    let (sum, mean) = row_logps(model, enc, pad);
+    let g = (sum.sum() + mean.sum().mul_scalar(3.0)).backward();
     let mut v = Grads::<A>(&g, Vec::new());
     model.visit(&mut v);
     v.1
@@ -112,13 +120,15 @@ fn assert_kernels_on() {
     );
 }
 
-/// Measured: the largest difference of any adapter tensor is 3.2e-6 of that tensor's largest
+/// Measured: the largest difference of any adapter tensor is 3.5e-6 of that tensor's largest
 /// gradient; bound 1e-4.
 #[test]
 fn fused_lora_gradients_match_the_op_by_op_path() {
     assert_kernels_on();
-    let fused = gradients::<Autodiff<Flex>>();
-    let op_by_op = gradients::<Autodiff<NdArray>>();
+    let (flex, enc, pad) = model::<Autodiff<Flex>>();
+    let fused = gradients(&flex, &enc, pad);
+    let (ndarray, enc, pad) = model::<Autodiff<NdArray>>();
+    let op_by_op = gradients(&ndarray, &enc, pad);
     assert_eq!(fused.len(), op_by_op.len());
     assert!(
         fused.len() >= 2 * 7,
@@ -149,12 +159,7 @@ fn fused_lora_gradients_match_finite_differences() {
     assert_kernels_on();
     type A = Autodiff<Flex>;
     let (model, enc, pad) = model::<A>();
-    let g = {
-        let grads = loss(&model, &enc, pad).backward();
-        let mut v = Grads::<A>(&grads, Vec::new());
-        model.visit(&mut v);
-        v.1
-    };
+    let g = gradients(&model, &enc, pad);
     let noise_dir: Vec<Vec<f32>> = g
         .iter()
         .enumerate()
@@ -176,9 +181,7 @@ fn fused_lora_gradients_match_finite_differences() {
             .valid();
         // Summed in f64 from the rows' f32 values: the f32 total of a few hundred nats would
         // round the difference to ~1e-3.
-        let all: Vec<&EncodedExample> = enc.iter().collect();
-        let batch = PreferenceBatch::collate(&all, pad);
-        let (sum, mean) = batch_logps(&moved, &batch, true, &Default::default());
+        let (sum, mean) = row_logps(&moved, &enc, pad);
         let host = |t: Tensor<Flex, 1>| t.into_data().convert::<f64>().to_vec::<f64>().unwrap();
         host(sum).iter().sum::<f64>() + 3.0 * host(mean).iter().sum::<f64>()
     };
@@ -196,7 +199,7 @@ fn fused_lora_gradients_match_finite_differences() {
         );
         assert!(analytic.abs() > 1e-2, "{name}: the direction moves nothing");
         assert!(
-            rel <= 1e-2,
+            rel <= 5e-3,
             "{name}: autodiff {analytic} vs finite difference {numeric}"
         );
     }
