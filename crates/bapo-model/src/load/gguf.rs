@@ -1,7 +1,9 @@
-//! GGUF (v2/v3) reader: header, metadata, tensor infos, alignment; dequantisation of F32, F16,
-//! BF16, Q8_0, Q4_0 and Q4_1 to f32; llama.cpp names mapped to HF names, and the Q/K row
-//! permutation that llama.cpp's converter applies to `llama` checkpoints undone, so the model's
-//! rotate-half RoPE applies unchanged.
+//! GGUF (v2/v3) reader: header, metadata, tensor infos, alignment; dequantisation to f32 of F32,
+//! F16, BF16, Q4_0, Q4_1, Q8_0 here and of Q5_0, Q5_1 and the K-quants Q2_K … Q8_K in
+//! [`super::kquants`], each tensor by its own type (a Q4_0 file's Q6_K `output.weight` loads
+//! too); llama.cpp names mapped to HF names, and the Q/K row permutation that llama.cpp's
+//! converter applies to `llama` checkpoints undone, so the model's rotate-half RoPE applies
+//! unchanged.
 //!
 //! Layout (little-endian): magic `GGUF`, `u32` version, `u64` tensor count, `u64` metadata
 //! count, metadata key/values, tensor infos (name, `u32` n_dims, `u64` dims fastest-first,
@@ -11,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::{HostTensor, HostTensors};
+use super::{kquants, HostTensor, HostTensors};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 
@@ -183,7 +185,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Bytes per block and elements per block of a ggml type, for the types this reader knows.
+/// Bytes per block, elements per block and name of a ggml type, for the types this reader knows.
 fn block_layout(ty: u32) -> Option<(usize, usize, &'static str)> {
     Some(match ty {
         0 => (4, 1, "F32"),
@@ -192,17 +194,30 @@ fn block_layout(ty: u32) -> Option<(usize, usize, &'static str)> {
         3 => (20, 32, "Q4_1"),
         8 => (34, 32, "Q8_0"),
         30 => (2, 1, "BF16"),
-        _ => return None,
+        _ => return kquants::layout(ty),
     })
 }
 
+/// The names of the types [`block_layout`] knows, for error messages.
+fn supported_types() -> String {
+    (0..64)
+        .filter_map(block_layout)
+        .map(|(_, _, name)| name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn ggml_type_name(ty: u32) -> String {
+    // ggml's type ids (31-33 and 36-38 are retired).
     let names = [
         "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
+        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "", "", "",
+        "TQ1_0", "TQ2_0", "", "", "", "MXFP4", "NVFP4", "Q1_0",
     ];
     names
         .get(ty as usize)
+        .filter(|s| !s.is_empty())
         .map(|s| s.to_string())
         .unwrap_or_else(|| format!("type {ty}"))
 }
@@ -244,7 +259,10 @@ fn dequantise(ty: u32, raw: &[u8], numel: usize) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
             }
         }
-        _ => unreachable!("checked by block_layout"),
+        _ => {
+            let known = kquants::dequantise(ty, raw, &mut out);
+            debug_assert!(known, "checked by block_layout");
+        }
     }
     debug_assert_eq!(out.len(), numel);
     out
@@ -385,13 +403,14 @@ impl GgufFile {
 
     /// The raw bytes of a tensor, checked against its type, shape and the file size.
     fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
-        let (bytes_per_block, per_block, _) =
+        let (bytes_per_block, per_block, type_name) =
             block_layout(t.ggml_type).ok_or_else(|| ModelError::Unsupported {
                 path: self.path.clone(),
                 what: format!(
-                    "tensor `{}` is quantised as {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)",
+                    "tensor `{}` is quantised as {} (supported: {})",
                     t.name,
-                    ggml_type_name(t.ggml_type)
+                    ggml_type_name(t.ggml_type),
+                    supported_types()
                 ),
             })?;
         let numel: usize = t.shape.iter().product();
@@ -401,7 +420,8 @@ impl GgufFile {
                 &self.path,
                 None,
                 format!(
-                    "tensor `{}`: row length {row} is not a multiple of the block size {per_block}",
+                    "tensor `{}`: row length {row} is not a multiple of {type_name}'s block size \
+                     {per_block}",
                     t.name
                 ),
             ));
@@ -759,6 +779,71 @@ mod tests {
         let x = dequantise(8, &blk, 32);
         assert_eq!(x[0], -1.0);
         assert_eq!(x[31], 6.75);
+    }
+
+    /// A GGUF with no metadata and one tensor `w` of `dims` (fastest first), type `ty`, `data`.
+    fn one_tensor(dims: &[u64], ty: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        b.push(b'w');
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        b.extend(data);
+        b
+    }
+
+    #[test]
+    fn kquant_tensors_dequantise_and_bad_rows_are_errors() {
+        let path = Path::new("k.gguf");
+        // Q6_K, 2 rows of 256: every quant 32 (value 0) but one, d = 0.5, scale 3.
+        let mut blk = vec![0u8; 210];
+        blk[..128].fill(0x00);
+        blk[128..192].fill(0xAA); // high bits 2 -> quant 32
+        blk[192..208].fill(3);
+        blk[208..210].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+        blk[0] = 0x05; // element 0: low nibble 5 -> quant 37 -> 0.5 · 3 · 5
+        let file = GgufFile::from_bytes(path, one_tensor(&[256, 2], 14, &blk.repeat(2))).unwrap();
+        let t = file.dequantise(&file.tensors[0]).unwrap();
+        assert_eq!(t.shape, [2, 256]);
+        assert_eq!((t.data[0], t.data[1], t.data[256]), (7.5, 0.0, 7.5));
+        // A row of 128 cannot hold a 256-element super-block: an error naming the tensor.
+        let err = GgufFile::from_bytes(path, one_tensor(&[128, 4], 12, &[0; 288]))
+            .err()
+            .expect("row of 128 in Q4_K")
+            .to_string();
+        assert!(
+            err.contains("`w`") && err.contains("Q4_K") && err.contains("256"),
+            "{err}"
+        );
+        // Too few bytes for the blocks: an error, not a panic.
+        let err = GgufFile::from_bytes(path, one_tensor(&[256, 2], 12, &[0; 200]))
+            .err()
+            .expect("short Q4_K data")
+            .to_string();
+        assert!(err.contains("`w`") && err.contains("288 bytes"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_types_are_named_with_the_supported_list() {
+        let err = GgufFile::from_bytes(Path::new("iq.gguf"), one_tensor(&[256], 16, &[0; 66]))
+            .err()
+            .expect("IQ2_XXS")
+            .to_string();
+        assert!(err.contains("IQ2_XXS"), "{err}");
+        assert!(
+            err.contains(
+                "F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, BF16"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

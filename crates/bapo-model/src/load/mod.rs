@@ -4,6 +4,7 @@
 //! loaders cannot disagree about layout.
 
 pub mod gguf;
+mod kquants;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
