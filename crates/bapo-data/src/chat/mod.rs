@@ -1,12 +1,21 @@
-//! Chat templates: the tokenizer's Jinja `chat_template` (HF semantics: `messages`,
-//! `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`), or a plain-text
-//! fallback for models that ship none.
+//! Chat templates: the tokenizer's Jinja `chat_template`, rendered as transformers'
+//! `apply_chat_template` renders it (Jinja2 with `trim_blocks` and `lstrip_blocks`, Python's
+//! string and dict methods, `raise_exception`, `strftime_now`, `tojson` with its options,
+//! `namespace`, loop controls; the special tokens and template arguments as variables), or a
+//! plain-text fallback for models that ship none.
+
+mod python;
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 /// Error raised while compiling or rendering a template.
 pub type TemplateError = minijinja::Error;
 
+/// Template arguments (transformers' `**kwargs` of `apply_chat_template`, e.g. Qwen3's
+/// `enable_thinking`).
+pub type TemplateKwargs = serde_json::Map<String, serde_json::Value>;
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -39,8 +48,9 @@ impl Message {
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: Option<String>,
-    bos_token: String,
-    eos_token: String,
+    /// `bos_token`, `eos_token`, ...: the tokenizer's special tokens, as variables.
+    special: BTreeMap<String, String>,
+    kwargs: TemplateKwargs,
 }
 
 fn raise_exception(msg: String) -> Result<String, minijinja::Error> {
@@ -50,6 +60,20 @@ fn raise_exception(msg: String) -> Result<String, minijinja::Error> {
     ))
 }
 
+/// The Jinja environment transformers renders chat templates in.
+fn environment() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_formatter(python::formatter);
+    env.add_filter("tojson", python::tojson);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", python::strftime_now);
+    env.add_test("iterable", python::is_iterable);
+    env
+}
+
 impl ChatTemplate {
     /// `source`: the Jinja text (`None`: plain-text fallback `"User: …\nAssistant: "`).
     pub fn new(
@@ -57,11 +81,34 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Self {
+        let mut special = BTreeMap::new();
+        special.insert("bos_token".into(), bos_token.unwrap_or_default());
+        special.insert("eos_token".into(), eos_token.unwrap_or_default());
         Self {
             source,
-            bos_token: bos_token.unwrap_or_default(),
-            eos_token: eos_token.unwrap_or_default(),
+            special,
+            kwargs: TemplateKwargs::new(),
         }
+    }
+
+    /// Another special token the template may read (`unk_token`, `pad_token`, ...).
+    pub fn with_special(mut self, name: &str, text: Option<String>) -> Self {
+        match text {
+            Some(t) => self.special.insert(name.to_string(), t),
+            None => self.special.remove(name),
+        };
+        self
+    }
+
+    /// Template arguments passed to every rendering (`data.chat_template_kwargs`).
+    pub fn with_kwargs(mut self, kwargs: TemplateKwargs) -> Self {
+        self.kwargs = kwargs;
+        self
+    }
+
+    /// The template arguments every rendering gets.
+    pub fn kwargs(&self) -> &TemplateKwargs {
+        &self.kwargs
     }
 
     /// Whether a Jinja template (rather than the fallback) is used.
@@ -75,6 +122,17 @@ impl ChatTemplate {
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_with(messages, add_generation_prompt, &TemplateKwargs::new())
+    }
+
+    /// [`render`](Self::render) with arguments of this call on top of the template's own
+    /// (`serve`'s per-request `chat_template_kwargs`).
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &TemplateKwargs,
     ) -> Result<String, TemplateError> {
         let Some(src) = &self.source else {
             let mut out = String::new();
@@ -92,15 +150,29 @@ impl ChatTemplate {
             }
             return Ok(out);
         };
-        let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", raise_exception);
-        env.add_template("chat", src)?;
-        env.get_template("chat")?.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        })
+        let env = environment();
+        let template = env.template_from_named_str("chat_template", src)?;
+        // As transformers: the special tokens, then the arguments (which may override them),
+        // with `tools` and `documents` defined as None.
+        let mut ctx: BTreeMap<String, minijinja::Value> = BTreeMap::new();
+        for (k, v) in &self.special {
+            ctx.insert(k.clone(), minijinja::Value::from(v.as_str()));
+        }
+        for (k, v) in self.kwargs.iter().chain(extra) {
+            ctx.insert(k.clone(), minijinja::Value::from_serialize(v));
+        }
+        ctx.insert(
+            "messages".into(),
+            minijinja::Value::from_serialize(messages),
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            minijinja::Value::from(add_generation_prompt),
+        );
+        for k in ["tools", "documents"] {
+            ctx.entry(k.into()).or_insert(minijinja::Value::from(()));
+        }
+        template.render(minijinja::Value::from_serialize(&ctx))
     }
 }
 
