@@ -6,8 +6,12 @@
 mod architectures;
 #[path = "fuzz_corpus.rs"]
 mod fuzz_corpus;
+#[path = "gguf_vocab.rs"]
+mod gguf_vocab;
 #[path = "gradients.rs"]
 mod gradients;
+#[path = "kquants.rs"]
+mod kquants;
 #[path = "smollm2.rs"]
 mod smollm2;
 #[path = "tiny_llama.rs"]
