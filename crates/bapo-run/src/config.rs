@@ -66,6 +66,11 @@ pub struct DataSection {
     /// warning. Setting `max_prompt_length` instead truncates such prompts (TRL's behaviour).
     #[serde(default)]
     pub drop_long_prompts: bool,
+    /// Arguments of the model's chat template (transformers' `apply_chat_template(**kwargs)`),
+    /// e.g. `{ enable_thinking = false }` for Qwen3: used by every rendering of the run
+    /// (prompts, base responses, knowledge items in chat format).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub chat_template_kwargs: bapo_data::TemplateKwargs,
 }
 
 fn default_eval_fraction() -> f64 {
@@ -165,5 +170,27 @@ impl RunConfig {
 impl From<ConfigError> for bapo_train::io::RunError {
     fn from(e: ConfigError) -> Self {
         Self::Other(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_kwargs_come_from_the_data_section() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/default.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg: RunConfig = toml::from_str(&text).unwrap();
+        assert!(cfg.data.chat_template_kwargs.is_empty());
+        let with = text.replacen(
+            "[data]\n",
+            "[data]\nchat_template_kwargs = { enable_thinking = false, date_string = \"26 Jul 2024\" }\n",
+            1,
+        );
+        let cfg: RunConfig = toml::from_str(&with).unwrap();
+        let kw = &cfg.data.chat_template_kwargs;
+        assert_eq!(kw["enable_thinking"], serde_json::json!(false));
+        assert_eq!(kw["date_string"], serde_json::json!("26 Jul 2024"));
     }
 }

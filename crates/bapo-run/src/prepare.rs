@@ -64,7 +64,8 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     } = bapo_model::load_pretrained::<B>(&model_path, device)?;
     tracing::info!(model = %model_path.display(), params = config.num_params(), "model loaded");
     let eos = tok.eos_id().ok_or("the tokenizer has no EOS token")?;
-    let template = bapo_train::chat_template(&tok);
+    let template =
+        bapo_train::chat_template(&tok).with_kwargs(run.data.chat_template_kwargs.clone());
 
     let (examples, train_ex, eval_ex) = split_data(run)?;
     let users: std::collections::BTreeSet<&str> =
@@ -242,6 +243,7 @@ impl Sources<'_> {
                 .render(&[bapo_data::Message::user("x")], true)?
                 .as_bytes(),
         );
+        h.update(serde_json::to_vec(self.template.kwargs())?);
         h.update(serde_json::to_vec(&run.anchor)?);
         // Base responses answer the prompt as the policy sees it (cut to max_prompt_length).
         h.update(serde_json::to_vec(&(

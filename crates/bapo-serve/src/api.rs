@@ -72,6 +72,9 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub stream: bool,
+    /// Template arguments of this request (vLLM's `chat_template_kwargs`, e.g.
+    /// `{"enable_thinking": false}`), on top of the server's.
+    pub chat_template_kwargs: bapo_data::TemplateKwargs,
 }
 
 fn number(v: &Value, param: &'static str) -> Result<Option<f64>, ApiError> {
@@ -222,9 +225,20 @@ pub fn parse_chat(v: &Value) -> Result<ChatRequest, ApiError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
     };
+    let chat_template_kwargs = match v.get("chat_template_kwargs") {
+        None | Some(Value::Null) => Default::default(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                "`chat_template_kwargs` must be an object",
+            ))
+        }
+    };
     Ok(ChatRequest {
         target,
         messages,
+        chat_template_kwargs,
         max_tokens,
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -282,8 +296,10 @@ mod tests {
             "model": "bapo/concise",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
             "max_tokens": 8, "temperature": 0, "stop": "\n", "seed": 3,
+            "chat_template_kwargs": {"enable_thinking": false},
         }))
         .unwrap();
+        assert_eq!(ok.chat_template_kwargs["enable_thinking"], json!(false));
         assert_eq!(ok.target, Target::User("concise".into()));
         assert_eq!(ok.messages[0].content, "Hi");
         assert_eq!(
@@ -301,6 +317,10 @@ mod tests {
         assert_eq!((base.target, base.temperature), (Target::Base, 1.0));
         for (bad, param) in [
             (json!([]), "body"),
+            (
+                json!({"model": "bapo/a", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": true}),
+                "chat_template_kwargs",
+            ),
             (json!({"model": "bapo/a"}), "messages"),
             (
                 json!({"model": "bapo/a", "messages": [{"role": "robot", "content": "x"}]}),

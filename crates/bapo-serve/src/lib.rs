@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub default_max_tokens: usize,
     /// When set, the bearer token every endpoint but `/health` requires.
     pub api_key: Option<String>,
+    /// Template arguments every request's prompt is rendered with (a request's
+    /// `chat_template_kwargs` go on top).
+    pub chat_template_kwargs: bapo_data::TemplateKwargs,
 }
 
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
@@ -107,7 +110,8 @@ pub fn serve<B: Backend>(
             tokenizer.chat_template.clone(),
             tokenizer.bos_token.clone(),
             tokenizer.eos_token.clone(),
-        ),
+        )
+        .with_kwargs(opts.chat_template_kwargs.clone()),
         tok: tokenizer,
         context: config.max_position_embeddings,
         opts: opts.clone(),
@@ -241,7 +245,7 @@ fn now() -> u64 {
 fn prepare(s: &AppState, req: &ChatRequest) -> Result<(Vec<u32>, usize), ApiError> {
     let text = s
         .template
-        .render(&req.messages, true)
+        .render_with(&req.messages, true, &req.chat_template_kwargs)
         .map_err(|e| ApiError::invalid("messages", format!("chat template: {e}")))?;
     let ids = s.tok.encode(&text).map_err(|e| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -29,6 +29,10 @@ pub struct Args {
     /// parity; batch-1 decoding reads half the bytes a token).
     #[arg(long, default_value = "f32")]
     pub weights: String,
+    /// Chat-template arguments as a JSON object, e.g. '{"enable_thinking": false}' for Qwen3
+    /// (transformers' `apply_chat_template(**kwargs)`).
+    #[arg(long, value_parser = super::template_kwargs, default_value = "{}")]
+    pub chat_template_kwargs: bapo_data::TemplateKwargs,
 }
 
 pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
@@ -42,6 +46,7 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
         raw,
         adapter,
         weights,
+        chat_template_kwargs,
     } = args;
     let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
         .map_err(anyhow::Error::msg)?;
@@ -51,7 +56,7 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
     }
     loaded.model = loaded.model.with_weight_dtype(dtype);
     let tok = &loaded.tokenizer;
-    let template = bapo_train::chat_template(tok);
+    let template = bapo_train::chat_template(tok).with_kwargs(chat_template_kwargs);
     let mut prompts = Vec::new();
     for p in &prompt {
         let text = if raw {

@@ -12,6 +12,15 @@ pub mod train;
 
 use crate::prelude::*;
 
+/// `--chat-template-kwargs`: a JSON object of chat-template arguments.
+pub fn template_kwargs(s: &str) -> Result<bapo_data::TemplateKwargs, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("expected a JSON object, e.g. '{\"enable_thinking\": false}'".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
 /// The run-config arguments of `train`, `eval` and `anchor`.
 #[derive(clap::Args)]
 pub struct ConfigArgs {

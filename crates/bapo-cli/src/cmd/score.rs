@@ -17,6 +17,10 @@ pub struct Args {
     /// Examples per forward pass (each is 2–3 sequences).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Chat-template arguments as a JSON object, e.g. '{"enable_thinking": false}' for Qwen3
+    /// (transformers' `apply_chat_template(**kwargs)`).
+    #[arg(long, value_parser = super::template_kwargs, default_value = "{}")]
+    pub chat_template_kwargs: bapo_data::TemplateKwargs,
 }
 
 pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
@@ -25,13 +29,14 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
         input,
         output,
         batch_size,
+        chat_template_kwargs,
     } = args;
     let examples = bapo_data::read_score_file(&input)?;
     let t0 = Instant::now();
     let loaded = load_pretrained::<B>(&model, &device)?;
     tracing::info!(model = %model.display(), params = loaded.config.num_params(), secs = t0.elapsed().as_secs_f32(), "model loaded");
     let tok = &loaded.tokenizer;
-    let template = bapo_train::chat_template(tok);
+    let template = bapo_train::chat_template(tok).with_kwargs(chat_template_kwargs);
     let pad_id = tok.eos_id().context("the tokenizer has no EOS token")?;
     let scorer = Scorer {
         model: &loaded.model,

@@ -32,6 +32,10 @@ pub struct Args {
     /// otherwise). Prefer the environment variable: a flag shows in `ps`.
     #[arg(long, env = "BAPO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Chat-template arguments every request gets, as a JSON object (e.g.
+    /// '{"enable_thinking": false}'); a request's `chat_template_kwargs` go on top.
+    #[arg(long, value_parser = super::template_kwargs, default_value = "{}")]
+    pub chat_template_kwargs: bapo_data::TemplateKwargs,
 }
 
 pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
@@ -44,6 +48,7 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
         default_max_tokens,
         weights,
         api_key,
+        chat_template_kwargs,
     } = args;
     if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         anyhow::bail!("--api-key / BAPO_API_KEY is empty: give a key, or unset it");
@@ -58,6 +63,7 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
         max_adapters,
         default_max_tokens,
         api_key,
+        chat_template_kwargs,
     };
     bapo_serve::serve(loaded, device, opts, |addr| {
         eprintln!("bapo serve: listening on http://{addr}");

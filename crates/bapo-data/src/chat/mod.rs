@@ -207,6 +207,27 @@ mod tests {
     }
 
     #[test]
+    fn kwargs_reach_the_template_and_a_call_overrides_them() {
+        let src = "{{ bos_token }}{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}{{ messages[0].content }}";
+        let t = ChatTemplate::new(Some(src.into()), Some("<s>".into()), None);
+        assert_eq!(t.render(&[Message::user("x")], true).unwrap(), "<s>x");
+        let mut kw = TemplateKwargs::new();
+        kw.insert("enable_thinking".into(), false.into());
+        let t = t.with_kwargs(kw);
+        assert_eq!(
+            t.render(&[Message::user("x")], true).unwrap(),
+            "<s><think></think>x"
+        );
+        let mut call = TemplateKwargs::new();
+        call.insert("enable_thinking".into(), true.into());
+        call.insert("bos_token".into(), "<B>".into());
+        assert_eq!(
+            t.render_with(&[Message::user("x")], true, &call).unwrap(),
+            "<B>x"
+        );
+    }
+
+    #[test]
     fn fallback_without_template() {
         let t = ChatTemplate::new(None, None, None);
         assert_eq!(
