@@ -76,16 +76,26 @@ pub fn golden(model: &str) -> Golden {
     .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// Where `cargo xtask fetch` puts the real SmolLM2 GGUF (`BAPO_CACHE` overrides `~/.cache/bapo`).
-pub fn smollm2_gguf() -> PathBuf {
-    let cache = std::env::var_os("BAPO_CACHE")
+/// `cargo xtask fetch`'s cache: `$BAPO_CACHE`, or `~/.cache/bapo`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("BAPO_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
                 .join(".cache")
                 .join("bapo")
-        });
-    cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
+/// Where `cargo xtask fetch` puts the real SmolLM2 GGUF (`BAPO_CACHE` overrides `~/.cache/bapo`).
+pub fn smollm2_gguf() -> PathBuf {
+    cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Where `cargo xtask fetch` puts llama.cpp's vocabulary-only GGUFs and their test texts
+/// (`ggml-vocab-<name>.gguf`, `.gguf.inp`, `.gguf.out`).
+pub fn vocab_dir() -> PathBuf {
+    cache_dir().join("vocab")
 }
 
 pub mod parity;

@@ -1,13 +1,15 @@
 //! Tokenizer construction: from an HF `tokenizer.json` (+ `tokenizer_config.json`), or rebuilt
-//! from GGUF metadata (`tokenizer.ggml.*`) for byte-level BPE models, so a lone `.gguf` file is
-//! enough to run.
+//! from GGUF metadata (`tokenizer.ggml.*`: byte-level BPE and SentencePiece BPE, [`gguf`]), so a
+//! lone `.gguf` file is enough to run.
 
 use std::path::Path;
 
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
 use crate::error::{ModelError, Result};
-use crate::load::gguf::{GgufFile, Value};
+use crate::load::gguf::GgufFile;
+
+pub mod gguf;
 
 /// A tokenizer plus what the chat template and generation need to know about it.
 #[derive(Clone)]
@@ -16,6 +18,12 @@ pub struct Tokenizer {
     /// Text of the end-of-sequence token (e.g. `<|im_end|>` for ChatML models).
     pub eos_token: Option<String>,
     pub bos_token: Option<String>,
+    /// Whether the model's tokenizer puts BOS before a text when special tokens are added (HF's
+    /// post-processor; GGUF `tokenizer.ggml.add_bos_token`). [`Tokenizer::encode`] never adds
+    /// it (chat templates write it); [`Tokenizer::encode_with_special`] does.
+    pub add_bos: bool,
+    /// The same for EOS after a text.
+    pub add_eos: bool,
     /// Jinja chat template, when the model ships one.
     pub chat_template: Option<String>,
     /// Where it came from, for error messages.
@@ -28,6 +36,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("origin", &self.origin)
             .field("vocab", &self.vocab_size())
             .field("eos", &self.eos_token)
+            .field("add_bos", &self.add_bos)
             .finish()
     }
 }
@@ -76,133 +85,46 @@ impl Tokenizer {
                 .and_then(|t| t.as_str())
                 .map(str::to_string)
         };
+        // What the post-processor adds, unless tokenizer_config.json says (as transformers reads it).
+        let (with, without) = (
+            inner.encode("a", true).map_err(|e| ModelError::Tokenizer {
+                origin: path.display().to_string(),
+                what: e.to_string(),
+            })?,
+            inner
+                .encode("a", false)
+                .map_err(|e| ModelError::Tokenizer {
+                    origin: path.display().to_string(),
+                    what: e.to_string(),
+                })?,
+        );
+        let (with, without) = (with.get_ids(), without.get_ids());
+        let added = with.len() > without.len();
+        let post_bos = added && with.first() != without.first();
+        let post_eos = added && with.last() != without.last();
+        let add_bos = cfg
+            .get("add_bos_token")
+            .and_then(Json::as_bool)
+            .unwrap_or(post_bos);
+        let add_eos = cfg
+            .get("add_eos_token")
+            .and_then(Json::as_bool)
+            .unwrap_or(post_eos);
         Ok(Self {
             inner,
             eos_token: token_text(cfg.get("eos_token")),
             bos_token: token_text(cfg.get("bos_token")),
+            add_bos,
+            add_eos,
             chat_template,
             origin: path.display().to_string(),
         })
     }
 
-    /// Rebuilds a byte-level BPE tokenizer from GGUF metadata.
+    /// Rebuilds the tokenizer from GGUF metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`,
+    /// the splits of `tokenizer.ggml.pre`) or SentencePiece BPE (`llama`); see [`gguf`].
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let origin = file.path.display().to_string();
-        let bad = |field: &str, what: &str| ModelError::config(&file.path, field, what.to_string());
-        let model = file
-            .get("tokenizer.ggml.model")?
-            .as_str()
-            .unwrap_or_default();
-        if model != "gpt2" {
-            return Err(ModelError::Unsupported {
-                path: file.path.clone(),
-                what: format!("tokenizer.ggml.model `{model}` (only byte-level BPE, `gpt2`)"),
-            });
-        }
-        let tokens: Vec<&str> = file
-            .get("tokenizer.ggml.tokens")?
-            .as_array()
-            .ok_or_else(|| bad("tokenizer.ggml.tokens", "not an array"))?
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| bad("tokenizer.ggml.tokens", "holds a non-string"))
-            })
-            .collect::<Result<_>>()?;
-        let merges: Vec<&str> = file
-            .get("tokenizer.ggml.merges")?
-            .as_array()
-            .ok_or_else(|| bad("tokenizer.ggml.merges", "not an array"))?
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| bad("tokenizer.ggml.merges", "holds a non-string"))
-            })
-            .collect::<Result<_>>()?;
-        let types: Vec<u64> = match file.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .as_array()
-                .ok_or_else(|| bad("tokenizer.ggml.token_type", "not an array"))?
-                .iter()
-                .map(|t| t.as_u64().unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
-        if types.len() != tokens.len() {
-            return Err(bad(
-                "tokenizer.ggml.token_type",
-                "length differs from tokenizer.ggml.tokens",
-            ));
-        }
-        // Ids must map one-to-one to token strings: a repeated token would leave an id the
-        // vocabulary cannot hold (found by fuzzing).
-        let mut vocab = serde_json::Map::new();
-        for (i, t) in tokens.iter().enumerate() {
-            if let Some(first) = vocab.insert(t.to_string(), json!(i)) {
-                return Err(bad(
-                    "tokenizer.ggml.tokens",
-                    &format!("token {t:?} appears twice (ids {first} and {i})"),
-                ));
-            }
-        }
-        // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-        let added: Vec<Json> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
-            .map(|(i, (t, &ty))| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": ty == 4, "special": ty == 3}))
-            .collect();
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let pre = file
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let pre_tokenizer = match pre {
-            // SmolLM: every digit is its own pre-token, then GPT-2 byte-level splitting.
-            "smollm" => {
-                json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
-            }
-            "default" | "gpt2" => byte_level.clone(),
-            other => {
-                return Err(ModelError::Unsupported {
-                    path: file.path.clone(),
-                    what: format!("tokenizer.ggml.pre `{other}` (known: smollm, gpt2, default)"),
-                })
-            }
-        };
-        let doc = json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-            "pre_tokenizer": pre_tokenizer, "post_processor": null, "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
-        });
-        let inner: tokenizers::Tokenizer =
-            doc.to_string()
-                .parse()
-                .map_err(|e: tokenizers::Error| ModelError::Tokenizer {
-                    origin: origin.clone(),
-                    what: e.to_string(),
-                })?;
-        let id_text = |key: &str| {
-            file.metadata
-                .get(key)
-                .and_then(Value::as_u64)
-                .and_then(|i| tokens.get(i as usize))
-                .map(|s| s.to_string())
-        };
-        Ok(Self {
-            inner,
-            eos_token: id_text("tokenizer.ggml.eos_token_id"),
-            bos_token: id_text("tokenizer.ggml.bos_token_id"),
-            chat_template: file
-                .metadata
-                .get("tokenizer.chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            origin,
-        })
+        gguf::from_gguf(file)
     }
 
     /// Token ids of `text`; special-token strings in the text map to their ids; no BOS/EOS added.
@@ -213,6 +135,23 @@ impl Tokenizer {
             .map_err(|e| self.err(e))?
             .get_ids()
             .to_vec())
+    }
+
+    /// Token ids of `text` as HF's `encode(text)` gives them with special tokens added: BOS first
+    /// when [`Tokenizer::add_bos`], EOS last when [`Tokenizer::add_eos`]. For plain text (no
+    /// chat template); special-token strings in the text map to their ids.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, true)
+            .map_err(|e| self.err(e))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Id of the BOS token.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_id(t))
     }
 
     /// Text of `ids` (special tokens kept).
