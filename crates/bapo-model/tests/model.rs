@@ -624,8 +624,12 @@ fn hostile_gguf_files_are_refused_with_file_offset_and_field() {
             "tensor `u`: 128 bytes at offset 1048576 run past the end of the file",
         ),
         (
-            gguf_bytes(&[], &[("q", &[256, 1], 14, 0)], &[0u8; 256]),
-            "tensor `q` is quantised as Q6_K",
+            gguf_bytes(&[], &[("q", &[256, 1], 16, 0)], &[0u8; 256]),
+            "tensor `q` is quantised as IQ2_XXS (supported: F32, F16, Q4_0,",
+        ),
+        (
+            gguf_bytes(&[], &[("q", &[128, 2], 12, 0)], &[0u8; 288]),
+            "tensor `q`: row length 128 is not a multiple of Q4_K's block size 256",
         ),
         (
             gguf_bytes(&[], &[("t", &[8, 4, 1, 1, 1], 0, 0)], &[0u8; 128]),
