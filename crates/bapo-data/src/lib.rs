@@ -9,7 +9,7 @@ pub mod preference;
 pub mod score_file;
 pub mod synth;
 
-pub use chat::{ChatTemplate, Message, TemplateKwargs};
+pub use chat::{ChatTemplate, Message, PairTexts, TemplateKwargs};
 pub use jsonl::DataError;
 pub use preference::{
     encode_examples, parse_preferences, read_preferences, BaseResponse, EncodeConfig,

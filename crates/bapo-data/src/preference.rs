@@ -4,6 +4,11 @@
 //! - conversational: `{"prompt": [{"role": "user", "content": "..."}, ...],
 //!   "chosen": [{"role": "assistant", "content": "..."}], "rejected": [...]}`
 //!
+//! A conversational pair is rendered as TRL renders it ([`ChatTemplate::pair_texts`]): the
+//! completion is what the template writes for the assistant's turn (its end-of-turn included,
+//! no EOS added); a standard pair's completion is its text followed by EOS (TRL's rule), after
+//! the prompt rendered as one user turn.
+//!
 //! An optional `"user"` (or `"persona"`) string tags whose preference a pair is, so one file
 //! can hold several users. Every malformed line is an error naming `file:line` and the field.
 
@@ -23,6 +28,9 @@ pub struct PreferenceExample {
     pub rejected: String,
     /// Whose preference this is (`user` or `persona` field).
     pub user: Option<String>,
+    /// TRL's conversational shape (`prompt` is a message list): completions are rendered by
+    /// the chat template.
+    pub conversational: bool,
     /// 1-based line in the source file.
     pub line: usize,
 }
@@ -168,6 +176,7 @@ fn preference_examples(
             chosen,
             rejected,
             user,
+            conversational: matches!(obj.get("prompt"), Some(Value::Array(_))),
             line,
         });
     }
@@ -302,6 +311,43 @@ pub fn prompt_ids(
     encode(&text).map_err(|what| EncodeError::Tokenize { line, what })
 }
 
+/// One pair's ids before truncation.
+struct Encoded {
+    prompt: Vec<u32>,
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+    /// Tokens between the shared prompt and where base responses were generated (the
+    /// generation prompt's tail when a template renders it longer than the common prefix).
+    base_prefix: Vec<u32>,
+}
+
+fn encode_pair_texts(
+    ex: &PreferenceExample,
+    template: &ChatTemplate,
+    encode: &dyn Fn(&str) -> Result<Vec<u32>, String>,
+    eos_id: u32,
+) -> Result<Encoded, EncodeError> {
+    let line = ex.line;
+    if !(ex.conversational && template.is_jinja()) {
+        return Ok(Encoded {
+            prompt: prompt_ids(template, encode, &ex.prompt, line)?,
+            chosen: completion_ids(encode, &ex.chosen, eos_id, line)?,
+            rejected: completion_ids(encode, &ex.rejected, eos_id, line)?,
+            base_prefix: Vec::new(),
+        });
+    }
+    let t = template
+        .pair_texts(&ex.prompt, &ex.chosen, &ex.rejected)
+        .map_err(|source| EncodeError::Template { line, source })?;
+    let enc = |s: &str| encode(s).map_err(|what| EncodeError::Tokenize { line, what });
+    Ok(Encoded {
+        prompt: enc(&t.prompt)?,
+        chosen: enc(&t.chosen)?,
+        rejected: enc(&t.rejected)?,
+        base_prefix: enc(&t.generation_prompt[t.prompt.len()..])?,
+    })
+}
+
 /// Tokenises and truncates `examples` (`bases[i]`, when given, is example `i`'s base response).
 pub fn encode_examples(
     examples: &[PreferenceExample],
@@ -317,7 +363,12 @@ pub fn encode_examples(
     };
     let mut out = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
-        let full = prompt_ids(template, encode, &ex.prompt, ex.line)?;
+        let Encoded {
+            prompt: full,
+            chosen,
+            rejected,
+            base_prefix,
+        } = encode_pair_texts(ex, template, encode, eos_id)?;
         let n = full.len();
         let p = cfg.truncate_prompt(full);
         let mut truncated = p.len() < n;
@@ -336,9 +387,10 @@ pub fn encode_examples(
                 ids
             }
         };
-        let chosen_ids = cut(completion_ids(encode, &ex.chosen, eos_id, ex.line)?);
-        let rejected_ids = cut(completion_ids(encode, &ex.rejected, eos_id, ex.line)?);
-        let base_ids = bases.map(|b| cut(b[i].completion_ids(eos_id)));
+        let chosen_ids = cut(chosen);
+        let rejected_ids = cut(rejected);
+        let base_ids =
+            bases.map(|b| cut([base_prefix.as_slice(), &b[i].completion_ids(eos_id)].concat()));
         stats.examples_truncated += usize::from(truncated);
         out.push(EncodedExample {
             prompt_ids: p,

@@ -249,3 +249,77 @@ fn collate_orders_chosen_rejected_base_with_masks() {
     };
     assert!(!PreferenceBatch::collate(&[&a, &no_base], 0).has_base);
 }
+
+fn decode(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|&t| match t {
+            1 => "<s>".to_string(),
+            2 => "</s>".to_string(),
+            t => char::from_u32(t - 10).unwrap().to_string(),
+        })
+        .collect()
+}
+
+/// A conversational pair is cut as TRL cuts it: Qwen3's real template puts an empty think block
+/// and `<|im_end|>\n` in the completion, no EOS is appended, and base responses (generated
+/// after the full generation prompt) keep what the generation prompt adds to the shared one.
+#[test]
+fn conversational_pairs_take_the_template_turn_as_completion() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/templates/Qwen-Qwen3-0.6B.jinja");
+    let qwen3 = ChatTemplate::new(
+        Some(std::fs::read_to_string(p).unwrap()),
+        None,
+        Some("<|im_end|>".into()),
+    );
+    let ex = read_preferences(&write(
+        "conv",
+        concat!(
+            r#"{"prompt": [{"role": "user", "content": "Capital of France?"}], "chosen": [{"role": "assistant", "content": "Paris."}], "rejected": [{"role": "assistant", "content": "Lyon."}]}"#,
+            "\n",
+            r#"{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}"#,
+            "\n"
+        ),
+    ))
+    .unwrap();
+    assert!(ex[0].conversational && !ex[1].conversational);
+    let cfg = EncodeConfig {
+        max_length: 200,
+        max_prompt_length: None,
+        truncation_mode: TruncationMode::KeepEnd,
+    };
+    let base = BaseResponse::from_text(&encode, "Paris", 2, 1).unwrap();
+    let bases = [base.clone(), base];
+    let mut kwargs = bapo_data::TemplateKwargs::new();
+    for thinking in [None, Some(false)] {
+        if let Some(t) = thinking {
+            kwargs.insert("enable_thinking".into(), t.into());
+        }
+        let t = qwen3.clone().with_kwargs(kwargs.clone());
+        let (enc, _) = encode_examples(&ex, Some(&bases), &t, &encode, 2, &cfg).unwrap();
+        let (conv, std) = (&enc[0], &enc[1]);
+        let think = "<think>\n\n</think>\n\n";
+        let prompt = "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n";
+        match thinking {
+            // Thinking on: the generation prompt stops before the think block the history
+            // rendering writes, so the block is the completion's.
+            None => {
+                assert_eq!(decode(&conv.prompt_ids), prompt);
+                assert_eq!(
+                    decode(&conv.chosen_ids),
+                    format!("{think}Paris.<|im_end|>\n")
+                );
+                assert_eq!(decode(conv.base_ids.as_ref().unwrap()), "Paris</s>");
+            }
+            // Thinking off: the generation prompt ends with the block, so the prompt does.
+            Some(_) => {
+                assert_eq!(decode(&conv.prompt_ids), format!("{prompt}{think}"));
+                assert_eq!(decode(&conv.chosen_ids), "Paris.<|im_end|>\n");
+                assert_eq!(decode(&conv.rejected_ids), "Lyon.<|im_end|>\n");
+            }
+        }
+        // The standard pair keeps TRL's rule for plain text: the text, then EOS.
+        assert_eq!(decode(&std.chosen_ids), "Paris.</s>");
+        assert_eq!(decode(&std.prompt_ids), decode(&conv.prompt_ids));
+    }
+}

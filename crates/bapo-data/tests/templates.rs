@@ -165,3 +165,71 @@ fn an_unsupported_construct_is_named() {
     let err = t.render(&[Message::user("x")], true).unwrap_err();
     assert!(err.to_string().contains("zfill"), "{err}");
 }
+
+#[derive(Deserialize)]
+struct TrlFile {
+    pairs: std::collections::BTreeMap<String, TrlPair>,
+    trl: Vec<TrlCase>,
+}
+
+#[derive(Deserialize)]
+struct TrlPair {
+    prompt: Vec<Message>,
+    chosen: Vec<Message>,
+    rejected: Vec<Message>,
+}
+
+#[derive(Deserialize)]
+struct TrlCase {
+    template: String,
+    pair: String,
+    kwargs: TemplateKwargs,
+    special_tokens: std::collections::BTreeMap<String, String>,
+    prompt: Option<String>,
+    chosen: Option<String>,
+    rejected: Option<String>,
+    error: Option<String>,
+}
+
+#[test]
+fn conversational_pairs_split_as_trl_does() {
+    let p = fixtures().join("expected.json");
+    let file: TrlFile = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    let mut equal = 0;
+    for c in &file.trl {
+        let pair = &file.pairs[&c.pair];
+        let t = template(&c.template, &c.special_tokens, &c.kwargs);
+        let case = format!(
+            "{} / {} / {}",
+            c.template,
+            c.pair,
+            Value::Object(c.kwargs.clone())
+        );
+        let got = t.pair_texts(
+            &pair.prompt,
+            &pair.chosen[0].content,
+            &pair.rejected[0].content,
+        );
+        match (got, &c.error) {
+            (Ok(g), None) => {
+                let want = (
+                    with_today(c.prompt.as_deref().unwrap()),
+                    with_today(c.chosen.as_deref().unwrap()),
+                    with_today(c.rejected.as_deref().unwrap()),
+                );
+                if (g.prompt.clone(), g.chosen.clone(), g.rejected.clone()) == want {
+                    assert!(g.generation_prompt.starts_with(&g.prompt), "{case}");
+                    equal += 1;
+                } else {
+                    failures.push(format!("{case}: bapo {g:?}, TRL {want:?}"));
+                }
+            }
+            (Err(_), Some(_)) => equal += 1,
+            (Ok(_), Some(e)) => failures.push(format!("{case}: rendered, TRL raised {e}")),
+            (Err(e), None) => failures.push(format!("{case}: {e:#}")),
+        }
+    }
+    eprintln!("{equal}/{} TRL pairs equal", file.trl.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -116,6 +116,18 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         enc_cfg.max_prompt_length,
         &run.data.truncation_mode,
     ))?);
+    // The ids themselves: any change in how pairs become tokens (a template, its arguments,
+    // the conversational rule) is a different reference.
+    for e in train_enc.iter().chain(&eval_enc) {
+        for ids in [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids] {
+            fingerprint.update((ids.len() as u64).to_le_bytes());
+            ids.iter().for_each(|t| fingerprint.update(t.to_le_bytes()));
+        }
+        if let Some(b) = &e.base_ids {
+            fingerprint.update((b.len() as u64).to_le_bytes());
+            b.iter().for_each(|t| fingerprint.update(t.to_le_bytes()));
+        }
+    }
     let refs = match shared {
         Some(sh) => sh.refs(
             (run.data.train.as_path(), &train_enc),

@@ -232,6 +232,7 @@ fn a_base_response_cut_by_max_new_tokens_is_scored_without_eos() {
         chosen: "Blue.".into(),
         rejected: "No.".into(),
         user: None,
+        conversational: false,
         line: 1,
     };
     let prompt = prompt_ids(&template, &encode, &ex.prompt, 1).unwrap();

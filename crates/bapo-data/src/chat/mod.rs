@@ -4,7 +4,10 @@
 //! `namespace`, loop controls; the special tokens and template arguments as variables), or a
 //! plain-text fallback for models that ship none.
 
+mod completion;
 mod python;
+
+pub use completion::PairTexts;
 
 use std::collections::BTreeMap;
 

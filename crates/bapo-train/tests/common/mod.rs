@@ -63,6 +63,7 @@ pub fn data(loaded: &bapo_model::LoadedModel<AD>) -> (Vec<EncodedExample>, u32) 
             chosen: c.to_string(),
             rejected: r.to_string(),
             user: None,
+            conversational: false,
             line: i + 1,
         })
         .collect();
