@@ -77,6 +77,36 @@ fn environment() -> minijinja::Environment<'static> {
     env
 }
 
+/// transformers' `{% generation %}…{% endgeneration %}` (it marks the assistant's tokens for
+/// `return_assistant_tokens_mask` and renders its body unchanged) as `{% if true %}…{% endif %}`,
+/// whitespace control kept.
+fn generation_blocks_as_ifs(src: &str) -> std::borrow::Cow<'_, str> {
+    if !src.contains("generation") {
+        return src.into();
+    }
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(i) = rest.find("{%") {
+        out.push_str(&rest[..i]);
+        let tag = &rest[i..];
+        let end = tag.find("%}").map_or(tag.len(), |e| e + 2);
+        let inner =
+            tag[2..end.saturating_sub(2).max(2)].trim_matches(|c: char| c == '-' || c == '+');
+        let replacement = match inner.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => out.push_str(&tag[..end].replacen(inner.trim(), r, 1)),
+            None => out.push_str(&tag[..end]),
+        }
+        rest = &tag[end..];
+    }
+    out.push_str(rest);
+    out.into()
+}
+
 impl ChatTemplate {
     /// `source`: the Jinja text (`None`: plain-text fallback `"User: …\nAssistant: "`).
     pub fn new(
@@ -154,7 +184,8 @@ impl ChatTemplate {
             return Ok(out);
         };
         let env = environment();
-        let template = env.template_from_named_str("chat_template", src)?;
+        let src = generation_blocks_as_ifs(src);
+        let template = env.template_from_named_str("chat_template", &src)?;
         // As transformers: the special tokens, then the arguments (which may override them),
         // with `tools` and `documents` defined as None.
         let mut ctx: BTreeMap<String, minijinja::Value> = BTreeMap::new();
