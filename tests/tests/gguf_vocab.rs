@@ -137,3 +137,29 @@ fn gguf_special_tokens_are_matched_whole() {
     assert_eq!(llama2.encode("<s>Hello").unwrap(), both);
     assert_eq!(llama2.decode(&both).unwrap(), "<s> Hello");
 }
+
+/// `from_hf_dir` reads `add_bos` off the post-processor: a SentencePiece tokenizer rebuilt from
+/// GGUF, written out as tokenizer.json, says BOS; SmolLM2's tokenizer.json (no BOS) does not.
+#[test]
+fn hf_tokenizer_json_tells_whether_bos_is_added() {
+    let dir = std::env::temp_dir().join(format!("bapo-gguf-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let llama2 = tokenizer("llama-spm");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        llama2.inner.to_string(false).unwrap(),
+    )
+    .unwrap();
+    let back = Tokenizer::from_hf_dir(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let back = back.unwrap();
+    assert!(back.add_bos && !back.add_eos);
+    let text = "  Hello, 世界 🦙 <s> 123";
+    assert_eq!(back.encode(text).unwrap(), llama2.encode(text).unwrap());
+    assert_eq!(
+        back.encode_with_special(text).unwrap(),
+        llama2.encode_with_special(text).unwrap()
+    );
+    let smollm = Tokenizer::from_hf_dir(&bapo_tests::fixture("smollm2")).unwrap();
+    assert!(!smollm.add_bos && !smollm.add_eos);
+}
