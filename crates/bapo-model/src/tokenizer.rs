@@ -52,6 +52,37 @@ fn token_text(v: Option<&Json>) -> Option<String> {
     }
 }
 
+/// `tokenizer_config.json`'s `chat_template`: a string, or (as transformers writes several)
+/// a list of `{"name", "template"}` of which transformers uses `default`.
+fn chat_template_of(cfg: &Json, path: &Path) -> Result<Option<String>> {
+    let bad = |what: String| ModelError::config(path, "chat_template", what);
+    match cfg.get("chat_template") {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::Array(list)) => {
+            let mut names = Vec::new();
+            for (i, t) in list.iter().enumerate() {
+                let name = t.get("name").and_then(Json::as_str);
+                let text = t.get("template").and_then(Json::as_str);
+                let (Some(name), Some(text)) = (name, text) else {
+                    return Err(bad(format!(
+                        "entry {i} is not a {{\"name\", \"template\"}} object"
+                    )));
+                };
+                if name == "default" {
+                    return Ok(Some(text.to_string()));
+                }
+                names.push(name.to_string());
+            }
+            Err(bad(format!(
+                "holds named templates ({}) but none is named `default`, the one transformers uses",
+                names.join(", ")
+            )))
+        }
+        Some(_) => Err(bad("must be a string or a list of named templates".into())),
+    }
+}
+
 impl Tokenizer {
     fn err(&self, what: impl std::fmt::Display) -> ModelError {
         ModelError::Tokenizer {
@@ -81,9 +112,7 @@ impl Tokenizer {
         let chat_template = if jinja.exists() {
             Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
         } else {
-            cfg.get("chat_template")
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
+            chat_template_of(&cfg, &cfg_path)?
         };
         // What the post-processor adds, unless tokenizer_config.json says (as transformers reads it).
         let (with, without) = (
@@ -187,5 +216,27 @@ impl Tokenizer {
             return Err(self.err(format!("has {ids} token ids but the model's vocabulary has {model_vocab} rows: they do not belong together")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn named_chat_templates_pick_default() {
+        let p = Path::new("tokenizer_config.json");
+        let cfg = json!({"chat_template": [
+            {"name": "tool_use", "template": "T"},
+            {"name": "default", "template": "D"},
+        ]});
+        assert_eq!(chat_template_of(&cfg, p).unwrap().as_deref(), Some("D"));
+        let cfg = json!({"chat_template": [{"name": "rag", "template": "R"}]});
+        let e = chat_template_of(&cfg, p).unwrap_err().to_string();
+        assert!(e.contains("rag") && e.contains("default"), "{e}");
+        let cfg = json!({"chat_template": 3});
+        assert!(chat_template_of(&cfg, p).is_err());
+        assert_eq!(chat_template_of(&json!({}), p).unwrap(), None);
     }
 }

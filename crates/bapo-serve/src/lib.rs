@@ -111,6 +111,7 @@ pub fn serve<B: Backend>(
             tokenizer.bos_token.clone(),
             tokenizer.eos_token.clone(),
         )
+        .with_fallback_bos(tokenizer.add_bos)
         .with_kwargs(opts.chat_template_kwargs.clone()),
         tok: tokenizer,
         context: config.max_position_embeddings,

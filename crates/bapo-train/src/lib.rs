@@ -32,4 +32,5 @@ pub fn chat_template(tok: &bapo_model::Tokenizer) -> bapo_data::ChatTemplate {
         tok.bos_token.clone(),
         tok.eos_token.clone(),
     )
+    .with_fallback_bos(tok.add_bos)
 }

@@ -54,6 +54,9 @@ pub struct ChatTemplate {
     /// `bos_token`, `eos_token`, ...: the tokenizer's special tokens, as variables.
     special: BTreeMap<String, String>,
     kwargs: TemplateKwargs,
+    /// The fallback's text starts with `bos_token` (tokenizers that add BOS, as HF's
+    /// post-processor does for plain text).
+    fallback_bos: bool,
 }
 
 fn raise_exception(msg: String) -> Result<String, minijinja::Error> {
@@ -121,7 +124,15 @@ impl ChatTemplate {
             source,
             special,
             kwargs: TemplateKwargs::new(),
+            fallback_bos: false,
         }
+    }
+
+    /// Whether the plain-text fallback starts with the BOS token (the tokenizer's `add_bos`:
+    /// plain text tokenised with special tokens gets it; a Jinja template writes its own).
+    pub fn with_fallback_bos(mut self, yes: bool) -> Self {
+        self.fallback_bos = yes;
+        self
     }
 
     /// Another special token the template may read (`unk_token`, `pad_token`, ...).
@@ -169,6 +180,9 @@ impl ChatTemplate {
     ) -> Result<String, TemplateError> {
         let Some(src) = &self.source else {
             let mut out = String::new();
+            if self.fallback_bos {
+                out.push_str(self.special.get("bos_token").map_or("", String::as_str));
+            }
             for m in messages {
                 let role = match m.role.as_str() {
                     "user" => "User",
@@ -258,6 +272,15 @@ mod tests {
         assert_eq!(
             t.render_with(&[Message::user("x")], true, &call).unwrap(),
             "<B>x"
+        );
+    }
+
+    #[test]
+    fn fallback_starts_with_bos_when_the_tokenizer_adds_it() {
+        let t = ChatTemplate::new(None, Some("<s>".into()), None).with_fallback_bos(true);
+        assert_eq!(
+            t.render(&[Message::user("Hi")], true).unwrap(),
+            "<s>User: Hi\nAssistant: "
         );
     }
 
