@@ -356,3 +356,70 @@ fn score_accepts_the_conversational_shape() {
         assert_eq!(rows[0][k], rows[1][k], "{k}");
     }
 }
+
+/// A Qwen3 checkpoint with Qwen3's own chat template (Python string methods, `enable_thinking`)
+/// trains on conversational pairs: the template used to stop the run ("string has no method
+/// named startswith"). `data.chat_template_kwargs = { enable_thinking = false }` reaches the
+/// rendering: the prompt then ends with the empty think block, so the reference answers (and
+/// scores) after other tokens than without it.
+#[test]
+fn qwen3_with_its_own_template_trains_on_conversational_pairs() {
+    let dir = tmpdir("qwen3-template");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixtures().join("tiny-qwen3").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixtures().join("templates/Qwen-Qwen3-0.6B.jinja"),
+        model.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let demo = fixtures().join("../../data/demo/concise.jsonl");
+    let mut conv = String::new();
+    for line in std::fs::read_to_string(demo).unwrap().lines().take(8) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let msg = |role: &str, k: &str| serde_json::json!([{"role": role, "content": v[k]}]);
+        let row = serde_json::json!({"prompt": msg("user", "prompt"), "chosen": msg("assistant", "chosen"), "rejected": msg("assistant", "rejected")});
+        conv.push_str(&format!("{row}\n"));
+    }
+    std::fs::write(dir.join("pairs.jsonl"), conv).unwrap();
+    let mut refs = Vec::new();
+    for (i, kwargs) in ["chat_template_kwargs = { enable_thinking = false }", ""]
+        .iter()
+        .enumerate()
+    {
+        let out = dir.join(format!("run-{i}"));
+        let cfg = format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\neval_fraction = 0.25\nmax_length = 128\n{kwargs}\n[anchor]\nmax_new_tokens = 4\n[lora]\nrank = 2\nalpha = 4.0\n[train]\nmax_steps = 2\nbatch_size = 2\n[output]\ndir = \"{}\"\neval_steps = 2\nsave_steps = 2\n",
+            model.display(),
+            dir.join("pairs.jsonl").display(),
+            out.display()
+        );
+        let cfg_path = dir.join(format!("cfg-{i}.toml"));
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let res = bapo(&["train", "--config", cfg_path.to_str().unwrap()]);
+        assert!(
+            res.status.success(),
+            "{kwargs:?}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let anchors = std::fs::read_to_string(out.join("anchors.jsonl")).unwrap();
+        let r: Vec<f64> = anchors
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["reference_logp"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(r.len(), 6, "{anchors}");
+        refs.push(r);
+    }
+    assert_ne!(refs[0], refs[1], "enable_thinking = false changed nothing");
+}
