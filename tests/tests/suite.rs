@@ -10,6 +10,8 @@ mod fuzz_corpus;
 mod gguf_vocab;
 #[path = "gradients.rs"]
 mod gradients;
+#[path = "half_base.rs"]
+mod half_base;
 #[path = "kquants.rs"]
 mod kquants;
 #[path = "smollm2.rs"]

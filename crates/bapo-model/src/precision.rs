@@ -71,6 +71,7 @@ pub fn parse_weight_dtype(key: &str, w: &str) -> Result<FloatDType, String> {
     match w {
         "f32" => Ok(FloatDType::F32),
         "f16" => Ok(FloatDType::F16),
-        other => Err(format!("{key} must be f32 or f16, got `{other}`")),
+        "bf16" => Ok(FloatDType::BF16),
+        other => Err(format!("{key} must be f32, bf16 or f16, got `{other}`")),
     }
 }

@@ -53,6 +53,14 @@ pub struct Numerics {
 }
 
 impl Numerics {
+    /// Names a base kept in a smaller float type (its products run in that type).
+    pub fn with_base_dtype(mut self, dtype: crate::config::BaseDtype) -> Self {
+        if !dtype.is_f32() {
+            self.logps = format!("base weights {dtype:?}; {}", self.logps);
+        }
+        self
+    }
+
     /// The numerics of backend `B` with prompt sharing on or off (`train.prompt_sharing`).
     pub fn of<B: Backend>(device: &B::Device, prompt_sharing: bool) -> Self {
         Self {

@@ -38,6 +38,39 @@ pub struct RunConfig {
 pub struct ModelSection {
     /// HF checkpoint directory or `.gguf` file; `~` and `$BAPO_CACHE`/`${BAPO_CACHE}` expand.
     pub path: String,
+    /// The float type the frozen base weights are kept in (projections, embedding, head; norms
+    /// and LoRA weights, their gradients and AdamW state stay f32). Needs `[lora]`.
+    #[serde(default, skip_serializing_if = "BaseDtype::is_f32")]
+    pub base_dtype: BaseDtype,
+}
+
+/// `model.base_dtype`: the frozen base weights' float type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    /// As loaded (dequantised GGUF, or the safetensors' values) in f32: the parity path.
+    #[default]
+    F32,
+    /// bfloat16 (half the memory; the products with base weights run in bf16, as
+    /// transformers' `torch_dtype = bfloat16`).
+    Bf16,
+    /// float16.
+    F16,
+}
+
+impl BaseDtype {
+    pub fn is_f32(&self) -> bool {
+        *self == BaseDtype::F32
+    }
+
+    /// Burn's float type.
+    pub fn float(self) -> burn::tensor::FloatDType {
+        match self {
+            BaseDtype::F32 => burn::tensor::FloatDType::F32,
+            BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,
+            BaseDtype::F16 => burn::tensor::FloatDType::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -56,12 +56,22 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         &out.join("config.json"),
         serde_json::to_string_pretty(run)?.as_bytes(),
     )?;
+    if !run.model.base_dtype.is_f32() && B::name(device).contains("ndarray") {
+        return Err(format!(
+            "model.base_dtype = {:?}: burn-ndarray 0.21 has no half-precision tensors; use --backend flex (the default), wgpu or cuda",
+            run.model.base_dtype
+        )
+        .into());
+    }
     let model_path = expand_path(&run.model.path);
     let LoadedModel {
         model,
         config,
         tokenizer: tok,
     } = bapo_model::load_pretrained::<B>(&model_path, device)?;
+    // The frozen base in its configured type: the reference, the base responses and the
+    // policy's base all use it (LoRA weights are attached later, in f32).
+    let model = model.with_weight_dtype(run.model.base_dtype.float());
     tracing::info!(model = %model_path.display(), params = config.num_params(), "model loaded");
     let eos = tok.eos_id().ok_or("the tokenizer has no EOS token")?;
     let template =
@@ -94,7 +104,8 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     let mut fingerprint = sources.fingerprint()?;
 
     let reference = reference_of(&model);
-    let numerics = Numerics::of::<B::InnerBackend>(device, run.train.prompt_sharing);
+    let numerics = Numerics::of::<B::InnerBackend>(device, run.train.prompt_sharing)
+        .with_base_dtype(run.model.base_dtype);
     let mut eos_ids = config.eos_token_ids.clone();
     eos_ids.push(eos);
     let all: Vec<&PreferenceExample> = train_ex.iter().chain(&eval_ex).collect();

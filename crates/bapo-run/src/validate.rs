@@ -73,6 +73,16 @@ pub fn check_ranges(c: &RunConfig) -> Result<(), Invalid> {
     for w in t.loss_weights.iter().flatten() {
         non_negative("train.loss_weights", *w)?;
     }
+    need(
+        c.model.base_dtype.is_f32() || c.lora.is_some(),
+        "model.base_dtype",
+        || {
+            format!(
+            "is {:?} but there is no [lora] section: a base kept in a smaller type is frozen, so only adapters can train (full fine-tuning keeps f32)",
+            c.model.base_dtype
+        )
+        },
+    )?;
     if let Some(l) = &c.lora {
         at_least_one("lora.rank", l.rank)?;
         positive("lora.alpha", l.alpha)?;

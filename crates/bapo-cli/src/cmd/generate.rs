@@ -25,8 +25,8 @@ pub struct Args {
     /// A trained adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// `f16` keeps the projection, embedding and head weights in f16 (same transformers
-    /// parity; batch-1 decoding reads half the bytes a token).
+    /// `f16` (or `bf16`) keeps the projection, embedding and head weights in that type
+    /// (batch-1 decoding reads half the bytes a token; `bf16` is `model.base_dtype`'s path).
     #[arg(long, default_value = "f32")]
     pub weights: String,
     /// Chat-template arguments as a JSON object, e.g. '{"enable_thinking": false}' for Qwen3

@@ -24,7 +24,7 @@ pub struct Args {
     /// `max_tokens` of a request that gives none (cut to what the context leaves).
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
-    /// `f16` keeps the base model's projection, embedding and head weights in f16
+    /// `f16` (or `bf16`) keeps the base model's projection, embedding and head weights in that type
     /// (adapters stay f32), as `bapo generate --weights`.
     #[arg(long, default_value = "f32")]
     pub weights: String,
