@@ -39,7 +39,7 @@ fn gguf_tokenizer_matches_transformers() {
     }
     // Beyond the golden strings: both tokenizers agree on a mixed corpus (digits, code, unicode).
     let corpus = [
-        include_str!("../fixtures/README.md"),
+        include_str!("../fixtures/smollm2/pairs.jsonl"),
         "x = 12345.678e-9; print(f\"{x:>10}\")\r\n\t\tif a != b: return [1,2,3]",
         "Ünïcödé — 東京 🚀🚀 <|im_start|>assistant\nok<|im_end|><|endoftext|>",
         "   many   spaces    and\n\n\n\nnewlines   ",
@@ -54,7 +54,14 @@ fn gguf_tokenizer_matches_transformers() {
     // Known, deliberate difference: the GGUF says `tokenizer.ggml.pre = smollm`, which (like
     // llama.cpp and SmolLM2's own tokenizer.json) splits *every* Unicode number character into
     // its own pre-token; transformers' GGUF conversion uses plain byte-level splitting and so
-    // merges " ١" into one token. ASCII digits have no such merges, so they agree there.
+    // merges " ١" into one token. ASCII digits have no such merges, so they mostly agree there,
+    // but not after a newline and two spaces: the digit split ends the whitespace run before
+    // the byte-level split sees it (SmolLM2's own tokenizer.json, with its `Digits` step, does
+    // as the GGUF does), so transformers' conversion gives `ĊĠ`, `Ġ` where bapo gives `ĊĠĠ`.
+    assert_ne!(
+        from_gguf.encode("a\n  300").unwrap(),
+        from_json.encode("a\n  300").unwrap()
+    );
     let split: Vec<u32> = [" ", "١", "٢", "٣"]
         .iter()
         .flat_map(|t| from_gguf.encode(t).unwrap())
