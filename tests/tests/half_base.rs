@@ -86,3 +86,26 @@ fn f16_base_matches_transformers_f16_and_f32() {
     assert!(to_f32 <= 3e-3 && to_f16 <= 3e-3, "{to_f32} {to_f16}");
     assert!(to_f32 > 1e-6, "{to_f32}");
 }
+
+/// Loading straight into bf16 (each weight cast as it is built, `model.base_dtype`'s path)
+/// gives the same model, bit for bit, as casting the loaded f32 model.
+#[test]
+fn loading_into_bf16_equals_casting_after() {
+    let device = Default::default();
+    let path = fixture("tiny-llama");
+    let cast = bapo_model::load_pretrained::<Flex>(&path, &device)
+        .unwrap()
+        .model
+        .with_weight_dtype(FloatDType::BF16);
+    let built = bapo_model::load_pretrained_as::<Flex>(&path, FloatDType::BF16, &device)
+        .unwrap()
+        .model;
+    assert_eq!(built.weight_dtype(), burn::tensor::DType::BF16);
+    let ids = burn::tensor::Tensor::<Flex, 2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(vec![1i64, 5, 9, 300, 2], [1, 5]),
+        &device,
+    );
+    let a = cast.forward(ids.clone(), None).into_data();
+    let b = built.forward(ids, None).into_data();
+    assert_eq!(a, b);
+}

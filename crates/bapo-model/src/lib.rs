@@ -27,7 +27,7 @@ pub mod weight_dtype;
 pub use config::{HfConfig, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{generate, generate_streaming, Generated, GenerationConfig, OnStep};
-pub use load::{load_pretrained, LoadedModel};
+pub use load::{load_pretrained, load_pretrained_as, LoadedModel};
 pub use lora::LoraConfig;
 pub use model::{KvCache, Llama};
 pub use shared_prompt::SharedLayout;

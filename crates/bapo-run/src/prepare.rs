@@ -68,10 +68,10 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         model,
         config,
         tokenizer: tok,
-    } = bapo_model::load_pretrained::<B>(&model_path, device)?;
-    // The frozen base in its configured type: the reference, the base responses and the
-    // policy's base all use it (LoRA weights are attached later, in f32).
-    let model = model.with_weight_dtype(run.model.base_dtype.float());
+    } = bapo_model::load_pretrained_as::<B>(&model_path, run.model.base_dtype.float(), device)?;
+    // The frozen base in its configured type, each weight cast as it is built: the reference,
+    // the base responses and the policy's base all use it (LoRA weights are attached later, in
+    // f32).
     tracing::info!(model = %model_path.display(), params = config.num_params(), "model loaded");
     let eos = tok.eos_id().ok_or("the tokenizer has no EOS token")?;
     let template =

@@ -291,7 +291,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: read-only mapping of a file we do not modify; every access is bounds-checked.
-        #[allow(unsafe_code)] // the crate's only unsafe: the two loaders' mmaps
+        #[allow(unsafe_code)] // the crate's only unsafe: this mmap
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
         Self::parse(path, Bytes::Map(map))
     }

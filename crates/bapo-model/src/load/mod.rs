@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -65,6 +65,7 @@ fn take_linear<B: Backend>(
     inp: usize,
     bias: bool,
     device: &B::Device,
+    dtype: FloatDType,
 ) -> Result<burn::nn::Linear<B>> {
     let weight = w.take(&format!("{prefix}.weight"), &[out, inp])?;
     let bias = if bias {
@@ -87,7 +88,7 @@ fn take_linear<B: Backend>(
         shape: vec![inp, out],
         data,
     };
-    Ok(linear(tensor::<B, 2>(weight, device), bias))
+    Ok(linear(in_type(tensor::<B, 2>(weight, device), dtype), bias))
 }
 
 fn take_proj<B: Backend>(
@@ -97,14 +98,36 @@ fn take_proj<B: Backend>(
     inp: usize,
     bias: bool,
     device: &B::Device,
+    dtype: FloatDType,
 ) -> Result<Proj<B>> {
-    take_linear(w, prefix, out, inp, bias, device).map(Proj::new)
+    take_linear(w, prefix, out, inp, bias, device, dtype).map(Proj::new)
 }
 
 /// Assembles a [`Llama`] from HF-named tensors; fails on any missing, mis-shaped or unused tensor.
 pub fn build_llama<B: Backend>(
     config: &LlamaConfig,
+    w: HostTensors,
+    device: &B::Device,
+) -> Result<Llama<B>> {
+    build_llama_as(config, w, FloatDType::F32, device)
+}
+
+/// A weight in the base's float type (as it is made, so no f32 copy of the whole model is
+/// ever held beside the cast one).
+fn in_type<B: Backend>(t: Tensor<B, 2>, dtype: FloatDType) -> Tensor<B, 2> {
+    if burn::tensor::DType::from(dtype) == t.dtype() {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
+/// [`build_llama`] with the projection, embedding and head weights in `dtype` (what
+/// [`Llama::with_weight_dtype`] gives, without the f32 model first).
+pub fn build_llama_as<B: Backend>(
+    config: &LlamaConfig,
     mut w: HostTensors,
+    dtype: FloatDType,
     device: &B::Device,
 ) -> Result<Llama<B>> {
     let c = config;
@@ -151,6 +174,7 @@ pub fn build_llama<B: Backend>(
                     e,
                     c.qkv_bias,
                     device,
+                    dtype,
                 )?,
                 k_proj: take_proj(
                     &mut w,
@@ -159,6 +183,7 @@ pub fn build_llama<B: Backend>(
                     e,
                     c.qkv_bias,
                     device,
+                    dtype,
                 )?,
                 v_proj: take_proj(
                     &mut w,
@@ -167,6 +192,7 @@ pub fn build_llama<B: Backend>(
                     e,
                     c.qkv_bias,
                     device,
+                    dtype,
                 )?,
                 o_proj: take_proj(
                     &mut w,
@@ -175,6 +201,7 @@ pub fn build_llama<B: Backend>(
                     q,
                     false,
                     device,
+                    dtype,
                 )?,
                 q_norm,
                 k_norm,
@@ -184,9 +211,33 @@ pub fn build_llama<B: Backend>(
             },
             post_attention_layernorm: norm(&mut w, "post_attention_layernorm")?,
             mlp: Mlp {
-                gate_proj: take_proj(&mut w, &format!("{p}.mlp.gate_proj"), ff, e, false, device)?,
-                up_proj: take_proj(&mut w, &format!("{p}.mlp.up_proj"), ff, e, false, device)?,
-                down_proj: take_proj(&mut w, &format!("{p}.mlp.down_proj"), e, ff, false, device)?,
+                gate_proj: take_proj(
+                    &mut w,
+                    &format!("{p}.mlp.gate_proj"),
+                    ff,
+                    e,
+                    false,
+                    device,
+                    dtype,
+                )?,
+                up_proj: take_proj(
+                    &mut w,
+                    &format!("{p}.mlp.up_proj"),
+                    ff,
+                    e,
+                    false,
+                    device,
+                    dtype,
+                )?,
+                down_proj: take_proj(
+                    &mut w,
+                    &format!("{p}.mlp.down_proj"),
+                    e,
+                    ff,
+                    false,
+                    device,
+                    dtype,
+                )?,
             },
         });
     }
@@ -206,6 +257,7 @@ pub fn build_llama<B: Backend>(
             e,
             false,
             device,
+            dtype,
         )?)
     };
     // Non-persistent RoPE buffers that old checkpoints saved are recomputed, not loaded.
@@ -218,7 +270,7 @@ pub fn build_llama<B: Backend>(
     }
     Ok(Llama {
         embed_tokens: burn::nn::Embedding {
-            weight: burn::module::Param::from_tensor(tensor::<B, 2>(embed, device)),
+            weight: burn::module::Param::from_tensor(in_type(tensor::<B, 2>(embed, device), dtype)),
         },
         layers,
         norm,
@@ -238,6 +290,16 @@ pub struct LoadedModel<B: Backend> {
 /// Loads an HF checkpoint directory (`config.json`, safetensors, `tokenizer.json`) or a `.gguf`
 /// file, whichever `path` is.
 pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    load_pretrained_as(path, FloatDType::F32, device)
+}
+
+/// [`load_pretrained`] with the projection, embedding and head weights built in `dtype`
+/// (`model.base_dtype`): each is cast as it is made.
+pub fn load_pretrained_as<B: Backend>(
+    path: &Path,
+    dtype: FloatDType,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if meta.is_dir() {
         let config = crate::config::HfConfig::from_file(&path.join("config.json"))?
@@ -245,7 +307,7 @@ pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device) -> Result<Lo
         let tensors = safetensors::read_checkpoint_dir(path)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_hf_dir(path)?;
         tokenizer.check_vocab(config.vocab_size)?;
-        let model = build_llama(&config, tensors, device)?;
+        let model = build_llama_as(&config, tensors, dtype, device)?;
         Ok(LoadedModel {
             model,
             config,
@@ -257,7 +319,7 @@ pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device) -> Result<Lo
         let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&file)?;
         tokenizer.check_vocab(config.vocab_size)?;
         let tensors = file.read_llama_tensors(&config)?;
-        let model = build_llama(&config, tensors, device)?;
+        let model = build_llama_as(&config, tensors, dtype, device)?;
         Ok(LoadedModel {
             model,
             config,

@@ -24,43 +24,83 @@ struct Entry {
 /// Largest header accepted (the format's own reference limit is 100 MB).
 const MAX_HEADER: u64 = 100 * 1024 * 1024;
 
-/// Reads every tensor of one safetensors file into `out`.
+/// Reads every tensor of one safetensors file into `out`, one tensor's bytes at a time
+/// (positioned reads, no mapping: a mapped file's pages count in the process's resident memory
+/// beside the f32 copies, 2.2 GB of a 7.25 GB load peak for a 1.2 B bf16 checkpoint).
 pub fn read_file(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-    // SAFETY: read-only mapping of a file we do not modify; all offsets are checked below.
-    #[allow(unsafe_code)] // the crate's only unsafe: the two loaders' mmaps
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-    read_bytes(path, &map, out)
+    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let read_at = |buf: &mut [u8], at: u64| {
+        file.read_exact_at(buf, at)
+            .map_err(|e| ModelError::io(path, e))
+    };
+    let mut head = [0u8; 8];
+    if len < 8 {
+        return Err(short(path));
+    }
+    read_at(&mut head, 0)?;
+    let n = header_len(path, u64::from_le_bytes(head), len)?;
+    let mut header = vec![0u8; n as usize];
+    read_at(&mut header, 8)?;
+    let mut raw = Vec::new();
+    for (name, entry) in entries(path, &header, len - 8 - n)? {
+        let [begin, end] = entry.data_offsets;
+        raw.resize((end - begin) as usize, 0);
+        read_at(&mut raw, 8 + n + begin)?;
+        out.insert(name, to_host(entry, &raw));
+    }
+    Ok(())
 }
 
 /// Reads every tensor of safetensors bytes already in memory into `out`; `path` only names
 /// them in errors.
 pub fn read_bytes(path: &Path, bytes: &[u8], out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
     if bytes.len() < 8 {
-        return Err(ModelError::format(
-            path,
-            Some(0),
-            "file is shorter than the 8-byte header length",
-        ));
+        return Err(short(path));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    if n > MAX_HEADER || 8 + n > bytes.len() as u64 {
+    let n = header_len(path, n, bytes.len() as u64)?;
+    let data = &bytes[8 + n as usize..];
+    for (name, entry) in entries(path, &bytes[8..8 + n as usize], data.len() as u64)? {
+        let [begin, end] = entry.data_offsets;
+        let raw = &data[begin as usize..end as usize];
+        out.insert(name, to_host(entry, raw));
+    }
+    Ok(())
+}
+
+fn short(path: &Path) -> ModelError {
+    ModelError::format(
+        path,
+        Some(0),
+        "file is shorter than the 8-byte header length",
+    )
+}
+
+/// The header length `n`, checked against the file's length and the limit.
+fn header_len(path: &Path, n: u64, file_len: u64) -> Result<u64> {
+    if n > MAX_HEADER || 8 + n > file_len {
         return Err(ModelError::format(
             path,
             Some(0),
-            format!(
-                "header length {n} exceeds the file ({} bytes) or the 100 MB limit",
-                bytes.len()
-            ),
+            format!("header length {n} exceeds the file ({file_len} bytes) or the 100 MB limit"),
         ));
     }
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + n as usize]).map_err(|e| {
-            let at = json_offset(&bytes[8..8 + n as usize], e.line(), e.column());
+    Ok(n)
+}
+
+/// The header's tensor entries, each checked: a known dtype, a sane shape, and data offsets
+/// inside the `data_len`-byte data block that match the shape.
+fn entries(path: &Path, header: &[u8], data_len: u64) -> Result<Vec<(String, Entry)>> {
+    let n = header.len() as u64;
+    let parsed: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| {
+            let at = json_offset(header, e.line(), e.column());
             ModelError::format(path, Some(8 + at), format!("header JSON: {e}"))
         })?;
-    let data = &bytes[8 + n as usize..];
-    for (name, value) in header {
+    let mut out = Vec::with_capacity(parsed.len());
+    for (name, value) in parsed {
         if name == "__metadata__" {
             continue;
         }
@@ -89,37 +129,38 @@ pub fn read_bytes(path: &Path, bytes: &[u8], out: &mut BTreeMap<String, HostTens
             }
         };
         let [begin, end] = entry.data_offsets;
-        if begin > end || end > data.len() as u64 || end - begin != (numel * width) as u64 {
+        if begin > end || end > data_len || end - begin != (numel * width) as u64 {
             return Err(ModelError::format(
                 path,
                 Some((8 + n).saturating_add(begin)),
-                format!("tensor `{name}`: data_offsets [{begin}, {end}] do not fit the data block ({} bytes) or its {:?} {} shape", data.len(), entry.shape, entry.dtype),
+                format!("tensor `{name}`: data_offsets [{begin}, {end}] do not fit the data block ({data_len} bytes) or its {:?} {} shape", entry.shape, entry.dtype),
             ));
         }
-        let raw = &data[begin as usize..end as usize];
-        let values: Vec<f32> = match entry.dtype.as_str() {
-            "F32" => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect(),
-            "BF16" => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        };
-        out.insert(
-            name,
-            HostTensor {
-                shape: entry.shape,
-                data: values,
-            },
-        );
+        out.push((name, entry));
     }
-    Ok(())
+    Ok(out)
+}
+
+/// A checked entry's bytes as f32 values.
+fn to_host(entry: Entry, raw: &[u8]) -> HostTensor {
+    let data: Vec<f32> = match entry.dtype.as_str() {
+        "F32" => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect(),
+        "BF16" => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    };
+    HostTensor {
+        shape: entry.shape,
+        data,
+    }
 }
 
 /// Byte offset of serde_json's 1-based `line`/`column` inside `text` (0 when unknown).
