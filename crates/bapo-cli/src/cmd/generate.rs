@@ -50,11 +50,12 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
     } = args;
     let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
         .map_err(anyhow::Error::msg)?;
-    let mut loaded = load_pretrained::<B>(&model, &device)?;
+    // Each base weight is cast as it is built (no f32 model beside its cast copy); adapters
+    // stay f32.
+    let mut loaded = bapo_model::load_pretrained_as::<B>(&model, dtype, &device)?;
     if let Some(dir) = adapter {
         loaded.model = bapo_train::lora::load_adapter_dir(loaded.model, &dir, &device)?;
     }
-    loaded.model = loaded.model.with_weight_dtype(dtype);
     let tok = &loaded.tokenizer;
     let template = bapo_train::chat_template(tok).with_kwargs(chat_template_kwargs);
     let mut prompts = Vec::new();

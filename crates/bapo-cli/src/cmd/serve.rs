@@ -55,8 +55,7 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
     }
     let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
         .map_err(anyhow::Error::msg)?;
-    let mut loaded = load_pretrained::<B>(&model, &device)?;
-    loaded.model = loaded.model.with_weight_dtype(dtype);
+    let loaded = bapo_model::load_pretrained_as::<B>(&model, dtype, &device)?;
     let opts = bapo_serve::ServeOptions {
         addr: std::net::SocketAddr::new(host, port),
         adapters,
