@@ -403,12 +403,7 @@ fn qwen3_with_its_own_template_trains_on_conversational_pairs() {
         );
         let cfg_path = dir.join(format!("cfg-{i}.toml"));
         std::fs::write(&cfg_path, cfg).unwrap();
-        let res = bapo(&["train", "--config", cfg_path.to_str().unwrap()]);
-        assert!(
-            res.status.success(),
-            "{kwargs:?}: {}",
-            String::from_utf8_lossy(&res.stderr)
-        );
+        common::bapo_ok(&["train", "--config", cfg_path.to_str().unwrap()]);
         let anchors = std::fs::read_to_string(out.join("anchors.jsonl")).unwrap();
         let r: Vec<f64> = anchors
             .lines()
@@ -438,12 +433,7 @@ fn a_bf16_base_trains_like_the_f32_one() {
         let text = std::fs::read_to_string(&cfg).unwrap();
         let text = text.replacen("[data]", &format!("base_dtype = \"{dt}\"\n[data]"), 1);
         std::fs::write(&cfg, &text).unwrap();
-        let res = bapo(&["train", "--config", cfg.to_str().unwrap()]);
-        assert!(
-            res.status.success(),
-            "{}",
-            String::from_utf8_lossy(&res.stderr)
-        );
+        common::bapo_ok(&["train", "--config", cfg.to_str().unwrap()]);
         let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
         let l: Vec<f64> = metrics
             .lines()

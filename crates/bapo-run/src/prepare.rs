@@ -130,13 +130,10 @@ pub(crate) fn prepare<B: AutodiffBackend>(
     // The ids themselves: any change in how pairs become tokens (a template, its arguments,
     // the conversational rule) is a different reference.
     for e in train_enc.iter().chain(&eval_enc) {
-        for ids in [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids] {
+        let rows = [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids];
+        for ids in rows.into_iter().chain(&e.base_ids) {
             fingerprint.update((ids.len() as u64).to_le_bytes());
             ids.iter().for_each(|t| fingerprint.update(t.to_le_bytes()));
-        }
-        if let Some(b) = &e.base_ids {
-            fingerprint.update((b.len() as u64).to_le_bytes());
-            b.iter().for_each(|t| fingerprint.update(t.to_le_bytes()));
         }
     }
     let refs = match shared {
