@@ -305,6 +305,48 @@ fn bench_all_reduce<A: AutodiffBackend>(
     g.finish();
 }
 
+/// The products of a Llama-3.2-1B layer and its tied head with the weights in f32 and in bf16
+/// (`model.base_dtype`, `--weights`), as the model calls them: few-row products (decoding, the
+/// split form) and 512-row ones (training and prefill). Random weights, no file needed.
+fn bench_half_products<B: Backend>(c: &mut Criterion, backend: &str, device: &B::Device) {
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::FloatDType;
+    let mut g = c.benchmark_group(format!("{backend}/half_products"));
+    g.sample_size(10).measurement_time(budget(10));
+    let shapes = [
+        ("q_proj", 2048, 2048),
+        ("k_proj", 2048, 512),
+        ("up_proj", 2048, 8192),
+        ("down_proj", 8192, 2048),
+    ];
+    for (name, d_in, d_out) in shapes {
+        let f32_layer: Linear<B> = LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+        let mut bf16_layer = f32_layer.clone();
+        bf16_layer.weight = bf16_layer.weight.map(|t| t.cast(FloatDType::BF16));
+        for rows in [1, 512] {
+            let x = Tensor::<B, 2>::random([rows, d_in], Distribution::Default, device);
+            g.throughput(Throughput::Elements((d_in * d_out) as u64));
+            for (dtype, layer) in [("f32", &f32_layer), ("bf16", &bf16_layer)] {
+                let id = format!("llama3.2-1b_{name}_rows{rows}");
+                g.bench_function(BenchmarkId::new(id, dtype), |b| {
+                    b.iter(|| bapo_model::split::linear(layer, x.clone()).into_data())
+                });
+            }
+        }
+    }
+    // The tied head `W·hᵀ` (W `[128256, 2048]`), decoding form.
+    let w = Tensor::<B, 2>::random([128_256, 2048], Distribution::Default, device);
+    let h = Tensor::<B, 2>::random([2048, 1], Distribution::Default, device);
+    g.throughput(Throughput::Elements(128_256 * 2048));
+    for (dtype, w) in [("f32", w.clone()), ("bf16", w.cast(FloatDType::BF16))] {
+        g.bench_function(
+            BenchmarkId::new("llama3.2-1b_tied_head_rows1", dtype),
+            |b| b.iter(|| bapo_model::split::matmul_rows(w.clone(), h.clone()).into_data()),
+        );
+    }
+    g.finish();
+}
+
 /// CPU backends, where concurrent micro-batches pay (`bapo_train::concurrent`).
 fn cpu(backend: &str) -> bool {
     matches!(backend, "flex" | "ndarray")
@@ -321,6 +363,10 @@ fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) 
     bench_generate(c, backend, &ms, &device);
     bench_objective_kl::<A::InnerBackend>(c, backend, &device);
     bench_all_reduce::<A>(c, backend, &ms, &device);
+    // burn-ndarray 0.21 has no half-precision tensors.
+    if backend != "ndarray" {
+        bench_half_products::<A::InnerBackend>(c, backend, &device);
+    }
 }
 
 fn benches(c: &mut Criterion) {

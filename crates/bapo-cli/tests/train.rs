@@ -1298,7 +1298,12 @@ fn compare_trains_each_method_on_per_level_data_and_reports() {
 
 #[test]
 fn shipped_configs_parse_and_their_data_reads() {
-    for name in ["default.toml", "dpo-baseline.toml", "compare.toml"] {
+    for name in [
+        "default.toml",
+        "dpo-baseline.toml",
+        "compare.toml",
+        "1b-class.toml",
+    ] {
         let path = root().join("configs").join(name);
         let cfg = bapo_run::RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
         let users = cfg.data.users.clone().unwrap_or_default();

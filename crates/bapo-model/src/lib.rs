@@ -11,6 +11,7 @@
 //! let ids = loaded.tokenizer.encode("Hello").unwrap();
 //! ```
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod export;

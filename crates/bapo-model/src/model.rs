@@ -331,6 +331,12 @@ impl<B: Backend> Mlp<B> {
         let gate = self.gate_proj.forward(x.clone());
         self.down_proj.forward(gated(gate, self.up_proj.forward(x)))
     }
+
+    /// `self.forward(norm(x))`, the norm as the model computes it (the fused kernel on
+    /// burn-flex): a block's feed-forward half without its residual.
+    pub fn forward_normed(&self, norm_layer: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward(norm(norm_layer, x))
+    }
 }
 
 /// `silu(gate) · up`: one fused pass on burn-flex with feature `flex` (`bapo_kernels::swiglu`,
@@ -379,7 +385,8 @@ impl<B: Backend> Block<B> {
             + self
                 .self_attn
                 .forward(norm(&self.input_layernorm, x), rope, bias, cache);
-        x.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, x))
+        // `mlp(norm(x))`, or a trainer's recomputing version of it (`crate::checkpoint`).
+        x.clone() + crate::checkpoint::mlp(&self.mlp, &self.post_attention_layernorm, x)
     }
 }
 

@@ -1,19 +1,18 @@
-//! Frozen weights kept in a smaller float type (f16) for inference.
+//! Frozen weights kept in a smaller float type (bf16, f16): `model.base_dtype` for training,
+//! `--weights` for generation and serving.
+//!
+//! [`crate::Llama::with_weight_dtype`] (and loading with `load_pretrained_as`) keeps the
+//! projection, embedding and head weights in the smaller type (not the norms, not LoRA
+//! adapters). On burn-flex (feature `flex`) each product keeps the activations in f32 and
+//! widens the weight a block at a time inside the product (`bapo_kernels::mixed`): the result
+//! is the f32 product of the rounded weights, the weight's 2-byte elements read once. On other
+//! backends the product runs in the weight's type ([`in_weight_type`]): the activation rounded
+//! to it on the way in, the result rounded on the way out. The residual stream, norms, softmax,
+//! KV cache and adapters stay f32. Parity per type: `tests/tests/half_base.rs`.
 //!
 //! Batch-1 decoding reads every weight once per token, so on a CPU it is bound by memory
-//! bandwidth: SmolLM2-135M is 540 MB a token in f32 and 270 MB in f16. [`crate::Llama::with_weight_dtype`]
-//! casts the projection, embedding and head weights (not the norms, not LoRA adapters); each
-//! product then runs in the weight's type and returns in the activations' type
-//! ([`matmul_as_weight`]): the activation row is rounded to f16 on the way in, the product is
-//! accumulated in f32 by CPU GEMM kernels (gemm's f16 path packs to f32), and the result is
-//! rounded to f16 on the way out. The residual stream, norms, softmax and KV cache stay f32.
-//!
-//! This is an inference setting for batch-1 decoding (`bapo generate --weights f16`,
-//! `bapo serve --weights f16`). Measured on SmolLM2 (flex, 2 threads): batch 1 1.3× the f32
-//! speed, batch 8 0.7× (not yet profiled: use it for one stream at a time). Its log-probs stay
-//! within 2.2e-2 nats a token of transformers' f32, above the f32 path's 1e-2 tolerance (top-10
-//! next tokens and greedy completions identical: `tests/tests/smollm2.rs`), so scoring, the
-//! reference pass and training keep f32.
+//! bandwidth: half the bytes of f32. The reference pass and training use the same products as
+//! generation, so a run's caches name the base's type (`bapo_run::cache::Numerics`).
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
@@ -33,20 +32,55 @@ pub(crate) fn in_weight_type<B: Backend, const D: usize>(
     f(x.cast(wt)).cast(xt)
 }
 
-/// `x·w` computed in `w`'s float type, returned in `x`'s.
-pub fn matmul_as_weight<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    w: Tensor<B, D>,
-) -> Tensor<B, D> {
-    in_weight_type(x, w.dtype(), |x| x.matmul(w))
+/// `x·w` for `x` `[n, k]` f32 and `w` `[k, m]` in a smaller type by `bapo_kernels::mixed` (on
+/// burn-flex with feature `flex`: `x` kept in f32, `w` widened a block at a time); the inputs
+/// back where it does not apply.
+#[allow(clippy::type_complexity)]
+pub(crate) fn mixed<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    #[cfg(feature = "flex")]
+    return bapo_kernels::mixed::matmul(x, w);
+    #[cfg(not(feature = "flex"))]
+    Err((x, w))
 }
 
-/// `w·h` computed in `w`'s float type, returned in `h`'s (the tied head's form).
-pub fn matmul_weight_first<B: Backend, const D: usize>(
-    w: Tensor<B, D>,
-    h: Tensor<B, D>,
-) -> Tensor<B, D> {
-    in_weight_type(h, w.dtype(), |h| w.matmul(h))
+/// [`mixed`] for a product of a few rows (decoding, not under autodiff): each row alone, the
+/// weight read once in long runs (`bapo_kernels::mixed::matmul_rows`).
+#[allow(clippy::type_complexity)]
+pub(crate) fn mixed_rows<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    #[cfg(feature = "flex")]
+    return bapo_kernels::mixed::matmul_rows(x, w);
+    #[cfg(not(feature = "flex"))]
+    Err((x, w))
+}
+
+/// `x·w` with `w` in a smaller float type: by [`mixed`] where it applies (f32 activations), else
+/// computed in `w`'s type and returned in `x`'s.
+pub fn matmul_as_weight<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    if x.dtype() == w.dtype() {
+        return x.matmul(w);
+    }
+    match mixed(x, w) {
+        Ok(y) => y,
+        Err((x, w)) => in_weight_type(x, w.dtype(), |x| x.matmul(w)),
+    }
+}
+
+/// `w·h` (the tied head's form) with `w` in a smaller float type: `(hᵀ·wᵀ)ᵀ` by [`mixed`] where
+/// it applies, else computed in `w`'s type and returned in `h`'s.
+pub fn matmul_weight_first<B: Backend>(w: Tensor<B, 2>, h: Tensor<B, 2>) -> Tensor<B, 2> {
+    if w.dtype() == h.dtype() {
+        return w.matmul(h);
+    }
+    match mixed(h.transpose(), w.transpose()) {
+        Ok(y) => y.transpose(),
+        Err((h, w)) => in_weight_type(h.transpose(), w.dtype(), |h| w.transpose().matmul(h)),
+    }
 }
 
 /// `linear.forward(x)` with the product in the weight's type (the bias, if any, stays as is).

@@ -111,6 +111,11 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     }
     let threads = split_threads();
     if w.dtype() != x.dtype() {
+        // The few-row mixed-precision kernel splits the product itself.
+        let (x, w) = match crate::precision::mixed_rows(x, w) {
+            Ok(y) => return crate::precision::add_bias(linear, y),
+            Err(xw) => xw,
+        };
         // Weights kept in a smaller type (f16): input halves would round two partial sums to
         // it instead of one total (measured: greedy decoding then leaves transformers' at token
         // 22 of a parity prompt), so these products are cut by output column, each column the
@@ -156,6 +161,15 @@ pub fn linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
 /// `w·h` for `w` `[v, e]` and `h` `[e, n]` (the tied head's form), split by rows of `w` when
 /// `n` is small.
 pub fn matmul_rows<B: Backend>(w: Tensor<B, 2>, h: Tensor<B, 2>) -> Tensor<B, 2> {
+    let (w, h) = if w.dtype() != h.dtype() && applies::<B>(h.dims()[1], &h.device()) {
+        // The few-row mixed-precision kernel splits the product itself.
+        match crate::precision::mixed_rows(h.transpose(), w.transpose()) {
+            Ok(y) => return y.transpose(),
+            Err((ht, wt)) => (wt.transpose(), ht.transpose()),
+        }
+    } else {
+        (w, h)
+    };
     let [v, e] = w.dims();
     let n = parts::<B>(h.dims()[1], v, &h.device());
     if n == 1 {

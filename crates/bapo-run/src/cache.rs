@@ -56,7 +56,16 @@ impl Numerics {
     /// Names a base kept in a smaller float type (its products run in that type).
     pub fn with_base_dtype(mut self, dtype: crate::config::BaseDtype) -> Self {
         if !dtype.is_f32() {
-            self.logps = format!("base weights {dtype:?}; {}", self.logps);
+            // The kernel list in `of` leaves `mixed` out (it only runs with such a base).
+            let products = if bapo_objective::fused_kernels().contains(&"mixed") {
+                "f32 activations times weights widened per block"
+            } else {
+                "in the weights' type"
+            };
+            self.logps = format!(
+                "base weights {dtype:?}, products {products}; {}",
+                self.logps
+            );
         }
         self
     }
@@ -67,7 +76,11 @@ impl Numerics {
             backend: B::name(device),
             logps: format!(
                 "f32, completion rows only, logit - logsumexp{}, pairwise row sums, grouped attention, base responses as generated, few-row products in input halves{}",
-                match bapo_objective::fused_kernels() {
+                match bapo_objective::fused_kernels()
+                    .into_iter()
+                    .filter(|k| *k != "mixed")
+                    .collect::<Vec<_>>()
+                {
                     k if k.is_empty() => String::new(),
                     k => format!(" (fused kernels: {})", k.join(", ")),
                 },

@@ -5,6 +5,7 @@
 //! loop, shared prompts, concurrent batches and data-parallel training. The run directory
 //! (config, caches, checkpoints, jobs) is `bapo-run`; evaluation is `bapo-eval`.
 
+pub mod checkpoint;
 pub mod concurrent;
 pub mod dist;
 pub mod io;

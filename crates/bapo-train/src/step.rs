@@ -89,7 +89,10 @@ fn micro_batch<B: AutodiffBackend>(
     let tokens = batch.attention.iter().filter(|&&a| a).count();
     let n = batch.pairs;
     let tf = std::time::Instant::now();
-    let (sum, mean) = batch_logps(model, &batch, inp.cfg.prompt_sharing, inp.device);
+    let hook = crate::checkpoint::hook::<B>(cfg.gradient_checkpointing);
+    let (sum, mean) = bapo_model::checkpoint::with_mlp_hook(hook, || {
+        batch_logps(model, &batch, cfg.prompt_sharing, inp.device)
+    });
     let picked = match cfg.normalisation {
         Normalisation::Sum => sum,
         Normalisation::Mean => mean.clone(),
@@ -132,7 +135,8 @@ fn micro_batch<B: AutodiffBackend>(
         out.loss.mul_scalar(weight / cfg.grad_accum as f64)
     };
     let grads = loss.backward();
-    let grads = GradientsParams::from_grads(grads, model);
+    let mut grads = GradientsParams::from_grads(grads, model);
+    crate::checkpoint::collect(&mut grads, model);
     Ok(MicroOut {
         grads,
         metrics,
@@ -150,7 +154,7 @@ fn host_tensor<B: AutodiffBackend>(v: Vec<f64>, device: &B::Device) -> Tensor<B,
 
 /// Makes every trainable parameter a new autodiff leaf with the same value and `ParamId`, so
 /// a copy's graph shares no node with the original's.
-struct FreshLeaves;
+pub(crate) struct FreshLeaves;
 
 impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {

@@ -62,6 +62,10 @@ pub struct TrainConfig {
     /// every row as a full sequence: log-probs agree to float rounding, a third less work on a
     /// typical batch. Caches record which was used (`bapo --no-prompt-sharing` sets it off).
     pub prompt_sharing: bool,
+    /// Each decoder block's feed-forward half recomputed in the backward pass instead of its
+    /// activations kept from the forward pass (`crate::checkpoint`): the same gradients, less
+    /// memory, about one more forward pass of the feed-forward halves in time.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +90,7 @@ impl Default for TrainConfig {
             normalisation: Normalisation::Sum,
             micro_batch_threads: None,
             prompt_sharing: true,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -162,7 +162,14 @@ impl<'a> GraphCleaner<'a> {
         let mut should_remove = Vec::new();
         for graph in graphs.values() {
             {
-                let mut guard = graph.state.lock();
+                // bapo patch: a graph whose lock is held is skipped (its owner is using it, so
+                // it is not orphaned; a later cleanup sees it). Upstream waited for the lock,
+                // which deadlocks a backward pass run inside another's backward step (activation
+                // checkpointing's recomputation, `bapo_train::checkpoint`): the outer pass holds
+                // its graph's lock for its whole run.
+                let Some(mut guard) = graph.state.try_lock() else {
+                    continue;
+                };
                 // Double safety: in case it was marked as no longer useful, but other
                 // nodes are still relevant, we only check which nodes can safely be removed.
                 if !guard.server.maybe_useful() {
