@@ -6,12 +6,17 @@
 //! Prints each repetition's wall time (and, for steps, the forward/backward/optimiser split from
 //! `train`'s step log). SmolLM2 from `cargo xtask fetch`. `BAPO_PROFILE_SHARE=0` turns prompt
 //! sharing off (every row a full sequence), `BAPO_PROFILE_THREADS=N` sets concurrent passes.
+//! Other models and shapes (the PyTorch peer's `--shape`): `BAPO_PROFILE_MODEL=DIR` loads that
+//! checkpoint instead (e.g. `scripts/shape_checkpoint.py llama3.2-1b DIR`),
+//! `BAPO_PROFILE_SEQ=N` makes each row N tokens (prompt and completion N/2 each; default 128),
+//! `BAPO_PROFILE_RANK=R` the LoRA rank (default 8, alpha 2R), `BAPO_PROFILE_BASE=bf16` keeps the
+//! base in bf16 (`model.base_dtype`), `BAPO_PROFILE_CKPT=1` turns on gradient checkpointing.
 
 use std::time::Instant;
 
 use bapo_data::{EncodedExample, PreferenceBatch};
 use bapo_model::generate::{generate, GenerationConfig};
-use bapo_model::{load_pretrained, Llama};
+use bapo_model::Llama;
 use bapo_tests::smollm2_gguf;
 use bapo_train::train::batch_logps;
 use bapo_train::{train, LoraConfig, ReferenceLogps, TrainConfig};
@@ -23,15 +28,26 @@ fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     bapo_tests::bench_ids(n, vocab, seed)
 }
 
-/// The bench's batch: 4 pairs, prompt and each completion 64 tokens (12 × 128).
+/// The bench's batch: 4 pairs, prompt and each completion 64 tokens (12 × 128), or
+/// `BAPO_PROFILE_SEQ` tokens a row.
 fn examples(vocab: usize) -> Vec<EncodedExample> {
-    bapo_tests::bench_examples(vocab, 4, 128)
+    bapo_tests::bench_examples(vocab, 4, env_usize("BAPO_PROFILE_SEQ").unwrap_or(128))
+}
+
+fn env_usize(key: &str) -> Option<usize> {
+    std::env::var(key).ok().and_then(|s| s.parse().ok())
 }
 
 fn run<A: AutodiffBackend>(what: &str, reps: usize) {
     let device = Default::default();
     let t = Instant::now();
-    let m = load_pretrained::<A::InnerBackend>(&smollm2_gguf(), &device).expect("SmolLM2 GGUF");
+    let base = match std::env::var("BAPO_PROFILE_BASE").as_deref() {
+        Ok("bf16") => burn::tensor::FloatDType::BF16,
+        _ => burn::tensor::FloatDType::F32,
+    };
+    let path = std::env::var("BAPO_PROFILE_MODEL").map_or_else(|_| smollm2_gguf(), Into::into);
+    let m = bapo_model::load_pretrained_as::<A::InnerBackend>(&path, base, &device)
+        .expect("the model (SmolLM2 GGUF unless BAPO_PROFILE_MODEL)");
     eprintln!("load: {:.2} s", t.elapsed().as_secs_f64());
     let vocab = m.config.vocab_size;
     let model: Llama<A::InnerBackend> = match std::env::var("BAPO_PROFILE_WEIGHTS").as_deref() {
@@ -69,10 +85,19 @@ fn run<A: AutodiffBackend>(what: &str, reps: usize) {
                         .ok()
                         .and_then(|s| s.parse().ok()),
                     learning_rate: 1e-4,
+                    gradient_checkpointing: std::env::var("BAPO_PROFILE_CKPT").is_ok(),
                     ..TrainConfig::default()
                 };
+                let lora = match env_usize("BAPO_PROFILE_RANK") {
+                    Some(r) => LoraConfig {
+                        rank: r,
+                        alpha: 2.0 * r as f64,
+                        ..LoraConfig::default()
+                    },
+                    None => LoraConfig::default(),
+                };
                 let policy: Llama<A> =
-                    LoraConfig::default().attach(Llama::<A>::from_inner(model.clone()), 0, &device);
+                    lora.attach(Llama::<A>::from_inner(model.clone()), 0, &device);
                 train(policy, &ex, &refs, &cfg, 0, &device, None, |log, _, _| {
                     eprintln!(
                         "  forward {:.2} s, backward {:.2} s, optimiser {:.3} s",

@@ -220,6 +220,7 @@ fn load(m: BTreeMap<String, HostTensor>) -> Result<bapo_model::Llama<B>, ModelEr
         HostTensors {
             path: PathBuf::from("ckpt.safetensors"),
             tensors: m,
+            ..Default::default()
         },
         &Default::default(),
     )

@@ -674,6 +674,7 @@ impl GgufFile {
         Ok(HostTensors {
             path: self.path.clone(),
             tensors,
+            ..Default::default()
         })
     }
 }

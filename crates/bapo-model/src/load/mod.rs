@@ -24,15 +24,29 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-/// Tensors by HF name, plus the file they came from (for error messages).
+/// Tensors by HF name, plus the file they came from (for error messages): in host memory, or
+/// (safetensors, when loading a model) still in the file, read when taken.
 #[derive(Debug, Default)]
 pub struct HostTensors {
     pub path: PathBuf,
     pub tensors: BTreeMap<String, HostTensor>,
+    pub deferred: BTreeMap<String, safetensors::Deferred>,
 }
 
 impl HostTensors {
     fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        let mismatch = |got: Vec<usize>| ModelError::ShapeMismatch {
+            path: self.path.clone(),
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            got,
+        };
+        if let Some(d) = self.deferred.remove(name) {
+            if d.shape() != expected {
+                return Err(mismatch(d.shape().to_vec()));
+            }
+            return d.read();
+        }
         let t = self
             .tensors
             .remove(name)
@@ -42,14 +56,24 @@ impl HostTensors {
                 expected: expected.to_vec(),
             })?;
         if t.shape != expected {
-            return Err(ModelError::ShapeMismatch {
-                path: self.path.clone(),
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                got: t.shape,
-            });
+            return Err(mismatch(t.shape));
         }
         Ok(t)
+    }
+
+    /// Drops `name` (in memory or deferred) if present.
+    fn discard(&mut self, name: &str) {
+        self.tensors.remove(name);
+        self.deferred.remove(name);
+    }
+
+    /// The names not taken yet.
+    fn left(&self) -> Vec<String> {
+        self.tensors
+            .keys()
+            .chain(self.deferred.keys())
+            .cloned()
+            .collect()
     }
 }
 
@@ -137,7 +161,9 @@ pub fn build_llama_as<B: Backend>(
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
+    // Made (in `dtype`) at once, so its f32 copy is not held while the layers are read.
     let embed = w.take("model.embed_tokens.weight", &[c.vocab_size, e])?;
+    let embed = in_type(tensor::<B, 2>(embed, device), dtype);
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
@@ -247,7 +273,7 @@ pub fn build_llama_as<B: Backend>(
     );
     let lm_head = if c.tie_word_embeddings {
         // Some tied checkpoints still store a copy of the head; it is the embedding by definition.
-        w.tensors.remove("lm_head.weight");
+        w.discard("lm_head.weight");
         None
     } else {
         Some(take_linear(
@@ -261,16 +287,20 @@ pub fn build_llama_as<B: Backend>(
         )?)
     };
     // Non-persistent RoPE buffers that old checkpoints saved are recomputed, not loaded.
-    w.tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
-    if !w.tensors.is_empty() {
+    let names: Vec<String> = w
+        .left()
+        .into_iter()
+        .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    if !names.is_empty() {
         return Err(ModelError::UnexpectedTensors {
             path: w.path.clone(),
-            names: w.tensors.keys().cloned().collect(),
+            names,
         });
     }
     Ok(Llama {
         embed_tokens: burn::nn::Embedding {
-            weight: burn::module::Param::from_tensor(in_type(tensor::<B, 2>(embed, device), dtype)),
+            weight: burn::module::Param::from_tensor(embed),
         },
         layers,
         norm,
@@ -304,7 +334,7 @@ pub fn load_pretrained_as<B: Backend>(
     if meta.is_dir() {
         let config = crate::config::HfConfig::from_file(&path.join("config.json"))?
             .to_llama(&path.join("config.json"))?;
-        let tensors = safetensors::read_checkpoint_dir(path)?;
+        let tensors = safetensors::index_checkpoint_dir(path)?;
         let tokenizer = crate::tokenizer::Tokenizer::from_hf_dir(path)?;
         tokenizer.check_vocab(config.vocab_size)?;
         let model = build_llama_as(&config, tensors, dtype, device)?;
