@@ -283,6 +283,22 @@ fn config_errors_name_file_line_and_key() {
             "{set}: {err}"
         );
     }
+    // Two settings that exclude each other: the error names the key that completes the pair.
+    let res = bapo(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "lora.dropout=0.1",
+        "--set",
+        "train.gradient_checkpointing=true",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        res.status.code() == Some(1)
+            && err.contains("train.gradient_checkpointing is on with lora.dropout = 0.1"),
+        "{err}"
+    );
     let res = bapo(&[
         "--concurrent",
         "0",

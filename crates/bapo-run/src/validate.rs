@@ -87,6 +87,16 @@ pub fn check_ranges(c: &RunConfig) -> Result<(), Invalid> {
         at_least_one("lora.rank", l.rank)?;
         positive("lora.alpha", l.alpha)?;
         in_range("lora.dropout", l.dropout, 0.0, 1.0, true)?;
+        need(
+            l.dropout == 0.0 || !t.gradient_checkpointing,
+            "train.gradient_checkpointing",
+            || {
+                format!(
+                    "is on with lora.dropout = {}: the recomputed feed-forward halves would draw new dropout masks (set lora.dropout = 0)",
+                    l.dropout
+                )
+            },
+        )?;
     }
     let a = &c.anchor;
     at_least_one("anchor.max_new_tokens", a.max_new_tokens)?;

@@ -291,6 +291,13 @@ pub fn train_dist<B: AutodiffBackend, C: StepControl>(
         }
         n => n,
     };
+    if cfg.gradient_checkpointing && crate::lora::has_dropout(&model) {
+        return Err(TrainError::Config {
+            what: "train.gradient_checkpointing needs lora.dropout = 0: the recomputed \
+                   feed-forward halves would draw new dropout masks"
+                .into(),
+        });
+    }
     let _guard = TrainingGuard::new();
     for step in first_step..cfg.max_steps {
         // With several ranks the stop request travels with the step's sums (below), so that
