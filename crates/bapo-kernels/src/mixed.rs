@@ -62,7 +62,22 @@ pub fn matmul_fused<B: Backend>(
         return Err((x, w));
     }
     let x = match cast::<_, Tensor<Autodiff<Flex>, 2>>(x) {
-        Ok(x) => return Ok(same(autodiff(x, same(w)))),
+        Ok(x) => {
+            let w: Tensor<Autodiff<Flex>, 2> = same(w);
+            // Any graph behind the weight (not only a leaf that requires a gradient) would need
+            // the weight's gradient, which this op does not give.
+            if !w
+                .clone()
+                .into_primitive()
+                .tensor()
+                .node
+                .requirement
+                .is_none()
+            {
+                return Err((same(x), same(w)));
+            }
+            return Ok(same(autodiff(x, w)));
+        }
         Err(x) => x,
     };
     match cast::<_, Tensor<Flex, 2>>(x) {
@@ -373,6 +388,8 @@ mod tests {
         let trained = Tensor::<A, 2>::from_data(TensorData::new(vec![0.0f32; 12], [3, 4]), &d)
             .cast(FloatDType::BF16)
             .require_grad();
-        assert!(matmul_fused(x, trained).is_err());
+        assert!(matmul_fused(x.clone(), trained.clone()).is_err());
+        // A weight computed from one that requires a gradient is in the graph too.
+        assert!(matmul_fused(x, trained.mul_scalar(2.0)).is_err());
     }
 }
