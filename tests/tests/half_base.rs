@@ -12,11 +12,10 @@
 //! at the type (which also rounds activations: 1.8e-2 and 1.4e-3 from its f32 model), twice
 //! that gap, 4e-2 and 3e-3.
 
-use bapo_model::{Llama, LoadedModel};
+use bapo_model::LoadedModel;
 use bapo_tests::{fixture, golden};
 use bapo_train::{EncodedCompletion, Scorer};
 use burn::backend::Flex;
-use burn::nn::Linear;
 use burn::tensor::FloatDType;
 use serde::Deserialize;
 
@@ -35,35 +34,16 @@ struct Row {
     token_logps: Vec<f64>,
 }
 
-fn scale_linear(l: &mut Linear<Flex>, s: f64) {
-    l.weight = l.weight.clone().map(|t| t.mul_scalar(s));
-}
-
-/// The model with every projection, embedding and head weight times `s` (the fixture's).
-fn scaled(mut model: Llama<Flex>, s: f64) -> Llama<Flex> {
-    model.embed_tokens.weight = model.embed_tokens.weight.clone().map(|t| t.mul_scalar(s));
-    if let Some(h) = model.lm_head.as_mut() {
-        scale_linear(h, s);
-    }
-    for l in &mut model.layers {
-        let (a, m) = (&mut l.self_attn, &mut l.mlp);
-        for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-            scale_linear(&mut p.linear, s);
-        }
-        for p in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-            scale_linear(&mut p.linear, s);
-        }
-    }
-    model
-}
-
 /// Worst |Δ| per token of bapo with the (scaled) base in `dtype` against each of `refs`.
 fn worst<const N: usize>(dtype: FloatDType, h: &Half, refs: [&[Row]; N]) -> [f64; N] {
     let device = Default::default();
     let LoadedModel {
         model, tokenizer, ..
     } = bapo_model::load_pretrained::<Flex>(&fixture("tiny-llama"), &device).unwrap();
-    let model = scaled(model, h.scale).with_weight_dtype(dtype);
+    // Every projection, embedding and head weight times the fixture's scale.
+    let model = model
+        .map_base_weights(|t| t.mul_scalar(h.scale))
+        .with_weight_dtype(dtype);
     assert_eq!(model.weight_dtype(), burn::tensor::DType::from(dtype));
     let mut seqs = Vec::new();
     for p in &golden("tiny-llama").sequences {

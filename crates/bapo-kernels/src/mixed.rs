@@ -54,11 +54,7 @@ pub fn matmul_fused<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if x.dtype() != DType::F32
-        || !matches!(w.dtype(), DType::BF16 | DType::F16)
-        || x.dims()[1] != w.dims()[0]
-        || w.is_require_grad()
-    {
+    if !fits(&x, &w) {
         return Err((x, w));
     }
     let x = match cast::<_, Tensor<Autodiff<Flex>, 2>>(x) {
@@ -100,11 +96,7 @@ pub fn matmul_rows<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if !crate::enabled("mixed")
-        || x.dtype() != DType::F32
-        || !matches!(w.dtype(), DType::BF16 | DType::F16)
-        || x.dims()[1] != w.dims()[0]
-    {
+    if !crate::enabled("mixed") || !fits(&x, &w) {
         return Err((x, w));
     }
     match cast::<_, Tensor<Flex, 2>>(x) {
@@ -147,6 +139,14 @@ fn weight(w: &FlexTensor) -> HalfWeight<'_> {
         stride: if by_rows { rs as usize } else { cs as usize },
         by_rows,
     }
+}
+
+/// f32 activations, a bf16/f16 weight, inner sizes that agree (the kernels' shared condition;
+/// a weight in a graph is refused where the autodiff backend is recognised).
+fn fits<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> bool {
+    x.dtype() == DType::F32
+        && matches!(w.dtype(), DType::BF16 | DType::F16)
+        && x.dims()[1] == w.dims()[0]
 }
 
 /// Widened weight elements per block when the product has few rows (decoding): a block stays in

@@ -4,33 +4,39 @@
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::FloatDType;
+use burn::tensor::{FloatDType, Tensor};
 
 use crate::model::Llama;
 
-fn cast_weight<B: Backend>(l: &mut Linear<B>, dtype: FloatDType) {
-    l.weight = l.weight.clone().map(|t| t.cast(dtype));
+fn map_linear<B: Backend>(l: &mut Linear<B>, f: &impl Fn(Tensor<B, 2>) -> Tensor<B, 2>) {
+    l.weight = l.weight.clone().map(f);
 }
 
 impl<B: Backend> Llama<B> {
     /// The model with its projection, embedding and head weights cast to `dtype` (norms and
     /// LoRA adapters unchanged), for inference only: see the module documentation.
-    pub fn with_weight_dtype(mut self, dtype: FloatDType) -> Self {
+    pub fn with_weight_dtype(self, dtype: FloatDType) -> Self {
         if burn::tensor::DType::from(dtype) == self.weight_dtype() {
             return self;
         }
+        self.map_base_weights(|t| t.cast(dtype))
+    }
+
+    /// The model with `f` applied to each projection, embedding and head weight (the weights a
+    /// base kept in a smaller type holds in it; norms and LoRA adapters untouched).
+    pub fn map_base_weights(mut self, f: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>) -> Self {
         let w = self.embed_tokens.weight.clone();
-        self.embed_tokens.weight = w.map(|t| t.cast(dtype));
+        self.embed_tokens.weight = w.map(&f);
         if let Some(h) = self.lm_head.as_mut() {
-            cast_weight(h, dtype);
+            map_linear(h, &f);
         }
         for l in &mut self.layers {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
             for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                cast_weight(&mut p.linear, dtype);
+                map_linear(&mut p.linear, &f);
             }
             for p in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-                cast_weight(&mut p.linear, dtype);
+                map_linear(&mut p.linear, &f);
             }
         }
         self
