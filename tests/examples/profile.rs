@@ -10,7 +10,7 @@
 //! checkpoint instead (e.g. `scripts/shape_checkpoint.py llama3.2-1b DIR`),
 //! `BAPO_PROFILE_SEQ=N` makes each row N tokens (prompt and completion N/2 each; default 128),
 //! `BAPO_PROFILE_RANK=R` the LoRA rank (default 8, alpha 2R), `BAPO_PROFILE_BASE=bf16` keeps the
-//! base in bf16 (`model.base_dtype`), `BAPO_PROFILE_CKPT=1` turns on gradient checkpointing.
+//! base in bf16 (`model.base_dtype`; `gguf` keeps a GGUF's quantised blocks), `BAPO_PROFILE_CKPT=1` turns on gradient checkpointing.
 
 use std::time::Instant;
 
@@ -41,12 +41,10 @@ fn env_usize(key: &str) -> Option<usize> {
 fn run<A: AutodiffBackend>(what: &str, reps: usize) {
     let device = Default::default();
     let t = Instant::now();
-    let base = match std::env::var("BAPO_PROFILE_BASE").as_deref() {
-        Ok("bf16") => burn::tensor::FloatDType::BF16,
-        _ => burn::tensor::FloatDType::F32,
-    };
+    let base = std::env::var("BAPO_PROFILE_BASE").unwrap_or_else(|_| "f32".into());
+    let base = bapo_model::precision::parse_base_weights("BAPO_PROFILE_BASE", &base).unwrap();
     let path = std::env::var("BAPO_PROFILE_MODEL").map_or_else(|_| smollm2_gguf(), Into::into);
-    let m = bapo_model::load_pretrained_as::<A::InnerBackend>(&path, base, &device)
+    let m = bapo_model::load_base::<A::InnerBackend>(&path, base, &device)
         .expect("the model (SmolLM2 GGUF unless BAPO_PROFILE_MODEL)");
     eprintln!("load: {:.2} s", t.elapsed().as_secs_f64());
     let vocab = m.config.vocab_size;

@@ -115,7 +115,7 @@ fn gradients<A: AutodiffBackend>(
 fn assert_kernels_on() {
     assert_eq!(
         bapo_objective::fused_kernels().len(),
-        6,
+        7,
         "these tests check the fused kernels: run them with BAPO_FUSED unset"
     );
 }

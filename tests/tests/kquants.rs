@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use bapo_model::load::gguf::GgufFile;
-use bapo_model::load::{build_llama, load_pretrained};
+use bapo_model::load::{build_llama, load_pretrained, load_pretrained_kept};
 use bapo_model::LoadedModel;
 use bapo_tests::fixture;
 use bapo_train::{EncodedCompletion, Scorer};
@@ -107,6 +107,63 @@ fn kquant_ggufs_match_transformers_on_ndarray() {
 #[test]
 fn kquant_ggufs_match_transformers_on_flex() {
     check_all::<burn::backend::Flex>("flex");
+}
+
+/// Bound on a token's |Δ log p| between the blocks-kept model and the dequantised f32 one: the
+/// same f32 weights, sums in another order (measured: below 1e-6).
+const KEPT_TOL: f64 = 2e-5;
+
+/// The same files with their quantised blocks kept (`model.base_dtype = "gguf"`): every
+/// projection, the embedding and the head held as blocks; transformers' numbers within
+/// [`TOKEN_TOL`] and the dequantised f32 model's within [`KEPT_TOL`] (flex: the
+/// `bapo_kernels::quant` products; ndarray: the generic dequantise-then-multiply path).
+fn check_kept<B: Backend>(backend: &str) {
+    let device = Default::default();
+    for (name, g) in golden().files {
+        let path = fixture("kquants").join(&g.file);
+        let kept = load_pretrained_kept::<B>(&path, &device).unwrap_or_else(|e| panic!("{e}"));
+        let m = &kept.model;
+        assert!(m.quant_embed.is_some() && m.quant_head.is_some(), "{name}");
+        for l in &m.layers {
+            let a = &l.self_attn;
+            for p in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                assert!(p.quant.is_some(), "{name}");
+            }
+            for p in [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+                assert!(p.quant.is_some(), "{name}");
+            }
+        }
+        let dense = load_pretrained::<B>(&path, &device).unwrap();
+        let mut apart: f64 = 0.0;
+        for ((ks, kt), (ds, dt)) in token_logps(&kept, &g)
+            .into_iter()
+            .zip(token_logps(&dense, &g))
+        {
+            for (a, b) in kt.iter().zip(&dt) {
+                apart = apart.max((a - b).abs() as f64);
+            }
+            apart = apart.max((ks - ds).abs() / kt.len() as f64);
+        }
+        assert!(
+            apart <= KEPT_TOL,
+            "{name} {backend}: kept vs dequantised {apart:e}"
+        );
+        let worst = worst(&kept, &g, true);
+        eprintln!(
+            "kquants {name} {backend}, blocks kept: {apart:.2e} from the f32 model, worst token \
+             |Δ log p| vs transformers {worst:.2e}"
+        );
+    }
+}
+
+#[test]
+fn kept_blocks_match_the_dequantised_model_on_flex() {
+    check_kept::<burn::backend::Flex>("flex");
+}
+
+#[test]
+fn kept_blocks_match_the_dequantised_model_on_ndarray() {
+    check_kept::<burn::backend::NdArray>("ndarray");
 }
 
 /// The files really are K-quant files: the types gguf-py read back when making the golden,

@@ -287,7 +287,7 @@ fn dispatch(mut cli: Cli) -> Result<()> {
         | Cmd::Serve(cmd::serve::Args { weights, .. }),
     ) = (kind, &cli.command)
     {
-        if weights != "f32" {
+        if !matches!(weights.as_str(), "f32" | "gguf") {
             anyhow::bail!(
                 "--weights {weights}: burn-ndarray 0.21 has no f16 tensors; use --backend flex (the default), wgpu or cuda"
             );

@@ -2,7 +2,8 @@
 //!
 //! Fused CPU kernels with their own autodiff backward for burn-flex: the head's log-prob of
 //! each target ([`head`]), RMSNorm ([`rmsnorm`]), RoPE with attention's layout changes
-//! ([`rope`]), products of f32 activations with half-precision weights ([`mixed`]), attention's biased softmax ([`softmax`]) and SwiGLU ([`swiglu`]). Each entry point takes a generic Burn
+//! ([`rope`]), products of f32 activations with half-precision weights ([`mixed`]) and with
+//! block-quantised ones ([`quant`]), attention's biased softmax ([`softmax`]) and SwiGLU ([`swiglu`]). Each entry point takes a generic Burn
 //! tensor and runs its kernel only when the backend *is* `Flex` or `Autodiff<Flex>` (checked
 //! by type with `Any`, safely), handing the inputs back otherwise, so its callers keep a plain
 //! `B: Backend` bound and every other backend (ndarray, wgpu, cuda, someone else's) runs the
@@ -26,6 +27,7 @@ pub mod head;
 pub mod head_kernel;
 pub mod mixed;
 mod mixed_rows;
+pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
 mod simd;
@@ -35,13 +37,15 @@ pub mod swiglu;
 pub use simd::exp_nonpositive;
 
 /// The kernels this crate has, by the names `BAPO_FUSED` takes.
-pub const KERNELS: [&str; 6] = ["head", "mixed", "rmsnorm", "rope", "softmax", "swiglu"];
+pub const KERNELS: [&str; 7] = [
+    "head", "mixed", "quant", "rmsnorm", "rope", "softmax", "swiglu",
+];
 
 /// The kernels on by default: all of them. (`head` was opt-in for a while: with it, one
 /// example's summed log-prob came out one ulp apart alone and in a batch of four. The cause was
 /// not the kernel but the per-row sum after it, whose order depended on the row's padding;
 /// `bapo_objective::row_sums` now sums in an order padding cannot change.)
-pub const DEFAULT: [&str; 6] = KERNELS;
+pub const DEFAULT: [&str; 7] = KERNELS;
 
 /// The kernels that run, from the environment variable `BAPO_FUSED` (read once): unset or `1`
 /// = [`DEFAULT`]; `all` = every kernel; `0` = none (the op-by-op path everywhere, for A/B

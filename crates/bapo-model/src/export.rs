@@ -24,7 +24,10 @@ fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
 
 /// A projection's effective weight `[out, in]` (HF layout), `W + scale·(A·B)` when adapted.
 fn proj_weight<B: Backend>(p: &Proj<B>) -> HostTensor {
-    let mut w = p.linear.weight.val(); // [in, out]
+    let mut w = match &p.quant {
+        Some(q) => q.dense::<B>(&p.linear.weight.device()).transpose(),
+        None => p.linear.weight.val(), // [in, out]
+    };
     if let Some(l) = &p.lora {
         w = w + l.a.val().matmul(l.b.val()).mul_scalar(l.scale);
     }
@@ -34,10 +37,12 @@ fn proj_weight<B: Backend>(p: &Proj<B>) -> HostTensor {
 /// Every weight in HF naming and layout, adapters merged into their projections.
 pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    out.insert(
-        "model.embed_tokens.weight".to_string(),
-        host(model.embed_tokens.weight.val()),
-    );
+    let device = model.norm.gamma.device();
+    let embed = match &model.quant_embed {
+        Some(q) => q.dense::<B>(&device),
+        None => model.embed_tokens.weight.val(),
+    };
+    out.insert("model.embed_tokens.weight".to_string(), host(embed));
     for (i, l) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         let a = &l.self_attn;
@@ -71,7 +76,11 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> BTreeMap<String, HostTensor> 
     }
     out.insert("model.norm.weight".into(), host(model.norm.gamma.val()));
     if let Some(h) = &model.lm_head {
-        out.insert("lm_head.weight".into(), host(h.weight.val().transpose()));
+        let w = match &model.quant_head {
+            Some(q) => q.dense::<B>(&device),
+            None => h.weight.val().transpose(),
+        };
+        out.insert("lm_head.weight".into(), host(w));
     }
     out
 }

@@ -11,7 +11,10 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use std::sync::Arc;
+
 use crate::config::LlamaConfig;
+use crate::quant::QuantWeight;
 
 /// Key/value cache of one attention layer.
 ///
@@ -120,12 +123,38 @@ pub struct Lora<B: Backend> {
 pub struct Proj<B: Backend> {
     pub linear: Linear<B>,
     pub lora: Option<Lora<B>>,
+    /// The frozen weight in its GGUF blocks (`[out, in]`), `linear.weight` then a placeholder
+    /// ([`crate::quant`]).
+    #[module(skip)]
+    pub quant: Option<Arc<QuantWeight>>,
 }
 
 impl<B: Backend> Proj<B> {
     /// Wraps a plain linear layer (no adapter).
     pub fn new(linear: Linear<B>) -> Self {
-        Self { linear, lora: None }
+        Self {
+            linear,
+            lora: None,
+            quant: None,
+        }
+    }
+
+    /// A projection whose frozen weight `w` (`[out, in]`) stays in its GGUF blocks.
+    pub fn quantised(w: Arc<QuantWeight>, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
+        let [out, inp] = w.shape();
+        Self {
+            linear: linear(crate::quant::placeholder(inp, out, device), bias),
+            lora: None,
+            quant: Some(w),
+        }
+    }
+
+    /// The frozen part, `x·W (+ bias)`, for `x` `[n, in]`.
+    fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.quant {
+            Some(q) => crate::precision::add_bias(&self.linear, crate::quant::matmul(x, q)),
+            None => crate::split::linear(&self.linear, x),
+        }
     }
 
     /// # Shapes
@@ -138,7 +167,7 @@ impl<B: Backend> Proj<B> {
         let [b, s, i] = x.dims();
         let x = x.reshape([b * s, i]);
         let y = match &self.lora {
-            None => crate::split::linear(&self.linear, x),
+            None => self.base(x),
             Some(l) => {
                 // The scale multiplies the rank-r intermediate, not the `[n, out]` result:
                 // one pass over `n·r` values instead of `n·out`, forward and backward.
@@ -148,7 +177,7 @@ impl<B: Backend> Proj<B> {
                     .matmul(l.a.val())
                     .mul_scalar(l.scale)
                     .matmul(l.b.val());
-                crate::split::linear(&self.linear, x) + delta
+                self.base(x) + delta
             }
         };
         let o = y.dims()[1];
@@ -402,6 +431,13 @@ pub struct Llama<B: Backend> {
     /// RoPE's inverse frequencies ([`LlamaConfig::rope_inv_freq`]), `head_dim / 2` of them.
     #[module(skip)]
     pub rope_inv_freq: Vec<f32>,
+    /// The embedding in its GGUF blocks (`[vocab, e]`; also the tied head), `embed_tokens` then
+    /// a placeholder ([`crate::quant`]).
+    #[module(skip)]
+    pub quant_embed: Option<Arc<QuantWeight>>,
+    /// The untied head in its GGUF blocks (`[vocab, e]`), `lm_head` then a placeholder.
+    #[module(skip)]
+    pub quant_head: Option<Arc<QuantWeight>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -476,7 +512,10 @@ impl<B: Backend> Llama<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         // In the norms' type: the embedding may be kept in f16 (`Llama::with_weight_dtype`).
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = match &self.quant_embed {
+            Some(q) => crate::quant::embed(tokens, q),
+            None => self.embed_tokens.forward(tokens),
+        };
         let activations = self.norm.gamma.val().dtype();
         if x.dtype() != activations {
             x = x.cast(activations);
@@ -498,6 +537,12 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// `[b, s, e]` → `[b, s, v]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        if let Some(q) = self.quantised_head() {
+            let [b, s, e] = hidden.dims();
+            let y = crate::quant::matmul(hidden.reshape([b * s, e]), q);
+            let v = y.dims()[1];
+            return y.reshape([b, s, v]);
+        }
         match &self.lm_head {
             Some(head) => {
                 let [b, s, e] = hidden.dims();
@@ -520,12 +565,23 @@ impl<B: Backend> Llama<B> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// The head in GGUF blocks: the untied head's, or the tied embedding's.
+    fn quantised_head(&self) -> Option<&Arc<QuantWeight>> {
+        match &self.lm_head {
+            Some(_) => self.quant_head.as_ref(),
+            None => self.quant_embed.as_ref(),
+        }
+    }
+
     /// Logits of a set of final hidden states, as `h·Wᵀ` (a contiguous `[n, v]` result: the
     /// log-softmax that follows reads it row by row). The training and scoring path.
     ///
     /// # Shapes
     /// `[n, e]` → `[n, v]`.
     pub fn logits_rows(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        if let Some(q) = self.quantised_head() {
+            return crate::quant::matmul(hidden, q);
+        }
         match &self.lm_head {
             Some(head) => crate::precision::linear_as_weight(head, hidden),
             None => crate::precision::matmul_as_weight(
@@ -629,6 +685,8 @@ impl LlamaConfig {
             }),
             head_dim: self.head_dim,
             rope_inv_freq: self.rope_inv_freq(),
+            quant_embed: None,
+            quant_head: None,
         }
     }
 }

@@ -100,12 +100,23 @@ pub(crate) fn add_bias<B: Backend>(linear: &Linear<B>, y: Tensor<B, 2>) -> Tenso
     }
 }
 
-/// `f32` or `f16` (a `--weights` value) as a float type; anything else is an error naming `key`.
-pub fn parse_weight_dtype(key: &str, w: &str) -> Result<FloatDType, String> {
+/// How a base model's frozen weights are held: in a float type, or (a GGUF file) in the file's
+/// quantised blocks ([`crate::quant`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseWeights {
+    Float(FloatDType),
+    Gguf,
+}
+
+/// `f32`, `bf16`, `f16` or `gguf` (a `--weights` value); anything else is an error naming `key`.
+pub fn parse_base_weights(key: &str, w: &str) -> Result<BaseWeights, String> {
     match w {
-        "f32" => Ok(FloatDType::F32),
-        "f16" => Ok(FloatDType::F16),
-        "bf16" => Ok(FloatDType::BF16),
-        other => Err(format!("{key} must be f32, bf16 or f16, got `{other}`")),
+        "f32" => Ok(BaseWeights::Float(FloatDType::F32)),
+        "f16" => Ok(BaseWeights::Float(FloatDType::F16)),
+        "bf16" => Ok(BaseWeights::Float(FloatDType::BF16)),
+        "gguf" => Ok(BaseWeights::Gguf),
+        other => Err(format!(
+            "{key} must be f32, bf16, f16 or gguf, got `{other}`"
+        )),
     }
 }

@@ -55,8 +55,18 @@ pub struct Numerics {
 impl Numerics {
     /// Names a base kept in a smaller float type (its products run in that type).
     pub fn with_base_dtype(mut self, dtype: crate::config::BaseDtype) -> Self {
-        if !dtype.is_f32() {
-            // The kernel list in `of` leaves `mixed` out (it only runs with such a base).
+        if dtype == crate::config::BaseDtype::Gguf {
+            let products = if bapo_objective::fused_kernels().contains(&"quant") {
+                "f32 activations times rows dequantised per tile"
+            } else {
+                "f32, each weight dequantised whole"
+            };
+            self.logps = format!(
+                "base weights in their GGUF blocks, products {products}; {}",
+                self.logps
+            );
+        } else if !dtype.is_f32() {
+            // The kernel list in `of` leaves `mixed` and `quant` out (they run only with such bases).
             let products = if bapo_objective::fused_kernels().contains(&"mixed") {
                 "f32 activations times weights widened per block"
             } else {
@@ -78,7 +88,7 @@ impl Numerics {
                 "f32, completion rows only, logit - logsumexp{}, pairwise row sums, grouped attention, base responses as generated, few-row products in input halves{}",
                 match bapo_objective::fused_kernels()
                     .into_iter()
-                    .filter(|k| *k != "mixed")
+                    .filter(|k| !["mixed", "quant"].contains(k))
                     .collect::<Vec<_>>()
                 {
                     k if k.is_empty() => String::new(),

@@ -38,8 +38,9 @@ pub struct RunConfig {
 pub struct ModelSection {
     /// HF checkpoint directory or `.gguf` file; `~` and `$BAPO_CACHE`/`${BAPO_CACHE}` expand.
     pub path: String,
-    /// The float type the frozen base weights are kept in (projections, embedding, head; norms
-    /// and LoRA weights, their gradients and AdamW state stay f32). Needs `[lora]`.
+    /// The type the frozen base weights are kept in (projections, embedding, head; norms and
+    /// LoRA weights, their gradients and AdamW state stay f32), or `gguf`: a GGUF file's
+    /// quantised blocks as they are. Needs `[lora]`.
     #[serde(default, skip_serializing_if = "BaseDtype::is_f32")]
     pub base_dtype: BaseDtype,
 }
@@ -56,6 +57,10 @@ pub enum BaseDtype {
     Bf16,
     /// float16.
     F16,
+    /// A GGUF file's quantised weights kept in their blocks (Q4_0, Q4_K, Q6_K, Q8_0, …),
+    /// dequantised a tile at a time inside each product; its F32/F16/BF16 tensors in f32.
+    /// Activations stay f32: the numbers are the f32 model's (`bapo_model::quant`).
+    Gguf,
 }
 
 impl BaseDtype {
@@ -63,12 +68,20 @@ impl BaseDtype {
         *self == BaseDtype::F32
     }
 
-    /// Burn's float type.
-    pub fn float(self) -> burn::tensor::FloatDType {
+    /// bf16 or f16 (tensors burn-ndarray cannot hold).
+    pub fn is_half(&self) -> bool {
+        matches!(self, BaseDtype::Bf16 | BaseDtype::F16)
+    }
+
+    /// How the model loader holds the base.
+    pub fn base_weights(self) -> bapo_model::precision::BaseWeights {
+        use bapo_model::precision::BaseWeights;
+        use burn::tensor::FloatDType;
         match self {
-            BaseDtype::F32 => burn::tensor::FloatDType::F32,
-            BaseDtype::Bf16 => burn::tensor::FloatDType::BF16,
-            BaseDtype::F16 => burn::tensor::FloatDType::F16,
+            BaseDtype::F32 => BaseWeights::Float(FloatDType::F32),
+            BaseDtype::Bf16 => BaseWeights::Float(FloatDType::BF16),
+            BaseDtype::F16 => BaseWeights::Float(FloatDType::F16),
+            BaseDtype::Gguf => BaseWeights::Gguf,
         }
     }
 }

@@ -56,7 +56,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         &out.join("config.json"),
         serde_json::to_string_pretty(run)?.as_bytes(),
     )?;
-    if !run.model.base_dtype.is_f32() && B::name(device).contains("ndarray") {
+    if run.model.base_dtype.is_half() && B::name(device).contains("ndarray") {
         return Err(format!(
             "model.base_dtype = {:?}: burn-ndarray 0.21 has no half-precision tensors; use --backend flex (the default), wgpu or cuda",
             run.model.base_dtype
@@ -68,7 +68,7 @@ pub(crate) fn prepare<B: AutodiffBackend>(
         model,
         config,
         tokenizer: tok,
-    } = bapo_model::load_pretrained_as::<B>(&model_path, run.model.base_dtype.float(), device)?;
+    } = bapo_model::load_base::<B>(&model_path, run.model.base_dtype.base_weights(), device)?;
     // The frozen base in its configured type, each weight cast as it is built: the reference,
     // the base responses and the policy's base all use it (LoRA weights are attached later, in
     // f32).

@@ -26,7 +26,8 @@ pub struct Args {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// `f16` (or `bf16`) keeps the projection, embedding and head weights in that type
-    /// (batch-1 decoding reads half the bytes a token; `bf16` is `model.base_dtype`'s path).
+    /// (batch-1 decoding reads half the bytes a token; `bf16` is `model.base_dtype`'s path);
+    /// `gguf` keeps a GGUF file's quantised weights in their blocks (Q4_K: about an eighth).
     #[arg(long, default_value = "f32")]
     pub weights: String,
     /// Chat-template arguments as a JSON object, e.g. '{"enable_thinking": false}' for Qwen3
@@ -48,11 +49,11 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
         weights,
         chat_template_kwargs,
     } = args;
-    let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
+    let base = bapo_model::precision::parse_base_weights("--weights", &weights)
         .map_err(anyhow::Error::msg)?;
     // Each base weight is cast as it is built (no f32 model beside its cast copy); adapters
     // stay f32.
-    let mut loaded = bapo_model::load_pretrained_as::<B>(&model, dtype, &device)?;
+    let mut loaded = bapo_model::load_base::<B>(&model, base, &device)?;
     if let Some(dir) = adapter {
         loaded.model = bapo_train::lora::load_adapter_dir(loaded.model, &dir, &device)?;
     }

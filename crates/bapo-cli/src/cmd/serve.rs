@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
     /// `f16` (or `bf16`) keeps the base model's projection, embedding and head weights in that type
-    /// (adapters stay f32), as `bapo generate --weights`.
+    /// (adapters stay f32); `gguf` keeps a GGUF file's quantised blocks; as `bapo generate --weights`.
     #[arg(long, default_value = "f32")]
     pub weights: String,
     /// Every endpoint but `/health` then requires `Authorization: Bearer KEY` (401
@@ -53,9 +53,9 @@ pub fn run<B: Backend>(args: Args, device: B::Device) -> Result<()> {
     if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         anyhow::bail!("--api-key / BAPO_API_KEY is empty: give a key, or unset it");
     }
-    let dtype = bapo_model::precision::parse_weight_dtype("--weights", &weights)
+    let base = bapo_model::precision::parse_base_weights("--weights", &weights)
         .map_err(anyhow::Error::msg)?;
-    let loaded = bapo_model::load_pretrained_as::<B>(&model, dtype, &device)?;
+    let loaded = bapo_model::load_base::<B>(&model, base, &device)?;
     let opts = bapo_serve::ServeOptions {
         addr: std::net::SocketAddr::new(host, port),
         adapters,

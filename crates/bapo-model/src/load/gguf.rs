@@ -12,10 +12,12 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{kquants, HostTensor, HostTensors};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::quant::QuantWeight;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -229,6 +231,14 @@ fn f16(b: &[u8]) -> f32 {
 /// Dequantises `numel` values of type `ty` from `raw`.
 fn dequantise(ty: u32, raw: &[u8], numel: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(numel);
+    dequantise_into(ty, raw, &mut out);
+    debug_assert_eq!(out.len(), numel);
+    out
+}
+
+/// Appends the values of the whole blocks of type `ty` in `raw` to `out` (the type known to
+/// [`block_layout`]).
+pub(crate) fn dequantise_into(ty: u32, raw: &[u8], out: &mut Vec<f32>) {
     match ty {
         0 => out.extend(
             raw.chunks_exact(4)
@@ -260,19 +270,17 @@ fn dequantise(ty: u32, raw: &[u8], numel: usize) -> Vec<f32> {
             }
         }
         _ => {
-            let known = kquants::dequantise(ty, raw, &mut out);
+            let known = kquants::dequantise(ty, raw, out);
             debug_assert!(known, "checked by block_layout");
         }
     }
-    debug_assert_eq!(out.len(), numel);
-    out
 }
 
 /// Undoes llama.cpp's Q/K permutation: GGUF row `h·d + 2j + i` is HF row `h·d + i·d/2 + j`.
-fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+fn unpermute_rows<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
     let d = rows / heads;
     let half = d / 2;
-    let mut out = vec![0.0; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..2 {
             for j in 0..half {
@@ -636,8 +644,22 @@ impl GgufFile {
     /// Every tensor dequantised, renamed to HF names, Q/K permutation undone (`llama` only).
     /// `rope_freqs` is part of the config ([`Self::llama_config`]), not a weight.
     pub fn read_llama_tensors(&self, config: &LlamaConfig) -> Result<HostTensors> {
+        self.read_llama_tensors_as(config, false)
+    }
+
+    /// [`Self::read_llama_tensors`] with every 2-D tensor of a block type (Q4_0, Q4_K, …) kept
+    /// in its blocks ([`HostTensors::quantised`], rows unpermuted likewise); F32, F16 and BF16
+    /// tensors are read as f32.
+    pub fn read_llama_tensors_kept(&self, config: &LlamaConfig) -> Result<HostTensors> {
+        self.read_llama_tensors_as(config, true)
+    }
+
+    fn read_llama_tensors_as(&self, config: &LlamaConfig, keep: bool) -> Result<HostTensors> {
         let permuted = self.architecture()? == "llama";
-        let mut tensors = BTreeMap::new();
+        let mut out = HostTensors {
+            path: self.path.clone(),
+            ..Default::default()
+        };
         for t in self
             .tensors
             .iter()
@@ -647,35 +669,43 @@ impl GgufFile {
                 path: self.path.clone(),
                 names: vec![t.name.clone()],
             })?;
-            let mut host = self.dequantise(t)?;
-            if permuted && host.shape.len() == 2 {
-                let heads = if name.ends_with("q_proj.weight") {
-                    Some(config.num_heads)
-                } else if name.ends_with("k_proj.weight") {
-                    Some(config.num_kv_heads)
-                } else {
-                    None
-                };
-                if let Some(heads) = heads {
-                    let (rows, cols) = (host.shape[0], host.shape[1]);
-                    if rows % (2 * heads) != 0 {
-                        return Err(ModelError::ShapeMismatch {
-                            path: self.path.clone(),
-                            name: t.name.clone(),
-                            expected: vec![heads * config.head_dim, config.hidden_size],
-                            got: host.shape,
-                        });
-                    }
-                    host.data = unpermute_rows(&host.data, rows, cols, heads);
+            // Heads whose rows llama.cpp permuted (q/k of `llama` files).
+            let heads = match () {
+                _ if !permuted || t.shape.len() != 2 => None,
+                _ if name.ends_with("q_proj.weight") => Some(config.num_heads),
+                _ if name.ends_with("k_proj.weight") => Some(config.num_kv_heads),
+                _ => None,
+            };
+            if let Some(heads) = heads {
+                if t.shape[0] % (2 * heads) != 0 {
+                    return Err(ModelError::ShapeMismatch {
+                        path: self.path.clone(),
+                        name: t.name.clone(),
+                        expected: vec![heads * config.head_dim, config.hidden_size],
+                        got: t.shape.clone(),
+                    });
                 }
             }
-            tensors.insert(name, host);
+            let (_, per_block, type_name) = block_layout(t.ggml_type).unwrap_or((0, 1, ""));
+            if keep && per_block > 1 && t.shape.len() == 2 {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let raw = self.tensor_bytes(t)?;
+                let data = match heads {
+                    Some(h) => unpermute_rows(raw, rows, raw.len() / rows.max(1), h),
+                    None => raw.to_vec(),
+                };
+                let q = QuantWeight::new(t.ggml_type, type_name, [rows, cols], data);
+                out.quantised.insert(name, Arc::new(q));
+                continue;
+            }
+            let mut host = self.dequantise(t)?;
+            if let Some(heads) = heads {
+                let (rows, cols) = (host.shape[0], host.shape[1]);
+                host.data = unpermute_rows(&host.data, rows, cols, heads);
+            }
+            out.tensors.insert(name, host);
         }
-        Ok(HostTensors {
-            path: self.path.clone(),
-            tensors,
-            ..Default::default()
-        })
+        Ok(out)
     }
 }
 

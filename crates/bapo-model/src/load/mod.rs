@@ -9,6 +9,7 @@ pub mod safetensors;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor, TensorData};
@@ -16,6 +17,7 @@ use burn::tensor::{FloatDType, Tensor, TensorData};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::model::{linear, rms_norm, Attention, Block, Llama, Mlp, Proj};
+use crate::quant::QuantWeight;
 
 /// A dense f32 tensor in host memory.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +33,8 @@ pub struct HostTensors {
     pub path: PathBuf,
     pub tensors: BTreeMap<String, HostTensor>,
     pub deferred: BTreeMap<String, safetensors::Deferred>,
+    /// Weights kept in their GGUF blocks (`[out, in]`), [`gguf::GgufFile::read_llama_tensors_kept`].
+    pub quantised: BTreeMap<String, Arc<QuantWeight>>,
 }
 
 impl HostTensors {
@@ -61,10 +65,31 @@ impl HostTensors {
         Ok(t)
     }
 
-    /// Drops `name` (in memory or deferred) if present.
+    /// `name` if it is kept in GGUF blocks, checked to be `expected` (`[out, in]`).
+    fn take_quantised(
+        &mut self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<Arc<QuantWeight>>> {
+        let Some(q) = self.quantised.remove(name) else {
+            return Ok(None);
+        };
+        if q.shape() != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                got: q.shape().to_vec(),
+            });
+        }
+        Ok(Some(q))
+    }
+
+    /// Drops `name` (in memory, deferred or quantised) if present.
     fn discard(&mut self, name: &str) {
         self.tensors.remove(name);
         self.deferred.remove(name);
+        self.quantised.remove(name);
     }
 
     /// The names not taken yet.
@@ -72,6 +97,7 @@ impl HostTensors {
         self.tensors
             .keys()
             .chain(self.deferred.keys())
+            .chain(self.quantised.keys())
             .cloned()
             .collect()
     }
@@ -124,6 +150,16 @@ fn take_proj<B: Backend>(
     device: &B::Device,
     dtype: FloatDType,
 ) -> Result<Proj<B>> {
+    if let Some(q) = w.take_quantised(&format!("{prefix}.weight"), &[out, inp])? {
+        let bias = match bias {
+            true => Some(tensor::<B, 1>(
+                w.take(&format!("{prefix}.bias"), &[out])?,
+                device,
+            )),
+            false => None,
+        };
+        return Ok(Proj::quantised(q, bias, device));
+    }
     take_linear(w, prefix, out, inp, bias, device, dtype).map(Proj::new)
 }
 
@@ -162,8 +198,15 @@ pub fn build_llama_as<B: Backend>(
         c.intermediate_size,
     );
     // Made (in `dtype`) at once, so its f32 copy is not held while the layers are read.
-    let embed = w.take("model.embed_tokens.weight", &[c.vocab_size, e])?;
-    let embed = in_type(tensor::<B, 2>(embed, device), dtype);
+    let quant_embed = w.take_quantised("model.embed_tokens.weight", &[c.vocab_size, e])?;
+    let embed = match &quant_embed {
+        Some(_) => crate::quant::placeholder(c.vocab_size, e, device),
+        None => {
+            let embed = w.take("model.embed_tokens.weight", &[c.vocab_size, e])?;
+            in_type(tensor::<B, 2>(embed, device), dtype)
+        }
+    };
+    let mut quant_head = None;
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
@@ -275,6 +318,12 @@ pub fn build_llama_as<B: Backend>(
         // Some tied checkpoints still store a copy of the head; it is the embedding by definition.
         w.discard("lm_head.weight");
         None
+    } else if let Some(q) = w.take_quantised("lm_head.weight", &[c.vocab_size, e])? {
+        quant_head = Some(q);
+        Some(linear(
+            crate::quant::placeholder(e, c.vocab_size, device),
+            None,
+        ))
     } else {
         Some(take_linear(
             &mut w,
@@ -307,6 +356,8 @@ pub fn build_llama_as<B: Backend>(
         lm_head,
         head_dim: c.head_dim,
         rope_inv_freq: c.rope_inv_freq(),
+        quant_embed,
+        quant_head,
     })
 }
 
@@ -315,6 +366,43 @@ pub struct LoadedModel<B: Backend> {
     pub model: Llama<B>,
     pub config: LlamaConfig,
     pub tokenizer: crate::tokenizer::Tokenizer,
+}
+
+/// [`load_pretrained_as`] or [`load_pretrained_kept`], as `base` says.
+pub fn load_base<B: Backend>(
+    path: &Path,
+    base: crate::precision::BaseWeights,
+    device: &B::Device,
+) -> Result<LoadedModel<B>> {
+    match base {
+        crate::precision::BaseWeights::Float(dtype) => load_pretrained_as(path, dtype, device),
+        crate::precision::BaseWeights::Gguf => load_pretrained_kept(path, device),
+    }
+}
+
+/// [`load_pretrained`] of a GGUF file with every quantised projection, embedding and head kept
+/// in its blocks ([`crate::quant`]; `model.base_dtype = "gguf"`); an error for a checkpoint
+/// directory (nothing there is quantised).
+pub fn load_pretrained_kept<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    if path.is_dir() {
+        return Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            what: "keeping a base's quantised blocks needs a .gguf file (this is a checkpoint \
+                   directory: use base_dtype f32, bf16 or f16)"
+                .into(),
+        });
+    }
+    let file = gguf::GgufFile::open(path)?;
+    let config = file.llama_config()?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&file)?;
+    tokenizer.check_vocab(config.vocab_size)?;
+    let tensors = file.read_llama_tensors_kept(&config)?;
+    let model = build_llama_as(&config, tensors, FloatDType::F32, device)?;
+    Ok(LoadedModel {
+        model,
+        config,
+        tokenizer,
+    })
 }
 
 /// Loads an HF checkpoint directory (`config.json`, safetensors, `tokenizer.json`) or a `.gguf`

@@ -277,8 +277,8 @@ pub fn index_checkpoint_dir(dir: &Path) -> Result<HostTensors> {
     };
     Ok(HostTensors {
         path,
-        tensors: BTreeMap::new(),
         deferred: tensors,
+        ..Default::default()
     })
 }
 
