@@ -91,12 +91,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 dispatch!(widen_bf16_fast, widen_bf16, (src: &[bf16], dst: &mut [f32]) -> ());
 dispatch!(axpy_fast, axpy, (a: f32, x: &[f32], y: &mut [f32]) -> ());
-dispatch!(dot_fast_impl, dot, (a: &[f32], b: &[f32]) -> f32);
-
-/// The fixed-lane dot product of two equal-length slices (AVX-512/AVX2/baseline by the CPU).
-pub(crate) fn dot_fast(a: &[f32], b: &[f32]) -> f32 {
-    dot_fast_impl(a, b)
-}
+dispatch!(dot_fast, dot, (a: &[f32], b: &[f32]) -> f32);
 
 /// `x · w` for `x` `[n, k]` row-major; the result `[n, m]` row-major.
 pub(crate) fn product(x: &[f32], n: usize, w: &HalfWeight<'_>) -> Vec<f32> {

@@ -28,14 +28,14 @@ use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
 use crate::flex::{cast, same, tensor, with_f32};
-use crate::mixed_rows::dot_fast;
+use crate::simd::{dispatch, fold, LANES};
 
 /// A frozen weight `[m, k]` that gives its rows as f32 on demand.
 pub trait Rows: Send + Sync + Debug {
     /// `[m, k]`: the number of rows (the product's outputs) and their length (its inputs).
     fn shape(&self) -> [usize; 2];
-    /// Appends rows `j0 .. j1`, `(j1 − j0) · k` values, to `out`.
-    fn rows(&self, j0: usize, j1: usize, out: &mut Vec<f32>);
+    /// Rows `j0 .. j1` into `out` (`(j1 − j0) · k` values).
+    fn rows(&self, j0: usize, j1: usize, out: &mut [f32]);
 }
 
 /// A shared [`Rows`] (models and backward passes hold it without copying).
@@ -44,8 +44,12 @@ pub type Weight = Arc<dyn Rows>;
 /// Rows up to which a product counts as "few rows" (decoding).
 const FEW_ROWS: usize = 16;
 
-/// Weight rows a task of the few-row product dequantises and uses (a 2,048-long row: 256 KB).
+/// Weight rows a task of the few-row product computes, one row dequantised at a time into a
+/// buffer that stays in L1 (a 2,048-long row: 8 KB).
 const ROWS_PER_TASK: usize = 32;
+
+/// Independent accumulators of [`LANES`] lanes in [`dot`]: four add chains in flight.
+const CHAINS: usize = 4;
 
 /// Weight rows per tile of the many-row product: GEMM's packing of `x` per call is then a
 /// small part of a tile's work, and the tile (`k · 512` f32) small next to the activations.
@@ -118,27 +122,55 @@ fn tile(w: &dyn Rows, j0: usize, j1: usize) -> FlexTensor {
         .enumerate()
         .for_each(|(t, chunk)| {
             let a = j0 + t * FILL_ROWS;
-            let mut rows = Vec::with_capacity(chunk.len());
-            w.rows(a, a + chunk.len() / k, &mut rows);
-            chunk.copy_from_slice(&rows);
+            w.rows(a, a + chunk.len() / k, chunk);
         });
     tensor(buf, vec![j1 - j0, k])
 }
 
-/// The few-row product: tasks of [`ROWS_PER_TASK`] weight rows, each output one fixed-lane
-/// dot product (its bits independent of `n` and of the threads).
+/// `Σ a_i b_i` in [`CHAINS`] × [`LANES`] fixed lanes (lane `l` takes elements `l, l + 64, …`),
+/// the chains added in order and the lanes by [`fold`]: one order on every instruction set.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const W: usize = CHAINS * LANES;
+    let mut acc = [[0.0f32; LANES]; CHAINS];
+    let mut ca = a.chunks_exact(W);
+    let mut cb = b.chunks_exact(W);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for c in 0..CHAINS {
+            for l in 0..LANES {
+                acc[c][l] += x[c * LANES + l] * y[c * LANES + l];
+            }
+        }
+    }
+    for (i, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[i / LANES][i % LANES] += x * y;
+    }
+    let mut total = acc[0];
+    for chain in &acc[1..] {
+        for l in 0..LANES {
+            total[l] += chain[l];
+        }
+    }
+    fold(total)
+}
+
+dispatch!(dot_fast, dot, (a: &[f32], b: &[f32]) -> f32);
+
+/// The few-row product: tasks of [`ROWS_PER_TASK`] weight rows, each row dequantised once into
+/// an L1 buffer and each output one fixed-order [`dot`] (its bits independent of `n` and of
+/// the threads).
 fn few_rows(x: &[f32], n: usize, w: &dyn Rows) -> Vec<f32> {
     let [m, k] = w.shape();
     let tasks: Vec<Vec<f32>> = (0..m.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .map(|t| {
             let (j0, j1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(m));
-            let mut rows = Vec::with_capacity((j1 - j0) * k);
-            w.rows(j0, j1, &mut rows);
+            let mut row = vec![0.0f32; k];
             let mut out = vec![0.0f32; (j1 - j0) * n];
-            for (jj, row) in rows.chunks_exact(k).enumerate() {
+            for j in j0..j1 {
+                w.rows(j, j + 1, &mut row);
                 for r in 0..n {
-                    out[jj * n + r] = dot_fast(&x[r * k..(r + 1) * k], row);
+                    out[(j - j0) * n + r] = dot_fast(&x[r * k..(r + 1) * k], &row);
                 }
             }
             out
@@ -227,8 +259,8 @@ mod tests {
         fn shape(&self) -> [usize; 2] {
             [self.m, self.k]
         }
-        fn rows(&self, j0: usize, j1: usize, out: &mut Vec<f32>) {
-            out.extend_from_slice(&self.data[j0 * self.k..j1 * self.k]);
+        fn rows(&self, j0: usize, j1: usize, out: &mut [f32]) {
+            out.copy_from_slice(&self.data[j0 * self.k..j1 * self.k]);
         }
     }
 

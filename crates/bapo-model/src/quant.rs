@@ -20,7 +20,7 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::load::gguf::dequantise_into;
+use crate::load::gguf::dequantise_to;
 
 /// A 2-D weight `[m, k]` in a GGUF block type: `m` rows (outputs) of `k` values (inputs), each
 /// row `row_bytes` of whole blocks, rows in the model's order (llama.cpp's Q/K row permutation
@@ -79,9 +79,10 @@ impl QuantWeight {
         self.data.len()
     }
 
-    /// Appends rows `j0 .. j1` dequantised to `out`.
-    pub fn rows(&self, j0: usize, j1: usize, out: &mut Vec<f32>) {
-        dequantise_into(
+    /// Rows `j0 .. j1` dequantised into `out` (`(j1 − j0) · k` values).
+    pub fn rows(&self, j0: usize, j1: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), (j1 - j0) * self.k, "rows {j0}..{j1} of {self:?}");
+        dequantise_to(
             self.ggml_type,
             &self.data[j0 * self.row_bytes..j1 * self.row_bytes],
             out,
@@ -90,7 +91,7 @@ impl QuantWeight {
 
     /// The whole weight dequantised, `[m, k]` f32.
     pub fn dense<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
-        let mut v = Vec::with_capacity(self.m * self.k);
+        let mut v = vec![0.0; self.m * self.k];
         self.rows(0, self.m, &mut v);
         Tensor::from_data(TensorData::new(v, [self.m, self.k]), device)
     }
@@ -101,7 +102,7 @@ impl bapo_kernels::quant::Rows for QuantWeight {
     fn shape(&self) -> [usize; 2] {
         QuantWeight::shape(self)
     }
-    fn rows(&self, j0: usize, j1: usize, out: &mut Vec<f32>) {
+    fn rows(&self, j0: usize, j1: usize, out: &mut [f32]) {
         QuantWeight::rows(self, j0, j1, out)
     }
 }
@@ -137,14 +138,14 @@ pub fn embed<B: Backend>(ids: Tensor<B, 2, Int>, w: &QuantWeight) -> Tensor<B, 3
         .convert::<i64>()
         .into_vec::<i64>()
         .expect("i64 after convert");
-    let mut v = Vec::with_capacity(b * s * w.k);
-    for id in ids {
+    let mut v = vec![0.0; b * s * w.k];
+    for (id, row) in ids.into_iter().zip(v.chunks_exact_mut(w.k)) {
         assert!(
             (0..w.m as i64).contains(&id),
             "token id {id} outside the embedding's {} rows",
             w.m
         );
-        w.rows(id as usize, id as usize + 1, &mut v);
+        w.rows(id as usize, id as usize + 1, row);
     }
     Tensor::from_data(TensorData::new(v, [b, s, w.k]), &device)
 }

@@ -24,62 +24,94 @@ pub(super) fn layout(ty: u32) -> Option<(usize, usize, &'static str)> {
     })
 }
 
+#[inline(always)]
 fn f16(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Appends the values of every whole block of type `ty` in `raw` to `out`; `false` (and nothing
 /// appended) when [`layout`] does not know `ty`.
-pub(super) fn dequantise(ty: u32, raw: &[u8], out: &mut Vec<f32>) -> bool {
-    let Some((size, _, _)) = layout(ty) else {
+#[cfg(test)]
+fn dequantise(ty: u32, raw: &[u8], out: &mut Vec<f32>) -> bool {
+    let Some((size, elems, _)) = layout(ty) else {
         return false;
     };
-    let block: fn(&[u8], &mut Vec<f32>) = match ty {
-        6 => q5_0,
-        7 => q5_1,
-        10 => q2_k,
-        11 => q3_k,
-        12 => q4_k,
-        13 => q5_k,
-        14 => q6_k,
-        _ => q8_k,
+    let start = out.len();
+    out.resize(start + raw.len() / size * elems, 0.0);
+    dequantise_to(ty, raw, &mut out[start..])
+}
+
+/// Writes the values of every whole block of type `ty` in `raw` into `out` (exactly that many
+/// values); `false` when [`layout`] does not know `ty`. Each block into its own slice by
+/// fixed-length loops the compiler vectorises; the arithmetic per element is the documented
+/// one.
+#[inline(always)]
+pub(super) fn dequantise_to(ty: u32, raw: &[u8], out: &mut [f32]) -> bool {
+    let Some((size, elems, _)) = layout(ty) else {
+        return false;
     };
-    for b in raw.chunks_exact(size) {
-        block(b, out);
+    let blocks = (raw.len() / size).min(out.len() / elems);
+    // One loop per type, each block's code inlined into it (and so into the caller's
+    // instruction set, `gguf::dequantise_to`).
+    macro_rules! each {
+        ($block:ident) => {
+            for i in 0..blocks {
+                $block(
+                    &raw[i * size..(i + 1) * size],
+                    &mut out[i * elems..(i + 1) * elems],
+                );
+            }
+        };
+    }
+    match ty {
+        6 => each!(q5_0),
+        7 => each!(q5_1),
+        10 => each!(q2_k),
+        11 => each!(q3_k),
+        12 => each!(q4_k),
+        13 => each!(q5_k),
+        14 => each!(q6_k),
+        _ => each!(q8_k),
     }
     true
 }
 
-/// The 5-bit quants of a Q5_0/Q5_1 block: low nibbles are elements 0..16, high nibbles 16..32,
-/// bit `i` of the `u32` `qh` is element `i`'s fifth bit.
-fn q5_quants<'a>(qh: &[u8], qs: &'a [u8]) -> impl Iterator<Item = u8> + 'a {
+/// The 5-bit quants of a Q5_0/Q5_1 block into `q`: low nibbles are elements 0..16, high
+/// nibbles 16..32, bit `i` of the `u32` `qh` is element `i`'s fifth bit.
+#[inline(always)]
+fn q5_quants(qh: &[u8], qs: &[u8]) -> [u8; 32] {
     let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-    (0..32).map(move |i| {
-        let low = if i < 16 {
-            qs[i] & 0x0F
-        } else {
-            qs[i - 16] >> 4
-        };
-        low | ((((qh >> i) & 1) as u8) << 4)
-    })
+    let mut q = [0u8; 32];
+    for i in 0..16 {
+        q[i] = (qs[i] & 0x0F) | ((((qh >> i) & 1) as u8) << 4);
+        q[i + 16] = (qs[i] >> 4) | ((((qh >> (i + 16)) & 1) as u8) << 4);
+    }
+    q
 }
 
 /// Q5_0 (22 bytes): f16 `d`, `u32` high bits, 16 bytes of nibbles; `d · (q − 16)`.
-fn q5_0(b: &[u8], out: &mut Vec<f32>) {
+#[inline(always)]
+fn q5_0(b: &[u8], out: &mut [f32]) {
     let d = f16(b, 0);
-    out.extend(q5_quants(&b[2..6], &b[6..22]).map(|q| d * ((q as i8) - 16) as f32));
+    for (o, q) in out.iter_mut().zip(q5_quants(&b[2..6], &b[6..22])) {
+        *o = d * ((q as i8) - 16) as f32;
+    }
 }
 
 /// Q5_1 (24 bytes): f16 `d`, f16 `m`, `u32` high bits, 16 bytes of nibbles; `d · q + m`.
-fn q5_1(b: &[u8], out: &mut Vec<f32>) {
+#[inline(always)]
+fn q5_1(b: &[u8], out: &mut [f32]) {
     let (d, m) = (f16(b, 0), f16(b, 2));
-    out.extend(q5_quants(&b[4..8], &b[8..24]).map(|q| d * q as f32 + m));
+    for (o, q) in out.iter_mut().zip(q5_quants(&b[4..8], &b[8..24])) {
+        *o = d * q as f32 + m;
+    }
 }
 
 /// Q2_K (84 bytes): 16 scale bytes (low nibble scale, high nibble min, one per 16 elements),
 /// 64 bytes of 2-bit quants, f16 `d`, f16 `dmin`. Element `128h + 32s + j` is bits `2s..2s+2`
 /// of quant byte `32h + j`; its value is `(d · sc) · q − dmin · m`.
-fn q2_k(b: &[u8], out: &mut Vec<f32>) {
+#[inline(always)]
+fn q2_k(b: &[u8], out: &mut [f32]) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let (d, dmin) = (f16(b, 80), f16(b, 82));
     for h in 0..2 {
@@ -88,8 +120,10 @@ fn q2_k(b: &[u8], out: &mut Vec<f32>) {
                 let sc = scales[h * 8 + s * 2 + half];
                 let dl = d * (sc & 0x0F) as f32;
                 let ml = dmin * (sc >> 4) as f32;
-                for &q in &qs[h * 32 + half * 16..h * 32 + half * 16 + 16] {
-                    out.push(dl * ((q >> (2 * s)) & 3) as f32 - ml);
+                let src = &qs[h * 32 + half * 16..][..16];
+                let o = &mut out[h * 128 + s * 32 + half * 16..][..16];
+                for (o, &q) in o.iter_mut().zip(src) {
+                    *o = dl * ((q >> (2 * s)) & 3) as f32 - ml;
                 }
             }
         }
@@ -100,7 +134,8 @@ fn q2_k(b: &[u8], out: &mut Vec<f32>) {
 /// scales (offset by 32), f16 `d`. Element `i = 128h + 32s + j` takes bits `2s..2s+2` of quant
 /// byte `32h + j` and subtracts 4 unless bit `i / 32` of mask byte `j` is set; its value is
 /// `(d · (sc − 32)) · q`.
-fn q3_k(b: &[u8], out: &mut Vec<f32>) {
+#[inline(always)]
+fn q3_k(b: &[u8], out: &mut [f32]) {
     let (hmask, qs, sc) = (&b[0..32], &b[32..96], &b[96..108]);
     let d = f16(b, 108);
     for h in 0..2 {
@@ -111,10 +146,12 @@ fn q3_k(b: &[u8], out: &mut Vec<f32>) {
                 let low = if g < 8 { sc[g] & 0x0F } else { sc[g - 8] >> 4 };
                 let high = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
                 let dl = d * (((low | (high << 4)) as i8) - 32) as f32;
-                for j in half * 16..half * 16 + 16 {
+                let o = &mut out[h * 128 + s * 32 + half * 16..][..16];
+                for (jj, o) in o.iter_mut().enumerate() {
+                    let j = half * 16 + jj;
                     let q = ((qs[h * 32 + j] >> (2 * s)) & 3) as i8;
-                    let minus = if (hmask[j] >> bit) & 1 == 1 { 0 } else { 4 };
-                    out.push(dl * (q - minus) as f32);
+                    let minus = 4 - 4 * ((hmask[j] >> bit) & 1) as i8;
+                    *o = dl * (q - minus) as f32;
                 }
             }
         }
@@ -122,6 +159,7 @@ fn q3_k(b: &[u8], out: &mut Vec<f32>) {
 }
 
 /// Q4_K/Q5_K's 12 bytes of 6-bit scales and mins, one pair per 32 elements.
+#[inline(always)]
 fn scale_min(sc: &[u8], k: usize) -> (u8, u8) {
     if k < 4 {
         (sc[k] & 0x3F, sc[k + 4] & 0x3F)
@@ -133,58 +171,75 @@ fn scale_min(sc: &[u8], k: usize) -> (u8, u8) {
     }
 }
 
-/// Q4_K (144 bytes) and Q5_K (176 bytes): f16 `d`, f16 `dmin`, 12 scale bytes, [32 bytes of
-/// fifth bits,] 128 bytes of nibbles. Sub-block `k = 2c + n` (32 elements) takes nibble `n` of
-/// bytes `32c..32c+32` [and bit `k` of the 32 high-bit bytes]; its values are
+/// Q4_K (144 bytes) and Q5_K (176 bytes, `FIVE`): f16 `d`, f16 `dmin`, 12 scale bytes, [32
+/// bytes of fifth bits,] 128 bytes of nibbles. Sub-block `k = 2c + n` (32 elements) takes
+/// nibble `n` of bytes `32c..32c+32` [and bit `k` of the 32 high-bit bytes]; its values are
 /// `(d · sc) · q − dmin · m`.
-fn q45_k(b: &[u8], qh: Option<&[u8]>, qs: &[u8], out: &mut Vec<f32>) {
+#[inline(always)]
+fn q45_k<const FIVE: bool>(b: &[u8], qh: &[u8], qs: &[u8], out: &mut [f32]) {
     let (d, dmin) = (f16(b, 0), f16(b, 2));
     for k in 0..8 {
         let (sc, m) = scale_min(&b[4..16], k);
         let dl = d * sc as f32;
         let ml = dmin * m as f32;
         let (c, shift) = (k / 2, 4 * (k % 2));
+        let src: &[u8; 32] = qs[c * 32..c * 32 + 32].try_into().expect("32 bytes");
+        let o: &mut [f32; 32] = (&mut out[k * 32..k * 32 + 32]).try_into().expect("32");
         for j in 0..32 {
-            let mut q = (qs[c * 32 + j] >> shift) & 0x0F;
-            if let Some(qh) = qh {
+            let mut q = (src[j] >> shift) & 0x0F;
+            if FIVE {
                 q |= ((qh[j] >> k) & 1) << 4;
             }
-            out.push(dl * q as f32 - ml);
+            o[j] = dl * q as f32 - ml;
         }
     }
 }
 
-fn q4_k(b: &[u8], out: &mut Vec<f32>) {
-    q45_k(b, None, &b[16..144], out);
+#[inline(always)]
+fn q4_k(b: &[u8], out: &mut [f32]) {
+    q45_k::<false>(b, &[], &b[16..144], out);
 }
 
-fn q5_k(b: &[u8], out: &mut Vec<f32>) {
-    q45_k(b, Some(&b[16..48]), &b[48..176], out);
+#[inline(always)]
+fn q5_k(b: &[u8], out: &mut [f32]) {
+    q45_k::<true>(b, &b[16..48], &b[48..176], out);
 }
 
 /// Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 signed scales,
 /// f16 `d`. Element `128h + 64n + j` (`j < 64`) takes nibble `n` of low byte `64h + j`; element
 /// `128h + 32s + j` (`j < 32`) takes bits `2s..2s+2` of high byte `32h + j`; its value is
-/// `(d · sc) · (q − 32)`.
-fn q6_k(b: &[u8], out: &mut Vec<f32>) {
+/// `(d · sc) · (q − 32)`, `sc` the scale of its 16 elements.
+#[inline(always)]
+fn q6_k(b: &[u8], out: &mut [f32]) {
     let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16(b, 208);
     for h in 0..2 {
-        for g in 0..8 {
-            let dl = d * (scales[h * 8 + g] as i8) as f32;
-            for r in g * 16..g * 16 + 16 {
-                let low = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 0x0F;
-                let high = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
-                out.push(dl * (((low | (high << 4)) as i8) - 32) as f32);
+        let hi: &[u8; 32] = qh[h * 32..h * 32 + 32].try_into().expect("32 bytes");
+        for s in 0..4 {
+            // Elements 128h + 32s + j: low byte 64h + 32(s mod 2) + j, nibble s / 2.
+            let lo: &[u8; 32] = ql[h * 64 + 32 * (s % 2)..][..32].try_into().expect("32");
+            let o: &mut [f32; 32] = (&mut out[h * 128 + 32 * s..][..32]).try_into().expect("32");
+            let (dl0, dl1) = (
+                d * (scales[h * 8 + 2 * s] as i8) as f32,
+                d * (scales[h * 8 + 2 * s + 1] as i8) as f32,
+            );
+            for j in 0..32 {
+                let low = (lo[j] >> (4 * (s / 2))) & 0x0F;
+                let high = (hi[j] >> (2 * s)) & 3;
+                let dl = if j < 16 { dl0 } else { dl1 };
+                o[j] = dl * (((low | (high << 4)) as i8) - 32) as f32;
             }
         }
     }
 }
 
 /// Q8_K (292 bytes): f32 `d`, 256 signed quants, 16 `i16` group sums (unused here); `d · q`.
-fn q8_k(b: &[u8], out: &mut Vec<f32>) {
+#[inline(always)]
+fn q8_k(b: &[u8], out: &mut [f32]) {
     let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    out.extend(b[4..4 + QK_K].iter().map(|&q| d * (q as i8) as f32));
+    for (o, &q) in out.iter_mut().zip(&b[4..4 + QK_K]) {
+        *o = d * (q as i8) as f32;
+    }
 }
 
 #[cfg(test)]
