@@ -28,6 +28,7 @@ pub mod head_kernel;
 pub mod mixed;
 mod mixed_rows;
 pub mod quant;
+mod quant_dot;
 pub mod rmsnorm;
 pub mod rope;
 mod simd;

@@ -36,6 +36,11 @@ pub trait Rows: Send + Sync + Debug {
     fn shape(&self) -> [usize; 2];
     /// Rows `j0 .. j1` into `out` (`(j1 − j0) · k` values).
     fn rows(&self, j0: usize, j1: usize, out: &mut [f32]);
+    /// Row `j` as stored: its ggml type id and its GGUF blocks (llama.cpp's layouts), for the
+    /// few-row product's dot products straight from the blocks (`None`: rows are dequantised).
+    fn raw_row(&self, _j: usize) -> Option<(u32, &[u8])> {
+        None
+    }
 }
 
 /// A shared [`Rows`] (models and backward passes hold it without copying).
@@ -50,6 +55,10 @@ const ROWS_PER_TASK: usize = 32;
 
 /// Independent accumulators of [`LANES`] lanes in [`dot`]: four add chains in flight.
 const CHAINS: usize = 4;
+
+/// Rows up to which the few-row product takes its dot products straight from the blocks
+/// (`crate::quant_dot`); more rows share one dequantised copy of each weight row.
+const FROM_BLOCKS: usize = 4;
 
 /// Weight rows per tile of the many-row product: GEMM's packing of `x` per call is then a
 /// small part of a tile's work, and the tile (`k · 512` f32) small next to the activations.
@@ -156,21 +165,34 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 dispatch!(dot_fast, dot, (a: &[f32], b: &[f32]) -> f32);
 
-/// The few-row product: tasks of [`ROWS_PER_TASK`] weight rows, each row dequantised once into
-/// an L1 buffer and each output one fixed-order [`dot`] (its bits independent of `n` and of
-/// the threads).
+/// The few-row product: tasks of [`ROWS_PER_TASK`] weight rows; up to [`FROM_BLOCKS`] rows
+/// of `x`, each output is a dot product straight from the row's blocks where
+/// `crate::quant_dot` knows its type; otherwise each weight row is dequantised once into an L1
+/// buffer and each output is one fixed-order [`dot`]. (A row of `x`'s bits do not depend on
+/// the threads; they depend on `n` only through which of the two ways it took.)
 fn few_rows(x: &[f32], n: usize, w: &dyn Rows) -> Vec<f32> {
     let [m, k] = w.shape();
     let tasks: Vec<Vec<f32>> = (0..m.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .map(|t| {
             let (j0, j1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(m));
-            let mut row = vec![0.0f32; k];
+            let mut row = Vec::new(); // allocated when a row is dequantised
             let mut out = vec![0.0f32; (j1 - j0) * n];
             for j in j0..j1 {
-                w.rows(j, j + 1, &mut row);
-                for r in 0..n {
-                    out[(j - j0) * n + r] = dot_fast(&x[r * k..(r + 1) * k], &row);
+                let o = &mut out[(j - j0) * n..(j - j0 + 1) * n];
+                match w.raw_row(j) {
+                    Some((ty, raw)) if n <= FROM_BLOCKS && crate::quant_dot::supports(ty) => {
+                        for (r, o) in o.iter_mut().enumerate() {
+                            *o = crate::quant_dot::row_dot(ty, raw, &x[r * k..(r + 1) * k]);
+                        }
+                    }
+                    _ => {
+                        row.resize(k, 0.0);
+                        w.rows(j, j + 1, &mut row);
+                        for (r, o) in o.iter_mut().enumerate() {
+                            *o = dot_fast(&x[r * k..(r + 1) * k], &row);
+                        }
+                    }
                 }
             }
             out

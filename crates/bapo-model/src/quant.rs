@@ -105,6 +105,10 @@ impl bapo_kernels::quant::Rows for QuantWeight {
     fn rows(&self, j0: usize, j1: usize, out: &mut [f32]) {
         QuantWeight::rows(self, j0, j1, out)
     }
+    fn raw_row(&self, j: usize) -> Option<(u32, &[u8])> {
+        let rb = self.row_bytes;
+        Some((self.ggml_type, &self.data[j * rb..(j + 1) * rb]))
+    }
 }
 
 /// The `[k, m]` placeholder a quantised projection's `Linear` holds (see the module docs).
