@@ -347,6 +347,58 @@ fn bench_half_products<B: Backend>(c: &mut Criterion, backend: &str, device: &B:
     g.finish();
 }
 
+/// Products with weights kept in GGUF blocks (`model.base_dtype = "gguf"`) at Llama-3.2-1B's
+/// projection shapes: Q4_K and Q6_K (llama.cpp's Q4_K_M mix) and Q8_0, random valid blocks
+/// (random bytes, small finite f16 scales). Rows 1 and 4: dot products straight from the
+/// blocks; 8: dequantised rows; 512: tiles and GEMM. Compare `half_products`' f32 rows.
+fn bench_quant_products<B: Backend>(c: &mut Criterion, backend: &str, device: &B::Device) {
+    use std::sync::Arc;
+    let mut g = c.benchmark_group(format!("{backend}/quant_products"));
+    g.sample_size(10).measurement_time(budget(10));
+    // (ggml id, name, bytes per block, elements per block, offsets of its f16 scales)
+    let types: [(u32, &str, usize, usize, &[usize]); 3] = [
+        (12, "q4_k", 144, 256, &[0, 2]),
+        (14, "q6_k", 210, 256, &[208]),
+        (8, "q8_0", 34, 32, &[0]),
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let shapes = [
+        ("q_proj", 2048, 2048),
+        ("up_proj", 2048, 8192),
+        ("down_proj", 8192, 2048),
+    ];
+    for (name, d_in, d_out) in shapes {
+        for &(ty, tname, size, elems, scales) in &types {
+            let mut data: Vec<u8> = (0..d_out * d_in / elems * size)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let scale = 0x1419u16.to_le_bytes(); // f16 1.0004e-3
+            for block in data.chunks_exact_mut(size) {
+                for &at in scales {
+                    block[at..at + 2].copy_from_slice(&scale);
+                }
+            }
+            let w = bapo_model::quant::QuantWeight::from_blocks(ty, [d_out, d_in], data)
+                .expect("whole blocks");
+            let w = Arc::new(w);
+            for rows in [1, 4, 8, 512] {
+                let x = Tensor::<B, 2>::random([rows, d_in], Distribution::Default, device);
+                g.throughput(Throughput::Elements((d_in * d_out) as u64));
+                let id = format!("llama3.2-1b_{name}_rows{rows}");
+                g.bench_function(BenchmarkId::new(id, tname), |b| {
+                    b.iter(|| bapo_model::quant::matmul(x.clone(), &w).into_data())
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 /// CPU backends, where concurrent micro-batches pay (`bapo_train::concurrent`).
 fn cpu(backend: &str) -> bool {
     matches!(backend, "flex" | "ndarray")
@@ -366,6 +418,9 @@ fn run<A: AutodiffBackend>(c: &mut Criterion, backend: &str, device: A::Device) 
     // burn-ndarray 0.21 has no half-precision tensors.
     if backend != "ndarray" {
         bench_half_products::<A::InnerBackend>(c, backend, &device);
+    }
+    if cpu(backend) {
+        bench_quant_products::<A::InnerBackend>(c, backend, &device);
     }
 }
 

@@ -38,52 +38,46 @@ fn add_scaled(acc: &mut [f32; LANES], scale: f32, part: &[f32; LANES]) {
     }
 }
 
-/// Blocks of `size` bytes and 32 elements, block `i` into chain `i mod 2`.
-#[inline(always)]
-fn pairs(
-    raw: &[u8],
-    x: &[f32],
-    size: usize,
-    acc: &mut Acc,
-    block: impl Fn(&[u8], &[f32], &mut [f32; LANES]),
-) {
-    let whole = raw.len() / (2 * size);
-    let [a0, a1, _, _] = acc;
-    for p in 0..whole {
-        let (b, x) = (&raw[2 * p * size..], &x[64 * p..]);
-        block(&b[..size], &x[..32], a0);
-        block(&b[size..2 * size], &x[32..64], a1);
-    }
-    if raw.len() / size > 2 * whole {
-        block(&raw[2 * whole * size..], &x[64 * whole..], a0);
-    }
+/// Blocks of `$size` bytes and 32 elements, block `i` into chain `i mod 2`, each by `$block`
+/// (a macro, so the block's code is inlined: a closure here was not, costing a call a block).
+macro_rules! pairs {
+    ($raw:expr, $x:expr, $acc:expr, $size:expr, $block:ident) => {{
+        let (raw, x, size): (&[u8], &[f32], usize) = ($raw, $x, $size);
+        let whole = raw.len() / (2 * size);
+        let [a0, a1, _, _] = $acc;
+        for p in 0..whole {
+            let (b, x) = (&raw[2 * p * size..], &x[64 * p..]);
+            $block(&b[..size], &x[..32], a0);
+            $block(&b[size..2 * size], &x[32..64], a1);
+        }
+        if raw.len() / size > 2 * whole {
+            $block(&raw[2 * whole * size..], &x[64 * whole..], a0);
+        }
+    }};
 }
 
-/// Q8_0 (34 bytes: f16 `d`, 32 `i8`): `d · q`.
+/// One Q8_0 block (34 bytes: f16 `d`, 32 `i8`): `d · q`.
 #[inline(always)]
-fn q8_0(raw: &[u8], x: &[f32], acc: &mut Acc) {
-    pairs(raw, x, 34, acc, |b, x, a| {
-        let d = half(b, 0);
-        let mut s = [0.0f32; LANES];
-        for l in 0..LANES {
-            s[l] = x[l] * (b[2 + l] as i8) as f32 + x[16 + l] * (b[18 + l] as i8) as f32;
-        }
-        add_scaled(a, d, &s);
-    });
+fn q8_0_block(b: &[u8], x: &[f32], a: &mut [f32; LANES]) {
+    let d = half(b, 0);
+    let mut s = [0.0f32; LANES];
+    for l in 0..LANES {
+        s[l] = x[l] * (b[2 + l] as i8) as f32 + x[16 + l] * (b[18 + l] as i8) as f32;
+    }
+    add_scaled(a, d, &s);
 }
 
-/// Q4_0 (18 bytes: f16 `d`, 16 bytes of nibbles, low nibbles elements 0..16): `d · (q − 8)`.
+/// One Q4_0 block (18 bytes: f16 `d`, 16 bytes of nibbles, low nibbles elements 0..16):
+/// `d · (q − 8)`.
 #[inline(always)]
-fn q4_0(raw: &[u8], x: &[f32], acc: &mut Acc) {
-    pairs(raw, x, 18, acc, |b, x, a| {
-        let d = half(b, 0);
-        let mut s = [0.0f32; LANES];
-        for l in 0..LANES {
-            let q = b[2 + l];
-            s[l] = x[l] * ((q & 0x0F) as i8 - 8) as f32 + x[16 + l] * ((q >> 4) as i8 - 8) as f32;
-        }
-        add_scaled(a, d, &s);
-    });
+fn q4_0_block(b: &[u8], x: &[f32], a: &mut [f32; LANES]) {
+    let d = half(b, 0);
+    let mut s = [0.0f32; LANES];
+    for l in 0..LANES {
+        let q = b[2 + l];
+        s[l] = x[l] * ((q & 0x0F) as i8 - 8) as f32 + x[16 + l] * ((q >> 4) as i8 - 8) as f32;
+    }
+    add_scaled(a, d, &s);
 }
 
 /// Q4_K's 6-bit scale and min of sub-block `k` from its 12 scale bytes.
@@ -178,8 +172,8 @@ fn q6_k(raw: &[u8], x: &[f32], acc: &mut Acc) {
 fn dot(ty: u32, raw: &[u8], x: &[f32]) -> f32 {
     let mut acc = [[0.0f32; LANES]; CHAINS];
     match ty {
-        2 => q4_0(raw, x, &mut acc),
-        8 => q8_0(raw, x, &mut acc),
+        2 => pairs!(raw, x, &mut acc, 18, q4_0_block),
+        8 => pairs!(raw, x, &mut acc, 34, q8_0_block),
         12 => q4_k(raw, x, &mut acc),
         14 => q6_k(raw, x, &mut acc),
         other => unreachable!("quant_dot: type {other} (checked by `supports`)"),

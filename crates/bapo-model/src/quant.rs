@@ -64,6 +64,23 @@ impl QuantWeight {
         }
     }
 
+    /// `m` rows of `k` values in GGUF blocks of ggml type `ggml_type` (Q4_0, Q4_K, …: a block
+    /// type the GGUF reader knows), `data` their bytes in llama.cpp's layout; an error naming
+    /// what does not fit.
+    pub fn from_blocks(ggml_type: u32, [m, k]: [usize; 2], data: Vec<u8>) -> Result<Self, String> {
+        let (size, elems, name) = crate::load::gguf::block_layout(ggml_type)
+            .filter(|&(_, elems, _)| elems > 1)
+            .ok_or_else(|| format!("ggml type {ggml_type} is not a block type bapo reads"))?;
+        if k % elems != 0 || data.len() != m * (k / elems) * size {
+            return Err(format!(
+                "{name} [{m}, {k}]: rows must be whole {elems}-element blocks of {size} bytes \
+                 ({} bytes given)",
+                data.len()
+            ));
+        }
+        Ok(Self::new(ggml_type, name, [m, k], data))
+    }
+
     /// `[m, k]`.
     pub fn shape(&self) -> [usize; 2] {
         [self.m, self.k]

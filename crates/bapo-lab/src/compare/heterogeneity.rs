@@ -12,11 +12,13 @@
 //!   (the primary endpoint, in nats; > 0: forgetting), averaged item by item over seeds, with a
 //!   paired-bootstrap 95 % interval over items; the same against DPO; McNemar on the accuracy
 //!   flips summed over seeds.
-//! - **"BAPO prevents forgetting" for a user** (rules of 2026-12-06): toward-pole success not
-//!   worse than DPO's by more than [`MATCH_MARGIN`] (the lower end of the Newcombe 95 % interval
-//!   of the difference, answers pooled over the shared seeds), the change against the base
-//!   inside ±[`PREVENT_MARGIN`] nats (its whole interval: equivalence, not "includes 0", which
-//!   noise would reward), and the difference to DPO's interval above 0.
+//! - **"BAPO prevents forgetting" for a user** (rules of 2026-12-06, one-sided since
+//!   2026-12-08): toward-pole success not worse than DPO's by more than [`MATCH_MARGIN`] (the
+//!   lower end of the Newcombe 95 % interval of the difference, answers pooled over the shared
+//!   seeds), no loss against the base beyond [`PREVENT_MARGIN`] nats (the lower end of the
+//!   change's interval ≥ −margin: non-inferiority, so a run that *gained* knowledge passes; the
+//!   two-sided equivalence of 2026-12-06 failed such runs), and the difference to DPO's
+//!   interval above 0.
 //! - **Heterogeneity slope**: per seed, the least-squares slope of each method's knowledge loss
 //!   on `logp_gap` over the users (with its own t interval); over seeds, the mean slope and its
 //!   Student-t interval. DPO's effect is "reproduced" when that interval lies above 0, "not
@@ -41,8 +43,8 @@ pub const MIN_SEEDS: usize = 3;
 /// Toward-pole success a method may lose against DPO and still count as matched: the
 /// non-inferiority margin the difference's interval must clear.
 pub const MATCH_MARGIN: f64 = 0.15;
-/// Knowledge change against the base (nats) inside which a method counts as not forgetting:
-/// the equivalence margin its whole interval must lie within.
+/// Knowledge loss against the base (nats) a method may have and still count as not forgetting:
+/// the non-inferiority margin the lower end of its change's interval must clear.
 pub const PREVENT_MARGIN: f64 = 0.25;
 
 /// Indices into a run's training examples of every pair its optimiser steps drew, with
@@ -106,10 +108,12 @@ pub fn prevents_verdict(
         None => why.push("no toward-pole success (eval.output_prompts = 0?)".into()),
     }
     match vs_base {
-        Some([lo, hi]) if lo >= -PREVENT_MARGIN && hi <= PREVENT_MARGIN => {}
-        _ => why.push(format!(
-            "its change against the base is not within ±{PREVENT_MARGIN} nats"
+        Some([lo, _]) if lo >= -PREVENT_MARGIN => {}
+        Some([lo, _]) => why.push(format!(
+            "its change against the base may be a loss beyond {PREVENT_MARGIN} nats (interval \
+             from {lo:+.2})"
         )),
+        None => why.push("no change against the base".into()),
     }
     match vs_dpo {
         Some([lo, _]) if lo > 0.0 => {}
@@ -505,7 +509,7 @@ pub fn analyse(spec: &CompareSpec, results: &[RunResult]) -> Result<(Value, Stri
     let doc = json!({
         "rules": {
             "endpoint": "knowledge loss = − pooled chat-format gold-margin change against the base model (nats), over the pairs the run trained on",
-            "prevents_forgetting": format!("toward-pole success minus DPO's: Newcombe 95 % CI lower end ≥ −{MATCH_MARGIN}; change vs base CI within ±{PREVENT_MARGIN} nats; difference to DPO CI above 0"),
+            "prevents_forgetting": format!("toward-pole success minus DPO's: Newcombe 95 % CI lower end ≥ −{MATCH_MARGIN}; change vs base CI lower end ≥ −{PREVENT_MARGIN} nats (one-sided: gains pass); difference to DPO CI above 0"),
             "slope": format!("DPO's loss on logp_gap: reproduced when the CI over ≥ {MIN_SEEDS} seeds lies above 0; not reproduced when within ±{EQUIVALENCE}"),
         },
         "users": users,
@@ -633,9 +637,15 @@ mod tests {
         assert_eq!(ok, "prevents forgetting");
         let v = prevents_verdict(Some([-0.2, 0.2]), Some([-0.2, 0.2]), Some([0.1, 0.5]));
         assert!(v.contains("not within 15"), "{v}");
-        // An interval that includes 0 but is wide is not equivalence.
+        // One-sided: an interval that reaches a loss beyond the margin fails however much of it
+        // is near 0, and a run that gained knowledge (the whole interval above the margin)
+        // passes: the two-sided rule of 2026-12-06 failed it.
         let v = prevents_verdict(Some([-0.1, 0.2]), Some([-0.4, 0.1]), Some([0.1, 0.5]));
-        assert!(v.contains("not within ±0.25"), "{v}");
+        assert!(v.contains("a loss beyond 0.25"), "{v}");
+        let gained = prevents_verdict(Some([-0.1, 0.2]), Some([0.3, 0.45]), Some([0.1, 0.5]));
+        assert_eq!(gained, "prevents forgetting");
+        let v = prevents_verdict(Some([-0.1, 0.2]), None, Some([0.1, 0.5]));
+        assert!(v.contains("no change against the base"), "{v}");
         let v = prevents_verdict(Some([-0.1, 0.2]), Some([-0.2, 0.2]), Some([-0.1, 0.5]));
         assert!(v.contains("includes 0"), "{v}");
     }

@@ -188,7 +188,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Bytes per block, elements per block and name of a ggml type, for the types this reader knows.
-fn block_layout(ty: u32) -> Option<(usize, usize, &'static str)> {
+pub(crate) fn block_layout(ty: u32) -> Option<(usize, usize, &'static str)> {
     Some(match ty {
         0 => (4, 1, "F32"),
         1 => (2, 1, "F16"),
