@@ -141,6 +141,56 @@ fn uncompiled_backend_names_the_cargo_feature() {
     assert!(String::from_utf8_lossy(&res.stderr).contains("--features cuda"));
 }
 
+/// `--weights gguf` (the blocks of llama.cpp's Q4_K_M mix kept, dots from the blocks when
+/// decoding one or two rows) answers greedily with the dequantised f32 model's tokens, and on
+/// ndarray too (its generic path). A checkpoint directory is refused by name.
+#[test]
+fn generate_with_gguf_blocks_kept_gives_the_f32_tokens() {
+    let model = fixtures().join("kquants/q4_k_m.gguf");
+    let run = |backend: &str, weights: &str| {
+        let out = bapo(&[
+            "--backend",
+            backend,
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--raw",
+            "--prompt",
+            "the quick brown fox",
+            "--prompt",
+            "near the river",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--weights",
+            weights,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let f32 = run("flex", "f32");
+    assert_eq!(f32.lines().count(), 2, "{f32}");
+    assert_eq!(run("flex", "gguf"), f32);
+    assert_eq!(run("ndarray", "gguf"), f32);
+    let dir = fixtures().join("tiny-llama");
+    let e = bapo(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--weights",
+        "gguf",
+    ]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains(".gguf"), "{err}");
+}
+
 #[test]
 fn generate_is_deterministic_for_a_seed() {
     let model = fixtures().join("tiny-llama");
@@ -183,7 +233,7 @@ fn generate_is_deterministic_for_a_seed() {
     let e = bapo(&bad);
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(
-        !e.status.success() && err.contains("--weights must be f32, bf16 or f16, got `int8`"),
+        !e.status.success() && err.contains("--weights must be f32, bf16, f16 or gguf, got `int8`"),
         "{err}"
     );
     let on_ndarray: Vec<&str> = ["--backend", "ndarray"].into_iter().chain(half).collect();
