@@ -149,6 +149,15 @@ fn check_kept<B: Backend>(backend: &str) {
             "{name} {backend}: kept vs dequantised {apart:e}"
         );
         let worst = worst(&kept, &g, true);
+        // Casting the base leaves weights kept in blocks as they are (nothing else here is 2-D).
+        let before = token_logps(&kept, &g);
+        let mut cast = kept;
+        cast.model = cast.model.with_weight_dtype(burn::tensor::FloatDType::BF16);
+        assert_eq!(
+            token_logps(&cast, &g),
+            before,
+            "{name}: cast touched the blocks"
+        );
         eprintln!(
             "kquants {name} {backend}, blocks kept: {apart:.2e} from the f32 model, worst token \
              |Δ log p| vs transformers {worst:.2e}"

@@ -23,19 +23,23 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The model with `f` applied to each projection, embedding and head weight (the weights a
-    /// base kept in a smaller type holds in it; norms and LoRA adapters untouched).
+    /// base kept in a smaller type holds in it; norms and LoRA adapters untouched). Weights kept
+    /// in GGUF blocks ([`crate::quant`]) stay as they are.
     pub fn map_base_weights(mut self, f: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>) -> Self {
-        let w = self.embed_tokens.weight.clone();
-        self.embed_tokens.weight = w.map(&f);
-        if let Some(h) = self.lm_head.as_mut() {
+        if self.quant_embed.is_none() {
+            let w = self.embed_tokens.weight.clone();
+            self.embed_tokens.weight = w.map(&f);
+        }
+        if let (Some(h), None) = (self.lm_head.as_mut(), &self.quant_head) {
             map_linear(h, &f);
         }
         for l in &mut self.layers {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                map_linear(&mut p.linear, &f);
-            }
-            for p in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+            for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]
+                .into_iter()
+                .chain([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj])
+                .filter(|p| p.quant.is_none())
+            {
                 map_linear(&mut p.linear, &f);
             }
         }
