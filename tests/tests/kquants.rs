@@ -158,6 +158,12 @@ fn check_kept<B: Backend>(backend: &str) {
             before,
             "{name}: cast touched the blocks"
         );
+        let up = cast.model.layers[0].mlp.up_proj.linear.weight.val();
+        assert_eq!(
+            up.dtype(),
+            burn::tensor::DType::F32,
+            "{name}: placeholder cast"
+        );
         eprintln!(
             "kquants {name} {backend}, blocks kept: {apart:.2e} from the f32 model, worst token \
              |Δ log p| vs transformers {worst:.2e}"
