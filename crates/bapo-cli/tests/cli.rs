@@ -480,20 +480,7 @@ fn a_bf16_base_trains_like_the_f32_one() {
     let dir = tmpdir("bf16-base");
     let mut losses = Vec::new();
     for dt in ["f32", "bf16"] {
-        let d = dir.join(dt);
-        std::fs::create_dir_all(&d).unwrap();
-        let cfg = common::config(&d, "");
-        let text = std::fs::read_to_string(&cfg).unwrap();
-        let text = text.replacen("[data]", &format!("base_dtype = \"{dt}\"\n[data]"), 1);
-        std::fs::write(&cfg, &text).unwrap();
-        common::bapo_ok(&["train", "--config", cfg.to_str().unwrap()]);
-        let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
-        let l: Vec<f64> = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter_map(|v| v["loss"].as_f64())
-            .collect();
-        assert_eq!(l.len(), 3, "{metrics}");
+        let (cfg, text, l) = train_with_base_dtype(&dir, dt, None);
         losses.push(l);
         if dt == "bf16" {
             let full = text.replace("[lora]\nrank = 4\nalpha = 8.0\n", "");
@@ -513,6 +500,34 @@ fn a_bf16_base_trains_like_the_f32_one() {
     assert!(numerics.contains("base weights Bf16"), "{numerics}");
 }
 
+/// The common tiny 3-step run in `dir/dt` with `model.base_dtype = dt` (and `model.path =
+/// model` when given): its config file, the config's text and the 3 steps' losses.
+fn train_with_base_dtype(
+    dir: &std::path::Path,
+    dt: &str,
+    model: Option<&std::path::Path>,
+) -> (std::path::PathBuf, String, Vec<f64>) {
+    let d = dir.join(dt);
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = common::config(&d, "");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    if let Some(model) = model {
+        let tiny = common::root().join("tests/fixtures/tiny-llama");
+        text = text.replace(&tiny.display().to_string(), &model.display().to_string());
+    }
+    let text = text.replacen("[data]", &format!("base_dtype = \"{dt}\"\n[data]"), 1);
+    std::fs::write(&cfg, &text).unwrap();
+    common::bapo_ok(&["train", "--config", cfg.to_str().unwrap()]);
+    let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    let l: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert_eq!(l.len(), 3, "{metrics}");
+    (cfg, text, l)
+}
+
 /// `model.base_dtype = "gguf"` on llama.cpp's Q4_K_M mix (tests/fixtures/kquants): the run keeps
 /// every projection, the embedding and the head in their blocks, and its 3 steps' losses are
 /// the dequantised f32 run's within 1e-5 relative (the same f32 weights; only the order of
@@ -521,25 +536,10 @@ fn a_bf16_base_trains_like_the_f32_one() {
 fn a_gguf_base_kept_in_blocks_trains_like_the_dequantised_one() {
     let dir = tmpdir("gguf-base");
     let model = common::root().join("tests/fixtures/kquants/q4_k_m.gguf");
+    let tiny = common::root().join("tests/fixtures/tiny-llama");
     let mut losses = Vec::new();
     for dt in ["f32", "gguf"] {
-        let d = dir.join(dt);
-        std::fs::create_dir_all(&d).unwrap();
-        let cfg = common::config(&d, "");
-        let text = std::fs::read_to_string(&cfg).unwrap();
-        let tiny = common::root().join("tests/fixtures/tiny-llama");
-        let text = text
-            .replace(&tiny.display().to_string(), &model.display().to_string())
-            .replacen("[data]", &format!("base_dtype = \"{dt}\"\n[data]"), 1);
-        std::fs::write(&cfg, &text).unwrap();
-        common::bapo_ok(&["train", "--config", cfg.to_str().unwrap()]);
-        let metrics = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
-        let l: Vec<f64> = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter_map(|v| v["loss"].as_f64())
-            .collect();
-        assert_eq!(l.len(), 3, "{metrics}");
+        let (cfg, text, l) = train_with_base_dtype(&dir, dt, Some(&model));
         losses.push(l);
         if dt == "gguf" {
             let checkpoint_dir =

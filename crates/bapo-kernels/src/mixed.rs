@@ -243,7 +243,7 @@ fn widen(w: &FlexTensor, c0: usize, len: usize) -> FlexTensor {
 }
 
 /// Writes block `b` `[n, len]` into columns `c0 ..` of the row-major `[n, m]` result.
-fn scatter(y: &mut [f32], m: usize, c0: usize, b: &FlexTensor) {
+pub(crate) fn scatter(y: &mut [f32], m: usize, c0: usize, b: &FlexTensor) {
     let len = b.layout().shape()[1];
     let src = b.as_slice::<f32>().expect("a fresh product is contiguous");
     y.par_chunks_mut(m)

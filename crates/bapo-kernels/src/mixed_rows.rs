@@ -152,9 +152,15 @@ fn by_columns(x: &[f32], n: usize, w: &HalfWeight<'_>) -> Vec<f32> {
             out
         })
         .collect();
+    gather_columns(&tasks, COLS_PER_TASK, n, m)
+}
+
+/// The row-major `[n, m]` result of tasks that each computed `per_task` output columns (the
+/// last maybe fewer), column by column (`n` values each).
+pub(crate) fn gather_columns(tasks: &[Vec<f32>], per_task: usize, n: usize, m: usize) -> Vec<f32> {
     let mut y = vec![0.0f32; n * m];
     for (t, out) in tasks.iter().enumerate() {
-        let j0 = t * COLS_PER_TASK;
+        let j0 = t * per_task;
         for (jj, col) in out.chunks(n).enumerate() {
             for (r, &v) in col.iter().enumerate() {
                 y[r * m + j0 + jj] = v;

@@ -28,6 +28,8 @@ use burn_flex::{FlexTensor, Layout};
 use rayon::prelude::*;
 
 use crate::flex::{cast, same, tensor, with_f32};
+use crate::mixed::scatter;
+use crate::mixed_rows::gather_columns;
 use crate::simd::{dispatch, fold, LANES};
 
 /// A frozen weight `[m, k]` that gives its rows as f32 on demand.
@@ -113,12 +115,7 @@ pub fn product(x: &FlexTensor, w: &dyn Rows) -> FlexTensor {
         let j1 = (j0 + TILE_ROWS).min(m);
         // [len, k] row-major, seen as the `[k, len]` right-hand side.
         let t = tile(w, j0, j1).transpose(0, 1);
-        let b = burn_flex::ops::matmul::matmul(x.clone(), t);
-        let src = b.as_slice::<f32>().expect("a fresh product is contiguous");
-        let len = j1 - j0;
-        y.par_chunks_mut(m)
-            .zip(src.par_chunks(len))
-            .for_each(|(row, s)| row[j0..j1].copy_from_slice(s));
+        scatter(&mut y, m, j0, &burn_flex::ops::matmul::matmul(x.clone(), t));
     }
     tensor(y, vec![n, m])
 }
@@ -198,16 +195,7 @@ fn few_rows(x: &[f32], n: usize, w: &dyn Rows) -> Vec<f32> {
             out
         })
         .collect();
-    let mut y = vec![0.0f32; n * m];
-    for (t, out) in tasks.iter().enumerate() {
-        let j0 = t * ROWS_PER_TASK;
-        for (jj, col) in out.chunks(n).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                y[r * m + j0 + jj] = v;
-            }
-        }
-    }
-    y
+    gather_columns(&tasks, ROWS_PER_TASK, n, m)
 }
 
 /// `dy · W` for `dy` f32 `[n, m]`: `x`'s gradient, by tiles of [`TILE_ROWS`] weight rows (each

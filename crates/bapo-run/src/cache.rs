@@ -55,28 +55,27 @@ pub struct Numerics {
 impl Numerics {
     /// Names a base kept in a smaller float type (its products run in that type).
     pub fn with_base_dtype(mut self, dtype: crate::config::BaseDtype) -> Self {
-        if dtype == crate::config::BaseDtype::Gguf {
-            let products = if bapo_objective::fused_kernels().contains(&"quant") {
-                "f32 activations times rows dequantised per tile"
-            } else {
-                "f32, each weight dequantised whole"
-            };
-            self.logps = format!(
-                "base weights in their GGUF blocks, products {products}; {}",
-                self.logps
-            );
-        } else if !dtype.is_f32() {
-            // The kernel list in `of` leaves `mixed` and `quant` out (they run only with such bases).
-            let products = if bapo_objective::fused_kernels().contains(&"mixed") {
-                "f32 activations times weights widened per block"
-            } else {
-                "in the weights' type"
-            };
-            self.logps = format!(
-                "base weights {dtype:?}, products {products}; {}",
-                self.logps
-            );
-        }
+        use crate::config::BaseDtype;
+        // The kernel list in `of` leaves `mixed` and `quant` out (they run only with such bases):
+        // (the base, its kernel, the products with it and without it).
+        let (base, kernel, with, without) = match dtype {
+            BaseDtype::F32 => return self,
+            BaseDtype::Gguf => (
+                "in their GGUF blocks".to_string(),
+                "quant",
+                "f32 activations times rows dequantised per tile",
+                "f32, each weight dequantised whole",
+            ),
+            half => (
+                format!("{half:?}"),
+                "mixed",
+                "f32 activations times weights widened per block",
+                "in the weights' type",
+            ),
+        };
+        let on = bapo_objective::fused_kernels().contains(&kernel);
+        let products = if on { with } else { without };
+        self.logps = format!("base weights {base}, products {products}; {}", self.logps);
         self
     }
 

@@ -107,6 +107,23 @@ fn tensor<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Tens
     Tensor::from_data(TensorData::new(t.data, t.shape), device)
 }
 
+/// `{prefix}.bias` (`[out]`) when the layer has one.
+fn take_bias<B: Backend>(
+    w: &mut HostTensors,
+    prefix: &str,
+    out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Option<Tensor<B, 1>>> {
+    if !bias {
+        return Ok(None);
+    }
+    Ok(Some(tensor(
+        w.take(&format!("{prefix}.bias"), &[out])?,
+        device,
+    )))
+}
+
 /// Takes an HF `[out, in]` projection and returns a Burn `[in, out]` linear layer.
 fn take_linear<B: Backend>(
     w: &mut HostTensors,
@@ -118,14 +135,7 @@ fn take_linear<B: Backend>(
     dtype: FloatDType,
 ) -> Result<burn::nn::Linear<B>> {
     let weight = w.take(&format!("{prefix}.weight"), &[out, inp])?;
-    let bias = if bias {
-        Some(tensor::<B, 1>(
-            w.take(&format!("{prefix}.bias"), &[out])?,
-            device,
-        ))
-    } else {
-        None
-    };
+    let bias = take_bias(w, prefix, out, bias, device)?;
     // Transpose on the host so the device weight is contiguous `[in, out]`; a lazily
     // transposed (strided) weight makes every CPU matmul repack it.
     let mut data = vec![0.0f32; weight.data.len()];
@@ -151,13 +161,7 @@ fn take_proj<B: Backend>(
     dtype: FloatDType,
 ) -> Result<Proj<B>> {
     if let Some(q) = w.take_quantised(&format!("{prefix}.weight"), &[out, inp])? {
-        let bias = match bias {
-            true => Some(tensor::<B, 1>(
-                w.take(&format!("{prefix}.bias"), &[out])?,
-                device,
-            )),
-            false => None,
-        };
+        let bias = take_bias(w, prefix, out, bias, device)?;
         return Ok(Proj::quantised(q, bias, device));
     }
     take_linear(w, prefix, out, inp, bias, device, dtype).map(Proj::new)
